@@ -1,0 +1,139 @@
+// gradclient: talk to a gradserve server from the command line.
+//   gradclient [--target HOST:PORT] health | info | demo [--dtype float32|float64] | check
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <iostream>
+#include <random>
+
+#include "gradserve/client.h"
+
+namespace {
+
+namespace v1 = ::gradserve::v1;
+using gradserve::client::GradientClient;
+using gradserve::client::RowMajorMatrix;
+
+int Fail(const char* what, const grpc::Status& status) {
+  std::cerr << what << " failed: " << status.error_code() << " " << status.error_message() << "\n";
+  return 1;
+}
+
+template <typename T>
+void PrintMatrix(const char* name, const v1::Tensor& tensor) {
+  const auto matrix = gradserve::client::ToMatrix<T>(tensor);
+  if (!matrix) {
+    std::cout << name << ": (unreadable tensor)\n";
+    return;
+  }
+  std::cout << name << " [" << matrix->rows() << " x " << matrix->cols() << "]\n";
+  const Eigen::IOFormat format(8, 0, ", ", "\n", "  [", "]");
+  std::cout << matrix->format(format) << "\n";
+}
+
+// The network gradserve grows from: batch 8, Linear(4 -> 2) -> ReLU -> MSE, seeded data.
+template <typename T>
+v1::ComputeGradientsRequest DemoRequest() {
+  std::mt19937 rng(7);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  auto random = [&](int64_t rows, int64_t cols) {
+    RowMajorMatrix<T> m(rows, cols);
+    for (int64_t i = 0; i < m.size(); ++i) m.data()[i] = static_cast<T>(normal(rng));
+    return m;
+  };
+  v1::ComputeGradientsRequest request;
+  *request.mutable_model() =
+      gradserve::client::ModelBuilder().Linear(4, 2).Named("fc").ReLU().Mse().Build();
+  const RowMajorMatrix<T> weight = random(2, 4);
+  const RowMajorMatrix<T> bias = random(1, 2);
+  gradserve::client::AddLinearParameters<T>(weight, {bias(0, 0), bias(0, 1)}, &request);
+  *request.mutable_inputs() = gradserve::client::ToTensor(random(8, 4));
+  *request.mutable_targets() = gradserve::client::ToTensor(random(8, 2));
+  request.mutable_options()->set_return_input_gradient(true);
+  return request;
+}
+
+template <typename T>
+int RunDemo(GradientClient& client) {
+  const v1::ComputeGradientsRequest request = DemoRequest<T>();
+  v1::ComputeGradientsResponse response;
+  if (grpc::Status status = client.ComputeGradients(request, &response); !status.ok()) {
+    return Fail("ComputeGradients", status);
+  }
+  std::printf("model: Linear(4 -> 2) -> ReLU -> MSE (mean), batch 8, %s\n",
+              v1::DType_Name(request.inputs().dtype()).c_str());
+  std::printf("loss: %.10g\n", response.loss());
+  PrintMatrix<T>("dL/dW", response.gradients(0).weight());
+  PrintMatrix<T>("dL/db", response.gradients(0).bias());
+  PrintMatrix<T>("dL/dx", response.input_gradient());
+  std::printf("per-layer diagnostics:\n");
+  for (const v1::LayerDiagnostics& d : response.diagnostics()) {
+    std::printf("  [%d] %-8s |dW|=%.4g |db|=%.4g |dL/dout|=%.4g |out|=%.4g non-finite=%lld\n",
+                d.layer_index(), d.kind().c_str(), d.weight_grad_norm(), d.bias_grad_norm(),
+                d.output_grad_norm(), d.activation_norm(),
+                static_cast<long long>(d.non_finite_count()));
+  }
+  std::printf("forward %.1f us, backward %.1f us, %lld examples\n",
+              response.stats().forward_micros(), response.stats().backward_micros(),
+              static_cast<long long>(response.stats().num_examples()));
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string target = "127.0.0.1:50051";
+  std::string dtype = "float32";
+  int timeout_ms = 30000;
+  CLI::App app{"gradclient: command-line client for gradserve"};
+  app.add_option("--target", target, "server address (host:port, dns:///host:port, ...)")
+      ->capture_default_str();
+  app.add_option("--timeout-ms", timeout_ms, "deadline of each call")->capture_default_str();
+  app.require_subcommand(1);
+  CLI::App* health = app.add_subcommand("health", "exit 0 if the server reports SERVING");
+  CLI::App* info = app.add_subcommand("info", "print version, supported layers, limits");
+  CLI::App* demo = app.add_subcommand(
+      "demo", "send batch 8, Linear(4->2) -> ReLU -> MSE and print the loss and gradients");
+  demo->add_option("--dtype", dtype)->check(CLI::IsMember({"float32", "float64"}))
+      ->capture_default_str();
+  CLI::App* check = app.add_subcommand(
+      "check", "verify the server's gradients on the demo network by finite differences");
+  CLI11_PARSE(app, argc, argv);
+
+  gradserve::client::ClientOptions options;
+  options.timeout = std::chrono::milliseconds(timeout_ms);
+  GradientClient client(gradserve::client::CreateChannel(target, options), options);
+
+  if (health->parsed()) {
+    bool serving = false;
+    grpc::Status status = client.Health("", &serving);
+    if (!status.ok()) return Fail("health", status);
+    std::cout << (serving ? "SERVING" : "NOT_SERVING") << "\n";
+    return serving ? 0 : 1;
+  }
+  if (info->parsed()) {
+    v1::GetServerInfoResponse response;
+    if (grpc::Status status = client.GetServerInfo(&response); !status.ok()) {
+      return Fail("GetServerInfo", status);
+    }
+    std::cout << response.DebugString();
+    return 0;
+  }
+  if (demo->parsed()) {
+    return dtype == "float64" ? RunDemo<double>(client) : RunDemo<float>(client);
+  }
+  if (check->parsed()) {
+    v1::CheckGradientsRequest request;
+    *request.mutable_request() = DemoRequest<double>();
+    v1::CheckGradientsResponse response;
+    if (grpc::Status status = client.CheckGradients(request, &response); !status.ok()) {
+      return Fail("CheckGradients", status);
+    }
+    for (const v1::TensorCheck& c : response.checks()) {
+      std::printf("%-22s samples=%-4d max_abs=%.3g max_rel=%.3g\n", c.tensor().c_str(),
+                  c.samples(), c.max_abs_error(), c.max_rel_error());
+    }
+    std::printf("max relative error %.3g\n", response.max_rel_error());
+    return response.max_rel_error() < 1e-6 ? 0 : 1;
+  }
+  return 0;
+}

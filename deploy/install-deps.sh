@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs every Debian 12 package gradserve needs to build, test and run.
+#   deploy/install-deps.sh            build + test dependencies (the default)
+#   deploy/install-deps.sh --python   also the Python client's runtime (grpcio, numpy)
+#   deploy/install-deps.sh --bench    also the benchmark peers (PyTorch, numpy, matplotlib)
+# Idempotent: packages already present are skipped, so the README commands can call it every
+# time. Needs root (or sudo) only when something is missing.
+set -euo pipefail
+
+packages=(
+  cmake g++ make pkg-config git ca-certificates
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
+  libabsl-dev libeigen3-dev libspdlog-dev libcli11-dev
+  libgtest-dev libgmock-dev libbenchmark-dev
+)
+for arg in "$@"; do
+  case "$arg" in
+    --python) packages+=(python3 python3-grpcio python3-protobuf python3-numpy) ;;
+    --bench) packages+=(python3 python3-grpcio python3-protobuf python3-numpy python3-torch
+                        python3-matplotlib python3-threadpoolctl) ;;
+    *) echo "install-deps.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+echo "install-deps.sh: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,254 @@
+#include "server/engine/backprop.h"
+
+#include <omp.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+
+namespace gradserve::engine {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double MicrosSince(Clock::time_point start) {
+  return std::chrono::duration<double, std::micro>(Clock::now() - start).count();
+}
+
+struct NormAndNonFinite {
+  double norm = 0;
+  int64_t non_finite = 0;
+};
+
+template <typename T>
+NormAndNonFinite Measure(const T* data, int64_t n) {
+  double sum_sq = 0;
+  int64_t non_finite = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double v = data[j];
+    if (std::isfinite(v)) {
+      sum_sq += v * v;
+    } else {
+      ++non_finite;
+    }
+  }
+  return {std::sqrt(sum_sq), non_finite};
+}
+
+// Note [Executor]
+// One call's state. Activations a_k live either in cache_[k] (kept, counted in live_bytes_) or
+// in one of two transient buffers; act_[k] points at wherever a_k currently is (a_0 at the
+// caller's input). Backward walks the plan's segments from last to first, recomputing a
+// segment's forward pass first when the plan says so, and ping-pongs dL/da between two gradient
+// buffers.
+template <typename T>
+class Executor {
+ public:
+  Executor(const Model& model, const CheckpointPlan& plan,
+           std::span<const LinearParamsView<T>> params, const BatchView<T>& batch,
+           const OutputsView<T>& outputs, const RunOptions& options)
+      : model_(model),
+        plan_(plan),
+        params_(params),
+        batch_(batch),
+        outputs_(outputs),
+        options_(options),
+        num_layers_(model.num_layers()),
+        cache_(num_layers_ + 1),
+        act_(num_layers_ + 1, nullptr) {}
+
+  absl::StatusOr<RunResult> Run() {
+    RunResult result;
+    result.diagnostics.resize(num_layers_);
+    const int64_t rows = batch_.batch;
+    const int64_t workspace = rows * model_.max_width();
+    for (auto& buffer : transient_) buffer.resize(workspace);
+
+    auto start = Clock::now();
+    act_[0] = batch_.inputs;
+    for (int i = 0; i < num_layers_; ++i) {
+      if (Stopped()) return absl::CancelledError("the call was cancelled");
+      const int k = i + 1;
+      T* out = plan_.keep_in_forward[k] ? Keep(k) : Transient(act_[i]);
+      RunLayer(i, out);
+      const NormAndNonFinite m = Measure(out, rows * model_.width(k));
+      result.diagnostics[i].activation_norm = m.norm;
+      result.diagnostics[i].non_finite_count += m.non_finite;
+    }
+    const T* output = act_[num_layers_];
+    const int64_t out_width = model_.output_features();
+    if (outputs_.output != nullptr) {
+      std::memcpy(outputs_.output, output, sizeof(T) * rows * out_width);
+    }
+    grad_[0].resize(workspace);
+    grad_[1].resize(workspace);
+    T* grad = grad_[0].data();
+    result.loss =
+        LossGradient(model_.loss(), rows, out_width, output, batch_.targets, grad);
+    result.forward_micros = MicrosSince(start);
+
+    start = Clock::now();
+    // Without dx, nothing below the first Linear layer needs a backward pass.
+    const int lowest_layer = outputs_.input_gradient != nullptr || model_.num_linear() == 0
+                                 ? 0
+                                 : model_.linear_layer(0);
+    for (int s = plan_.num_segments() - 1; s >= 0; --s) {
+      const int start_layer = plan_.segment_starts[s];
+      const int end_layer = plan_.segment_end(s, num_layers_);
+      if (end_layer <= lowest_layer) break;
+      for (int i = start_layer; i < plan_.recompute_end[s]; ++i) {
+        if (Stopped()) return absl::CancelledError("the call was cancelled");
+        const int k = i + 1;
+        RunLayer(i, plan_.recompute_keeps[k] ? Keep(k) : Transient(act_[i]));
+        ++result.layers_recomputed;
+      }
+      for (int i = end_layer - 1; i >= std::max(start_layer, lowest_layer); --i) {
+        if (Stopped()) return absl::CancelledError("the call was cancelled");
+        grad = BackwardLayer(i, grad, &result.diagnostics[i]);
+      }
+      for (int k = 1; k <= num_layers_; ++k) {
+        if (plan_.release_after[k] == s) Release(k);
+      }
+    }
+    if (outputs_.input_gradient != nullptr) {
+      std::memcpy(outputs_.input_gradient, grad, sizeof(T) * rows * model_.input_features());
+    }
+    result.backward_micros = MicrosSince(start);
+    result.peak_activation_bytes = peak_bytes_;
+    return result;
+  }
+
+ private:
+  bool Stopped() const { return options_.should_stop && options_.should_stop(); }
+
+  T* Keep(int k) {
+    cache_[k].resize(batch_.batch * model_.width(k));
+    live_bytes_ += static_cast<int64_t>(sizeof(T)) * cache_[k].size();
+    peak_bytes_ = std::max(peak_bytes_, live_bytes_);
+    return cache_[k].data();
+  }
+
+  void Release(int k) {
+    if (cache_[k].size() == 0) return;
+    live_bytes_ -= static_cast<int64_t>(sizeof(T)) * cache_[k].size();
+    cache_[k].resize(0);
+    act_[k] = nullptr;
+  }
+
+  // A transient buffer that does not hold `in`.
+  T* Transient(const T* in) {
+    return in == transient_[0].data() ? transient_[1].data() : transient_[0].data();
+  }
+
+  LinearParamsView<T> ParamsOf(int layer) const {
+    const int linear = model_.linear_index(layer);
+    return linear < 0 ? LinearParamsView<T>{} : params_[linear];
+  }
+
+  void RunLayer(int i, T* out) {
+    LayerForward<T>(model_.layer(i), ParamsOf(i), batch_.batch, model_.width(i), act_[i], out);
+    act_[i + 1] = out;
+  }
+
+  // grad holds dL/da_{i+1}; returns where dL/da_i now is.
+  T* BackwardLayer(int i, T* grad, LayerDiagnostics* diagnostics) {
+    const LayerSpec& layer = model_.layer(i);
+    const int64_t rows = batch_.batch;
+    const NormAndNonFinite g = Measure(grad, rows * model_.width(i + 1));
+    diagnostics->output_grad_norm = g.norm;
+    diagnostics->non_finite_count += g.non_finite;
+    if (layer.kind != LayerKind::kLinear) {
+      ElementwiseBackward<T>(layer, rows, model_.width(i), act_[i], act_[i + 1], grad);
+      return grad;
+    }
+    const int linear = model_.linear_index(i);
+    const LinearGradsView<T>& grads = outputs_.gradients[linear];
+    const bool wants_grad_in = i > 0 || outputs_.input_gradient != nullptr;
+    T* grad_in = grad == grad_[0].data() ? grad_[1].data() : grad_[0].data();
+    LinearBackward<T>(layer, params_[linear], rows, act_[i], grad, grads,
+                      wants_grad_in ? grad_in : nullptr);
+    const NormAndNonFinite w = Measure(grads.weight, layer.out_features * layer.in_features);
+    diagnostics->weight_grad_norm = w.norm;
+    diagnostics->non_finite_count += w.non_finite;
+    if (grads.bias != nullptr) {
+      const NormAndNonFinite b = Measure(grads.bias, layer.out_features);
+      diagnostics->bias_grad_norm = b.norm;
+      diagnostics->non_finite_count += b.non_finite;
+    }
+    return grad_in;
+  }
+
+  const Model& model_;
+  const CheckpointPlan& plan_;
+  std::span<const LinearParamsView<T>> params_;
+  const BatchView<T>& batch_;
+  const OutputsView<T>& outputs_;
+  const RunOptions& options_;
+  const int num_layers_;
+  std::vector<Eigen::Matrix<T, Eigen::Dynamic, 1>> cache_;
+  std::vector<const T*> act_;
+  Eigen::Matrix<T, Eigen::Dynamic, 1> transient_[2];
+  Eigen::Matrix<T, Eigen::Dynamic, 1> grad_[2];
+  int64_t live_bytes_ = 0;
+  int64_t peak_bytes_ = 0;
+};
+
+// Sets the OpenMP team size for the calling thread for the duration of a call (the ICV is per
+// thread, so concurrent calls on other threads keep their own).
+class ScopedThreads {
+ public:
+  explicit ScopedThreads(int threads) : previous_(omp_get_max_threads()) {
+    omp_set_num_threads(std::max(1, threads));
+  }
+  ~ScopedThreads() { omp_set_num_threads(previous_); }
+  ScopedThreads(const ScopedThreads&) = delete;
+  ScopedThreads& operator=(const ScopedThreads&) = delete;
+
+ private:
+  int previous_;
+};
+
+}  // namespace
+
+template <typename T>
+absl::StatusOr<RunResult> RunBackprop(const Model& model, const CheckpointPlan& plan,
+                                      std::span<const LinearParamsView<T>> params,
+                                      const BatchView<T>& batch, const OutputsView<T>& outputs,
+                                      const RunOptions& options) {
+  ScopedThreads threads(options.threads);
+  return Executor<T>(model, plan, params, batch, outputs, options).Run();
+}
+
+template <typename T>
+double ForwardLoss(const Model& model, std::span<const LinearParamsView<T>> params,
+                   const BatchView<T>& batch) {
+  const int64_t workspace = batch.batch * model.max_width();
+  using Buffer = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+  Buffer buffers[2] = {Buffer(workspace), Buffer(workspace)};
+  const T* in = batch.inputs;
+  for (int i = 0; i < model.num_layers(); ++i) {
+    T* out = buffers[i % 2].data();
+    const int linear = model.linear_index(i);
+    LayerForward<T>(model.layer(i), linear < 0 ? LinearParamsView<T>{} : params[linear],
+                    batch.batch, model.width(i), in, out);
+    in = out;
+  }
+  return LossValue(model.loss(), batch.batch, model.output_features(), in, batch.targets);
+}
+
+template absl::StatusOr<RunResult> RunBackprop<float>(const Model&, const CheckpointPlan&,
+                                                      std::span<const LinearParamsView<float>>,
+                                                      const BatchView<float>&,
+                                                      const OutputsView<float>&,
+                                                      const RunOptions&);
+template absl::StatusOr<RunResult> RunBackprop<double>(const Model&, const CheckpointPlan&,
+                                                       std::span<const LinearParamsView<double>>,
+                                                       const BatchView<double>&,
+                                                       const OutputsView<double>&,
+                                                       const RunOptions&);
+template double ForwardLoss<float>(const Model&, std::span<const LinearParamsView<float>>,
+                                   const BatchView<float>&);
+template double ForwardLoss<double>(const Model&, std::span<const LinearParamsView<double>>,
+                                    const BatchView<double>&);
+
+}  // namespace gradserve::engine

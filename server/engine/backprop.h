@@ -1,0 +1,76 @@
+// Forward pass, loss and reverse-mode backward pass over a Model, following a CheckpointPlan.
+//
+// The executor owns only the cache and workspace of one call; parameters, inputs and targets
+// are read in place, and gradients are written into caller-provided buffers (the response's).
+// A call is deterministic: the same inputs and thread count give the same bits, whatever the
+// checkpoint plan.
+#ifndef GRADSERVE_ENGINE_BACKPROP_H_
+#define GRADSERVE_ENGINE_BACKPROP_H_
+
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <vector>
+
+#include "server/engine/checkpoint.h"
+#include "server/engine/layers.h"
+#include "server/engine/losses.h"
+#include "server/engine/model.h"
+
+namespace gradserve::engine {
+
+template <typename T>
+struct BatchView {
+  int64_t batch = 0;
+  const T* inputs = nullptr;  // [batch, model.input_features()]
+  LossTargets<T> targets;
+};
+
+template <typename T>
+struct OutputsView {
+  std::vector<LinearGradsView<T>> gradients;  // One per Linear layer, in model order.
+  T* input_gradient = nullptr;  // [batch, input_features]; dx is computed only if set.
+  T* output = nullptr;          // [batch, output_features]; written only if set.
+};
+
+struct RunOptions {
+  // OpenMP threads for this call (GEMMs and element-wise loops).
+  int threads = 1;
+  // Polled between layers; returning true abandons the call with CANCELLED.
+  std::function<bool()> should_stop;
+};
+
+struct LayerDiagnostics {
+  double weight_grad_norm = 0;
+  double bias_grad_norm = 0;
+  double output_grad_norm = 0;  // ||dL/d(layer output)||; 0 where no backward pass ran.
+  double activation_norm = 0;   // ||layer output||.
+  int64_t non_finite_count = 0;
+};
+
+struct RunResult {
+  double loss = 0;
+  std::vector<LayerDiagnostics> diagnostics;  // One per layer.
+  double forward_micros = 0;
+  double backward_micros = 0;
+  int64_t peak_activation_bytes = 0;  // Measured.
+  int64_t layers_recomputed = 0;
+};
+
+// Runs forward, loss and backward. REQUIRES: every view sized as documented above for this
+// model and batch (the service validates that), params.size() == model.num_linear().
+// Returns CANCELLED if options.should_stop fired.
+template <typename T>
+absl::StatusOr<RunResult> RunBackprop(const Model& model, const CheckpointPlan& plan,
+                                      std::span<const LinearParamsView<T>> params,
+                                      const BatchView<T>& batch, const OutputsView<T>& outputs,
+                                      const RunOptions& options);
+
+// Forward pass and loss only, with LossValue's definition (used by finite differences).
+template <typename T>
+double ForwardLoss(const Model& model, std::span<const LinearParamsView<T>> params,
+                   const BatchView<T>& batch);
+
+}  // namespace gradserve::engine
+
+#endif  // GRADSERVE_ENGINE_BACKPROP_H_

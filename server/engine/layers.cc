@@ -1,0 +1,156 @@
+#include "server/engine/layers.h"
+
+#include <cmath>
+
+#include "server/engine/types.h"
+
+namespace gradserve::engine {
+namespace {
+
+// Element-wise loops are split across the OpenMP team only when there is enough work to pay
+// for waking it.
+constexpr int64_t kParallelElements = 1 << 15;
+
+template <typename T, typename Fn>
+void ForEachElement(int64_t n, Fn fn) {
+#pragma omp parallel for schedule(static) if (n >= kParallelElements)
+  for (int64_t j = 0; j < n; ++j) fn(j);
+}
+
+// Constants as PyTorch's GELU kernels spell them, so float results round the same way.
+constexpr double kSqrtHalf = 0.70710678118654752440;     // 1/sqrt(2)
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;   // 1/sqrt(2 pi)
+constexpr double kSqrt2OverPi = 0.79788456080286535588;  // sqrt(2/pi)
+constexpr double kGeluCubic = 0.044715;
+
+}  // namespace
+
+template <typename T>
+void LayerForward(const LayerSpec& layer, const LinearParamsView<T>& params, int64_t batch,
+                  int64_t in_width, const T* in, T* out) {
+  const int64_t n = batch * in_width;
+  switch (layer.kind) {
+    case LayerKind::kLinear: {
+      // out [B, out] = in [B, in] * W^T [in, out] + b
+      ConstMatrixMap<T> x(in, batch, layer.in_features);
+      ConstMatrixMap<T> w(params.weight, layer.out_features, layer.in_features);
+      MatrixMap<T> z(out, batch, layer.out_features);
+      z.noalias() = x * w.transpose();
+      if (params.bias != nullptr) {
+        z.rowwise() += ConstRowVectorMap<T>(params.bias, layer.out_features);
+      }
+      return;
+    }
+    case LayerKind::kReLU:
+      ForEachElement<T>(n, [&](int64_t j) { out[j] = in[j] > T(0) ? in[j] : T(0); });
+      return;
+    case LayerKind::kLeakyReLU: {
+      const T slope = static_cast<T>(layer.negative_slope);
+      ForEachElement<T>(n, [&](int64_t j) { out[j] = in[j] > T(0) ? in[j] : in[j] * slope; });
+      return;
+    }
+    case LayerKind::kSigmoid:
+      ForEachElement<T>(n, [&](int64_t j) { out[j] = T(1) / (T(1) + std::exp(-in[j])); });
+      return;
+    case LayerKind::kTanh:
+      ForEachElement<T>(n, [&](int64_t j) { out[j] = std::tanh(in[j]); });
+      return;
+    case LayerKind::kGelu:
+      ForEachElement<T>(n, [&](int64_t j) {
+        const T x = in[j];
+        out[j] = x * T(0.5) * (T(1) + std::erf(x * T(kSqrtHalf)));
+      });
+      return;
+    case LayerKind::kGeluTanh:
+      ForEachElement<T>(n, [&](int64_t j) {
+        const T x = in[j];
+        const T inner = T(kSqrt2OverPi) * (x + T(kGeluCubic) * x * x * x);
+        out[j] = T(0.5) * x * (T(1) + std::tanh(inner));
+      });
+      return;
+    case LayerKind::kIdentity:
+      ForEachElement<T>(n, [&](int64_t j) { out[j] = in[j]; });
+      return;
+  }
+}
+
+template <typename T>
+void ElementwiseBackward(const LayerSpec& layer, int64_t batch, int64_t width, const T* input,
+                         const T* output, T* grad) {
+  const int64_t n = batch * width;
+  switch (layer.kind) {
+    case LayerKind::kReLU:  // y = max(x, 0): dx = dy where y > 0.
+      ForEachElement<T>(n, [&](int64_t j) { grad[j] = output[j] > T(0) ? grad[j] : T(0); });
+      return;
+    case LayerKind::kLeakyReLU: {  // y = x > 0 ? x : a x: dx = x > 0 ? dy : a dy.
+      const T slope = static_cast<T>(layer.negative_slope);
+      ForEachElement<T>(n, [&](int64_t j) { grad[j] = input[j] > T(0) ? grad[j] : grad[j] * slope; });
+      return;
+    }
+    case LayerKind::kSigmoid:  // y = s(x): dx = dy (1 - y) y.
+      ForEachElement<T>(n, [&](int64_t j) { grad[j] = grad[j] * (T(1) - output[j]) * output[j]; });
+      return;
+    case LayerKind::kTanh:  // y = tanh(x): dx = dy (1 - y^2).
+      ForEachElement<T>(n, [&](int64_t j) { grad[j] = grad[j] * (T(1) - output[j] * output[j]); });
+      return;
+    case LayerKind::kGelu:  // y = x Phi(x): dx = dy (Phi(x) + x phi(x)).
+      ForEachElement<T>(n, [&](int64_t j) {
+        const T x = input[j];
+        const T cdf = T(0.5) * (T(1) + std::erf(x * T(kSqrtHalf)));
+        const T pdf = T(kInvSqrt2Pi) * std::exp(T(-0.5) * x * x);
+        grad[j] = grad[j] * (cdf + x * pdf);
+      });
+      return;
+    case LayerKind::kGeluTanh:  // y = x/2 (1 + tanh(u)), u = c (x + k x^3).
+      ForEachElement<T>(n, [&](int64_t j) {
+        const T x = input[j];
+        const T x_sq = x * x;
+        const T tanh_inner = std::tanh(T(kSqrt2OverPi) * (x + T(kGeluCubic) * x_sq * x));
+        const T left_derivative = T(0.5) * (T(1) + tanh_inner);
+        const T right_derivative = T(1) - tanh_inner * tanh_inner;
+        const T inner_derivative = T(kSqrt2OverPi) * (T(1) + T(3 * kGeluCubic) * x_sq);
+        grad[j] = grad[j] * (left_derivative + T(0.5) * x * right_derivative * inner_derivative);
+      });
+      return;
+    case LayerKind::kIdentity:
+    case LayerKind::kLinear:
+      return;
+  }
+}
+
+template <typename T>
+void LinearBackward(const LayerSpec& layer, const LinearParamsView<T>& params, int64_t batch,
+                    const T* input, const T* grad_out, const LinearGradsView<T>& grads,
+                    T* grad_in) {
+  const int64_t in = layer.in_features;
+  const int64_t out = layer.out_features;
+  ConstMatrixMap<T> x(input, batch, in);
+  ConstMatrixMap<T> delta(grad_out, batch, out);
+  // dW [out, in] = delta^T [out, B] * x [B, in]
+  MatrixMap<T>(grads.weight, out, in).noalias() = delta.transpose() * x;
+  if (grads.bias != nullptr) {
+    // db [out] = sum over the batch of delta, accumulated in double (float32 sums over large
+    // batches otherwise lose digits) in a fixed order.
+    RowVector<double> sum = RowVector<double>::Zero(out);
+    for (int64_t b = 0; b < batch; ++b) sum += delta.row(b).template cast<double>();
+    RowVectorMap<T>(grads.bias, out) = sum.cast<T>();
+  }
+  if (grad_in != nullptr) {
+    // dx [B, in] = delta [B, out] * W [out, in]
+    ConstMatrixMap<T> w(params.weight, out, in);
+    MatrixMap<T>(grad_in, batch, in).noalias() = delta * w;
+  }
+}
+
+#define GRADSERVE_INSTANTIATE_LAYERS(T)                                                        \
+  template void LayerForward<T>(const LayerSpec&, const LinearParamsView<T>&, int64_t,         \
+                                int64_t, const T*, T*);                                        \
+  template void ElementwiseBackward<T>(const LayerSpec&, int64_t, int64_t, const T*, const T*, \
+                                       T*);                                                    \
+  template void LinearBackward<T>(const LayerSpec&, const LinearParamsView<T>&, int64_t,       \
+                                  const T*, const T*, const LinearGradsView<T>&, T*);
+GRADSERVE_INSTANTIATE_LAYERS(float)
+GRADSERVE_INSTANTIATE_LAYERS(double)
+#undef GRADSERVE_INSTANTIATE_LAYERS
+
+}  // namespace gradserve::engine

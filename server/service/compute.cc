@@ -1,0 +1,209 @@
+#include "server/service/compute.h"
+
+#include "absl/strings/str_cat.h"
+#include "server/engine/backprop.h"
+#include "server/engine/gradient_check.h"
+#include "server/service/convert.h"
+
+namespace gradserve::service {
+namespace {
+
+using engine::CheckpointMode;
+
+// Sizes `tensor` for shape and returns its bytes as T*, for the engine to write into.
+template <typename T>
+T* AllocateTensor(v1::Tensor* tensor, v1::DType dtype, std::initializer_list<int64_t> shape) {
+  tensor->set_dtype(dtype);
+  int64_t elements = 1;
+  for (int64_t dim : shape) {
+    tensor->add_shape(dim);
+    elements *= dim;
+  }
+  std::string* data = tensor->mutable_data();
+  data->resize(elements * sizeof(T));
+  return reinterpret_cast<T*>(data->data());
+}
+
+v1::Checkpointing::Mode ToProtoMode(CheckpointMode mode) {
+  switch (mode) {
+    case CheckpointMode::kNone:
+      return v1::Checkpointing::MODE_NONE;
+    case CheckpointMode::kEveryK:
+      return v1::Checkpointing::MODE_EVERY_K;
+    case CheckpointMode::kSqrt:
+      return v1::Checkpointing::MODE_SQRT;
+    case CheckpointMode::kMemoryBudget:
+      return v1::Checkpointing::MODE_MEMORY_BUDGET;
+  }
+  return v1::Checkpointing::MODE_UNSPECIFIED;
+}
+
+// Upper bound of the response's size, so that a response the caller could not receive is
+// refused before any compute.
+int64_t ResponseBytes(const PreparedRequest& prepared) {
+  const engine::Model& model = *prepared.model;
+  const int64_t element = DTypeSize(prepared.dtype);
+  int64_t bytes = 4096 + 128 * model.num_layers() + element * model.num_parameters();
+  if (prepared.return_input_gradient) bytes += element * prepared.batch() * model.input_features();
+  if (prepared.return_output) bytes += element * prepared.batch() * model.output_features();
+  return bytes;
+}
+
+template <typename T>
+absl::Status Run(const PreparedRequest& prepared, const ComputeContext& context,
+                 v1::ComputeGradientsResponse* response) {
+  const engine::Model& model = *prepared.model;
+  const TypedViews<T>& views = std::get<TypedViews<T>>(prepared.views);
+  const int64_t batch = views.batch.batch;
+  engine::OutputsView<T> outputs;
+  for (int l = 0; l < model.num_linear(); ++l) {
+    const engine::LayerSpec& layer = model.layer(model.linear_layer(l));
+    v1::LinearGradients* grads = response->add_gradients();
+    engine::LinearGradsView<T> view;
+    view.weight = AllocateTensor<T>(grads->mutable_weight(), prepared.dtype,
+                                    {layer.out_features, layer.in_features});
+    if (layer.bias) {
+      view.bias = AllocateTensor<T>(grads->mutable_bias(), prepared.dtype, {layer.out_features});
+    }
+    outputs.gradients.push_back(view);
+  }
+  if (prepared.return_input_gradient) {
+    outputs.input_gradient = AllocateTensor<T>(response->mutable_input_gradient(),
+                                               prepared.dtype, {batch, model.input_features()});
+  }
+  if (prepared.return_output) {
+    outputs.output = AllocateTensor<T>(response->mutable_output(), prepared.dtype,
+                                       {batch, model.output_features()});
+  }
+  engine::RunOptions options;
+  options.threads = context.threads;
+  options.should_stop = context.should_stop;
+  ASSIGN_OR_RETURN(engine::RunResult result,
+                   engine::RunBackprop<T>(model, prepared.plan, views.params, views.batch,
+                                          outputs, options));
+
+  response->set_loss(result.loss);
+  for (int i = 0; i < model.num_layers(); ++i) {
+    const engine::LayerDiagnostics& d = result.diagnostics[i];
+    v1::LayerDiagnostics* out = response->add_diagnostics();
+    out->set_layer_index(i);
+    out->set_kind(std::string(engine::LayerKindName(model.layer(i).kind)));
+    out->set_name(model.layer(i).name);
+    out->set_weight_grad_norm(d.weight_grad_norm);
+    out->set_bias_grad_norm(d.bias_grad_norm);
+    out->set_output_grad_norm(d.output_grad_norm);
+    out->set_activation_norm(d.activation_norm);
+    out->set_non_finite_count(d.non_finite_count);
+  }
+  v1::ComputeStats* stats = response->mutable_stats();
+  stats->set_forward_micros(result.forward_micros);
+  stats->set_backward_micros(result.backward_micros);
+  stats->set_peak_activation_bytes(result.peak_activation_bytes);
+  stats->set_layers_recomputed(result.layers_recomputed);
+  stats->set_num_examples(batch);
+  stats->set_threads(context.threads);
+  v1::CheckpointPlan* plan = stats->mutable_plan();
+  plan->set_mode(ToProtoMode(prepared.plan.mode));
+  for (int s = 0; s < prepared.plan.num_segments(); ++s) {
+    plan->add_segment_starts(prepared.plan.segment_starts[s]);
+    plan->add_segment_recomputed(prepared.plan.segment_recomputed[s]);
+  }
+  plan->set_predicted_peak_bytes(prepared.plan.predicted_peak_bytes);
+  plan->set_budget_met(prepared.plan.budget_met);
+  plan->set_min_peak_bytes(prepared.plan.min_peak_bytes);
+  return absl::OkStatus();
+}
+
+template <typename T>
+absl::Status RunCheck(const PreparedRequest& prepared, const engine::GradientCheckOptions& options,
+                      v1::CheckGradientsResponse* response) {
+  const TypedViews<T>& views = std::get<TypedViews<T>>(prepared.views);
+  ASSIGN_OR_RETURN(std::vector<engine::TensorCheck> checks,
+                   engine::CheckGradients<T>(*prepared.model, prepared.plan, views.params,
+                                             views.batch, options));
+  for (const engine::TensorCheck& check : checks) {
+    v1::TensorCheck* out = response->add_checks();
+    out->set_tensor(check.tensor);
+    out->set_layer_index(check.layer_index);
+    out->set_samples(check.samples);
+    out->set_max_abs_error(check.max_abs_error);
+    out->set_max_rel_error(check.max_rel_error);
+    response->set_max_abs_error(std::max(response->max_abs_error(), check.max_abs_error));
+    response->set_max_rel_error(std::max(response->max_rel_error(), check.max_rel_error));
+  }
+  response->set_analytic_dtype(prepared.dtype);
+  return absl::OkStatus();
+}
+
+// Adds `prefix` to the field an error message starts with.
+absl::Status Prefixed(const absl::Status& status, absl::string_view prefix) {
+  return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
+}
+
+}  // namespace
+
+absl::Status ComputeGradients(const v1::ComputeGradientsRequest& request,
+                              const ServiceLimits& limits, const ComputeContext& context,
+                              v1::ComputeGradientsResponse* response) {
+  ASSIGN_OR_RETURN(std::unique_ptr<PreparedRequest> prepared, PrepareRequest(request, limits));
+  if (const int64_t bytes = ResponseBytes(*prepared); bytes > limits.max_message_bytes) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the response would need about ", bytes, " bytes, over max_message_bytes (",
+                     limits.max_message_bytes, ")"));
+  }
+  if (prepared->dtype == v1::DTYPE_FLOAT32) return Run<float>(*prepared, context, response);
+  return Run<double>(*prepared, context, response);
+}
+
+absl::Status CheckGradients(const v1::CheckGradientsRequest& request, const ServiceLimits& limits,
+                            const ComputeContext& context, v1::CheckGradientsResponse* response) {
+  engine::GradientCheckOptions options;
+  options.threads = context.threads;
+  options.seed = request.seed();
+  if (request.samples_per_tensor() < 0 || request.samples_per_tensor() > limits.max_check_samples) {
+    return absl::InvalidArgumentError(absl::StrCat("samples_per_tensor: expected 0 .. ",
+                                                   limits.max_check_samples, ", got ",
+                                                   request.samples_per_tensor()));
+  }
+  if (request.samples_per_tensor() > 0) options.samples_per_tensor = request.samples_per_tensor();
+  if (request.step() != 0) {
+    if (!(request.step() > 0 && request.step() < 1)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("step: expected a value in (0, 1), got ", request.step()));
+    }
+    options.step = request.step();
+  }
+  if (!request.has_request()) return absl::InvalidArgumentError("request: required");
+  auto prepared = PrepareRequest(request.request(), limits);
+  if (!prepared.ok()) return Prefixed(prepared.status(), "request.");
+  if ((*prepared)->dtype == v1::DTYPE_FLOAT32) return RunCheck<float>(**prepared, options, response);
+  return RunCheck<double>(**prepared, options, response);
+}
+
+void GetServerInfo(const ServiceLimits& limits, int threads, v1::GetServerInfoResponse* response) {
+  response->set_version(GRADSERVE_VERSION);
+  response->set_api("gradserve.v1");
+  for (const char* layer : {"linear", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "identity"}) {
+    response->add_layers(layer);
+  }
+  for (const char* loss :
+       {"mse", "cross_entropy", "bce_with_logits", "huber", "l1", "external"}) {
+    response->add_losses(loss);
+  }
+  response->add_dtypes(v1::DTYPE_FLOAT32);
+  response->add_dtypes(v1::DTYPE_FLOAT64);
+  v1::Limits* out = response->mutable_limits();
+  out->set_max_message_bytes(limits.max_message_bytes);
+  out->set_max_tensor_elements(limits.max_tensor_elements);
+  out->set_max_layers(limits.max_layers);
+  out->set_max_batch(limits.max_batch);
+  out->set_max_features(limits.max_features);
+  out->set_max_activation_bytes(limits.max_activation_bytes);
+  response->set_threads(threads);
+  for (auto mode : {v1::Checkpointing::MODE_NONE, v1::Checkpointing::MODE_EVERY_K,
+                    v1::Checkpointing::MODE_SQRT, v1::Checkpointing::MODE_MEMORY_BUDGET}) {
+    response->add_checkpoint_modes(mode);
+  }
+}
+
+}  // namespace gradserve::service

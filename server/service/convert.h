@@ -1,0 +1,61 @@
+// Validation and conversion of gradserve.v1 requests into engine views.
+//
+// Every field is checked before anything is allocated from it: a claimed shape is checked
+// against the limits and against the bytes actually sent. Tensors are then read in place from
+// the request's byte strings (copied only if a string is not aligned for its element type).
+// Errors name the field as the .proto does ("parameters[1].weight.shape") and say what was
+// expected; limits give RESOURCE_EXHAUSTED with the size and the limit.
+#ifndef GRADSERVE_SERVICE_CONVERT_H_
+#define GRADSERVE_SERVICE_CONVERT_H_
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "gradserve/v1/gradserve.pb.h"
+#include "server/engine/backprop.h"
+#include "server/engine/checkpoint.h"
+#include "server/engine/model.h"
+#include "server/service/limits.h"
+
+namespace gradserve::service {
+
+namespace v1 = ::gradserve::v1;
+
+template <typename T>
+struct TypedViews {
+  std::vector<engine::LinearParamsView<T>> params;  // One per Linear layer.
+  engine::BatchView<T> batch;
+};
+
+// A validated request. Views point into the request (which must outlive this) or into the
+// copies held here.
+struct PreparedRequest {
+  v1::DType dtype = v1::DTYPE_UNSPECIFIED;
+  std::optional<engine::Model> model;
+  engine::CheckpointPlan plan;
+  std::variant<TypedViews<float>, TypedViews<double>> views;
+  bool return_input_gradient = false;
+  bool return_output = false;
+  // Storage for anything that could not be viewed in place.
+  std::vector<int64_t> widened_class_targets;
+  std::vector<std::unique_ptr<uint64_t[]>> aligned_copies;
+
+  int64_t batch() const;
+};
+
+// Validates `request` against `limits`. The returned object views request's bytes.
+absl::StatusOr<std::unique_ptr<PreparedRequest>> PrepareRequest(
+    const v1::ComputeGradientsRequest& request, const ServiceLimits& limits);
+
+// The engine's description of a model, from the API's; validates kinds and enum values.
+absl::StatusOr<engine::ModelSpec> ToModelSpec(const v1::Model& model, const ServiceLimits& limits);
+
+int64_t DTypeSize(v1::DType dtype);
+
+}  // namespace gradserve::service
+
+#endif  // GRADSERVE_SERVICE_CONVERT_H_

@@ -1,0 +1,25 @@
+// Limits the service enforces on every request, with their defaults.
+#ifndef GRADSERVE_SERVICE_LIMITS_H_
+#define GRADSERVE_SERVICE_LIMITS_H_
+
+#include <cstdint>
+
+namespace gradserve::service {
+
+struct ServiceLimits {
+  // Largest message either way. gRPC's default is 4 MiB; gradients of a 64 MiB model must pass
+  // without a flag, so the default is 256 MiB (protobuf cannot exceed 2 GiB).
+  int64_t max_message_bytes = int64_t{256} << 20;
+  int64_t max_tensor_elements = int64_t{1} << 26;  // 64 Mi elements (256 MiB of float32).
+  int64_t max_layers = 1024;
+  int64_t max_batch = int64_t{1} << 20;
+  int64_t max_features = int64_t{1} << 20;
+  // Cached activations plus workspace of one request.
+  int64_t max_activation_bytes = int64_t{2} << 30;
+  // CheckGradients: at most this many entries perturbed per tensor.
+  int64_t max_check_samples = 4096;
+};
+
+}  // namespace gradserve::service
+
+#endif  // GRADSERVE_SERVICE_LIMITS_H_
