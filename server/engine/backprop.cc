@@ -58,6 +58,11 @@ class Executor {
         act_(num_layers_ + 1, nullptr) {}
 
   absl::StatusOr<RunResult> Run() {
+    if (outputs_.input_gradient != nullptr && plan_.lowest_backward_layer != 0) {
+      return absl::FailedPreconditionError(
+          "dx was asked for, but the checkpoint plan was made without it "
+          "(CheckpointOptions::computes_input_gradient)");
+    }
     RunResult result;
     result.diagnostics.resize(num_layers_);
     const int64_t rows = batch_.batch;
@@ -83,15 +88,11 @@ class Executor {
     grad_[0].resize(workspace);
     grad_[1].resize(workspace);
     T* grad = grad_[0].data();
-    result.loss =
-        LossGradient(model_.loss(), rows, out_width, output, batch_.targets, grad);
+    result.loss = LossGradient(model_.loss(), rows, out_width, output, batch_.targets, grad);
     result.forward_micros = MicrosSince(start);
 
     start = Clock::now();
-    // Without dx, nothing below the first Linear layer needs a backward pass.
-    const int lowest_layer = outputs_.input_gradient != nullptr || model_.num_linear() == 0
-                                 ? 0
-                                 : model_.linear_layer(0);
+    const int lowest_layer = plan_.lowest_backward_layer;
     for (int s = plan_.num_segments() - 1; s >= 0; --s) {
       const int start_layer = plan_.segment_starts[s];
       const int end_layer = plan_.segment_end(s, num_layers_);
@@ -163,7 +164,8 @@ class Executor {
     }
     const int linear = model_.linear_index(i);
     const LinearGradsView<T>& grads = outputs_.gradients[linear];
-    const bool wants_grad_in = i > 0 || outputs_.input_gradient != nullptr;
+    const bool wants_grad_in =
+        i > plan_.lowest_backward_layer || outputs_.input_gradient != nullptr;
     T* grad_in = grad == grad_[0].data() ? grad_[1].data() : grad_[0].data();
     LinearBackward<T>(layer, params_[linear], rows, act_[i], grad, grads,
                       wants_grad_in ? grad_in : nullptr);
@@ -239,8 +241,7 @@ double ForwardLoss(const Model& model, std::span<const LinearParamsView<T>> para
 template absl::StatusOr<RunResult> RunBackprop<float>(const Model&, const CheckpointPlan&,
                                                       std::span<const LinearParamsView<float>>,
                                                       const BatchView<float>&,
-                                                      const OutputsView<float>&,
-                                                      const RunOptions&);
+                                                      const OutputsView<float>&, const RunOptions&);
 template absl::StatusOr<RunResult> RunBackprop<double>(const Model&, const CheckpointPlan&,
                                                        std::span<const LinearParamsView<double>>,
                                                        const BatchView<double>&,

@@ -4,8 +4,9 @@
 // Note [Checkpoint schedule]
 // The layers are cut into segments [start_s, end_s). A segment is either *stored* (the forward
 // pass keeps every activation its backward pass reads) or *recomputed* (the forward pass keeps
-// only its input a_{start_s}; just before the segment's backward pass, its forward pass runs
-// again from that input and keeps what the backward pass reads). An activation is released
+// only its input a_{start_s}, and only if the segment reads it or has something to recompute;
+// just before the segment's backward pass, its forward pass runs again from that input and
+// keeps what the backward pass reads). An activation is released
 // after the backward pass of the lowest-numbered segment that reads it. The plan below spells
 // the whole schedule out, so that the executor follows it literally and the planner can predict
 // the peak of cached bytes exactly by replaying it (PredictPeak). Recomputation reruns the same
@@ -30,19 +31,27 @@ struct CheckpointOptions {
   CheckpointMode mode = CheckpointMode::kNone;
   int64_t every_k = 0;              // kEveryK: 1 .. num_layers.
   int64_t memory_budget_bytes = 0;  // kMemoryBudget: > 0.
+  // Without dx, layers below the first Linear layer get no backward pass, so nothing needs
+  // keeping for them.
+  bool computes_input_gradient = true;
 };
+
+// The lowest layer whose backward pass runs: 0 with dx, else the first Linear layer (0 if none).
+int LowestBackwardLayer(const Model& model, bool computes_input_gradient);
 
 struct CheckpointPlan {
   CheckpointMode mode = CheckpointMode::kNone;
   std::vector<int> segment_starts;       // Ascending, first is 0.
   std::vector<bool> segment_recomputed;  // Parallel to segment_starts.
+  // Layers below this one have no backward pass (see CheckpointOptions).
+  int lowest_backward_layer = 0;
 
   // The schedule derived from the segments (see Note [Checkpoint schedule]); indexed by
   // activation k in [0, num_layers] or by segment.
-  std::vector<bool> keep_in_forward;   // a_k is cached by the forward pass.
-  std::vector<int> release_after;      // Segment after whose backward a_k is freed; -1: unused.
-  std::vector<int> recompute_end;      // Per segment: rerun layers [start, recompute_end).
-  std::vector<bool> recompute_keeps;   // a_k is cached while its segment is recomputed.
+  std::vector<bool> keep_in_forward;  // a_k is cached by the forward pass.
+  std::vector<int> release_after;     // Segment after whose backward a_k is freed; -1: unused.
+  std::vector<int> recompute_end;     // Per segment: rerun layers [start, recompute_end).
+  std::vector<bool> recompute_keeps;  // a_k is cached while its segment is recomputed.
 
   int64_t predicted_peak_bytes = 0;
   int64_t predicted_recomputed_layers = 0;
@@ -67,7 +76,7 @@ absl::StatusOr<CheckpointPlan> PlanCheckpoints(const Model& model, int64_t batch
 // starts[0] == 0, every start < num_layers, recomputed.size() == starts.size().
 CheckpointPlan MakeCheckpointPlan(const Model& model, int64_t batch, int64_t element_bytes,
                                   CheckpointMode mode, std::vector<int> starts,
-                                  std::vector<bool> recomputed);
+                                  std::vector<bool> recomputed, int lowest_backward_layer = 0);
 
 // Bytes of cached activations the unconstrained plan (kNone) holds at its peak.
 int64_t NoCheckpointPeakBytes(const Model& model, int64_t batch, int64_t element_bytes);

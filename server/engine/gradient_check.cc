@@ -34,9 +34,11 @@ std::vector<double> ToDouble(const T* data, int64_t n) {
 }  // namespace
 
 template <typename T>
-absl::StatusOr<std::vector<TensorCheck>> CheckGradients(
-    const Model& model, const CheckpointPlan& plan, std::span<const LinearParamsView<T>> params,
-    const BatchView<T>& batch, const GradientCheckOptions& options) {
+absl::StatusOr<std::vector<TensorCheck>> CheckGradients(const Model& model,
+                                                        const CheckpointPlan& plan,
+                                                        std::span<const LinearParamsView<T>> params,
+                                                        const BatchView<T>& batch,
+                                                        const GradientCheckOptions& options) {
   const int64_t rows = batch.batch;
   const int num_linear = model.num_linear();
 
@@ -74,7 +76,8 @@ absl::StatusOr<std::vector<TensorCheck>> CheckGradients(
   batch64.inputs = inputs.data();
   batch64.targets.targets = batch.targets.targets ? targets.data() : nullptr;
   batch64.targets.class_targets = batch.targets.class_targets;
-  batch64.targets.output_gradient = batch.targets.output_gradient ? output_gradient.data() : nullptr;
+  batch64.targets.output_gradient =
+      batch.targets.output_gradient ? output_gradient.data() : nullptr;
 
   std::mt19937_64 rng(options.seed);
   const double h = options.step;

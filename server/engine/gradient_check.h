@@ -32,9 +32,11 @@ inline constexpr double kRelativeFloor = 1e-12;
 // Analytic gradients come from RunBackprop<T> with `plan`; numerical ones from ForwardLoss on a
 // float64 copy of the parameters and batch. One TensorCheck per parameter tensor, then inputs.
 template <typename T>
-absl::StatusOr<std::vector<TensorCheck>> CheckGradients(
-    const Model& model, const CheckpointPlan& plan, std::span<const LinearParamsView<T>> params,
-    const BatchView<T>& batch, const GradientCheckOptions& options);
+absl::StatusOr<std::vector<TensorCheck>> CheckGradients(const Model& model,
+                                                        const CheckpointPlan& plan,
+                                                        std::span<const LinearParamsView<T>> params,
+                                                        const BatchView<T>& batch,
+                                                        const GradientCheckOptions& options);
 
 }  // namespace gradserve::engine
 

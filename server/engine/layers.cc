@@ -84,7 +84,8 @@ void ElementwiseBackward(const LayerSpec& layer, int64_t batch, int64_t width, c
       return;
     case LayerKind::kLeakyReLU: {  // y = x > 0 ? x : a x: dx = x > 0 ? dy : a dy.
       const T slope = static_cast<T>(layer.negative_slope);
-      ForEachElement<T>(n, [&](int64_t j) { grad[j] = input[j] > T(0) ? grad[j] : grad[j] * slope; });
+      ForEachElement<T>(n,
+                        [&](int64_t j) { grad[j] = input[j] > T(0) ? grad[j] : grad[j] * slope; });
       return;
     }
     case LayerKind::kSigmoid:  // y = s(x): dx = dy (1 - y) y.
@@ -142,13 +143,13 @@ void LinearBackward(const LayerSpec& layer, const LinearParamsView<T>& params, i
   }
 }
 
-#define GRADSERVE_INSTANTIATE_LAYERS(T)                                                        \
-  template void LayerForward<T>(const LayerSpec&, const LinearParamsView<T>&, int64_t,         \
-                                int64_t, const T*, T*);                                        \
-  template void ElementwiseBackward<T>(const LayerSpec&, int64_t, int64_t, const T*, const T*, \
-                                       T*);                                                    \
-  template void LinearBackward<T>(const LayerSpec&, const LinearParamsView<T>&, int64_t,       \
-                                  const T*, const T*, const LinearGradsView<T>&, T*);
+#define GRADSERVE_INSTANTIATE_LAYERS(T)                                                            \
+  template void LayerForward<T>(const LayerSpec&, const LinearParamsView<T>&, int64_t, int64_t,    \
+                                const T*, T*);                                                     \
+  template void ElementwiseBackward<T>(const LayerSpec&, int64_t, int64_t, const T*, const T*,     \
+                                       T*);                                                        \
+  template void LinearBackward<T>(const LayerSpec&, const LinearParamsView<T>&, int64_t, const T*, \
+                                  const T*, const LinearGradsView<T>&, T*);
 GRADSERVE_INSTANTIATE_LAYERS(float)
 GRADSERVE_INSTANTIATE_LAYERS(double)
 #undef GRADSERVE_INSTANTIATE_LAYERS

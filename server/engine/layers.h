@@ -46,8 +46,7 @@ void ElementwiseBackward(const LayerSpec& layer, int64_t batch, int64_t width, c
 // and, if grad_in is not null, grad_in [batch, in] = grad_out W.
 template <typename T>
 void LinearBackward(const LayerSpec& layer, const LinearParamsView<T>& params, int64_t batch,
-                    const T* input, const T* grad_out, const LinearGradsView<T>& grads,
-                    T* grad_in);
+                    const T* input, const T* grad_out, const LinearGradsView<T>& grads, T* grad_in);
 
 }  // namespace gradserve::engine
 

@@ -60,7 +60,8 @@ bool BackwardReadsOutput(LayerKind kind) {
 
 absl::StatusOr<Model> Model::Create(ModelSpec spec, int64_t input_features) {
   if (spec.layers.empty()) {
-    return absl::InvalidArgumentError("model.layers: the model has no layers; expected at least one");
+    return absl::InvalidArgumentError(
+        "model.layers: the model has no layers; expected at least one");
   }
   if (input_features <= 0) {
     return absl::InvalidArgumentError(

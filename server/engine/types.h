@@ -35,11 +35,11 @@ using ConstRowVectorMap = Eigen::Map<const RowVector<T>, Eigen::Unaligned>;
 #define GRADSERVE_CONCAT_INNER_(a, b) a##b
 #define GRADSERVE_CONCAT_(a, b) GRADSERVE_CONCAT_INNER_(a, b)
 
-#define RETURN_IF_ERROR(expr)                            \
-  do {                                                   \
-    if (absl::Status status_ = (expr); !status_.ok()) {  \
-      return status_;                                    \
-    }                                                    \
+#define RETURN_IF_ERROR(expr)                           \
+  do {                                                  \
+    if (absl::Status status_ = (expr); !status_.ok()) { \
+      return status_;                                   \
+    }                                                   \
   } while (0)
 
 #define ASSIGN_OR_RETURN(lhs, expr) \
