@@ -93,7 +93,8 @@ int main(int argc, char** argv) {
   CLI::App* info = app.add_subcommand("info", "print version, supported layers, limits");
   CLI::App* demo = app.add_subcommand(
       "demo", "send batch 8, Linear(4->2) -> ReLU -> MSE and print the loss and gradients");
-  demo->add_option("--dtype", dtype)->check(CLI::IsMember({"float32", "float64"}))
+  demo->add_option("--dtype", dtype)
+      ->check(CLI::IsMember({"float32", "float64"}))
       ->capture_default_str();
   CLI::App* check = app.add_subcommand(
       "check", "verify the server's gradients on the demo network by finite differences");
@@ -129,8 +130,8 @@ int main(int argc, char** argv) {
       return Fail("CheckGradients", status);
     }
     for (const v1::TensorCheck& c : response.checks()) {
-      std::printf("%-22s samples=%-4d max_abs=%.3g max_rel=%.3g\n", c.tensor().c_str(),
-                  c.samples(), c.max_abs_error(), c.max_rel_error());
+      std::printf("%-22s samples=%-4d max_abs=%.3g max_rel=%.3g\n", c.tensor().c_str(), c.samples(),
+                  c.max_abs_error(), c.max_rel_error());
     }
     std::printf("max relative error %.3g\n", response.max_rel_error());
     return response.max_rel_error() < 1e-6 ? 0 : 1;

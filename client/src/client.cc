@@ -85,9 +85,9 @@ ModelBuilder& ModelBuilder::External() {
   return *this;
 }
 
-std::shared_ptr<grpc::Channel> CreateChannel(const std::string& target,
-                                             const ClientOptions& options,
-                                             std::shared_ptr<grpc::ChannelCredentials> credentials) {
+std::shared_ptr<grpc::Channel> CreateChannel(
+    const std::string& target, const ClientOptions& options,
+    std::shared_ptr<grpc::ChannelCredentials> credentials) {
   grpc::ChannelArguments args;
   const int limit = static_cast<int>(std::min<int64_t>(options.max_message_bytes, INT_MAX));
   args.SetMaxReceiveMessageSize(limit);
@@ -130,7 +130,8 @@ grpc::Status GradientClient::GetServerInfo(v1::GetServerInfoResponse* response) 
 grpc::Status GradientClient::Health(const std::string& service, bool* serving) {
   *serving = false;
   if (channel_ == nullptr) {
-    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "no channel (client built from a stub)");
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                        "no channel (client built from a stub)");
   }
   grpc::ClientContext context;
   SetDeadline(&context);

@@ -1,0 +1,519 @@
+#!/usr/bin/env python3
+"""Acceptance check: gradserve's gradients agree with PyTorch autograd.
+
+    /usr/bin/python3 bench/pytorch_crosscheck.py --target 127.0.0.1:PORT [--rounds 3] [--seed 0]
+
+Starts nothing: point it at a running server. For seeded random MLPs covering every layer kind
+(Linear with and without bias, ReLU, LeakyReLU at several slopes, Sigmoid, Tanh, GELU exact and
+tanh, Identity), every loss (MSE, L1, Huber at several deltas, cross-entropy with INT64 and
+INT32 targets, BCE-with-logits, and the external loss, i.e. a caller-supplied output
+gradient), both reductions plus the unset default, float64 and float32 and assorted batch
+sizes, it builds the same torch.nn.Sequential, runs loss.backward() and compares the loss and
+every dW, db and dx.
+
+Error metric, per tensor: max|server - torch| / max(max|torch|, tiny) with tiny the smallest
+normal float64; the loss uses |server - torch| / max(|torch|, tiny). A case's error is the
+largest over its tensors. Thresholds: float64 <= 1e-9, float32 <= 1e-4. The reference is
+torch in the request's own dtype, on exactly the same input bits.
+
+Also checks that every checkpointing mode (SQRT, EVERY_K, MEMORY_BUDGET) returns results
+bit-identical to MODE_NONE, as the API promises, and probes the derivative conventions at
+kinks (exact zeros into ReLU/LeakyReLU, L1 at output == target), where PyTorch's choice is
+the reference. Exit status 1 if anything fails.
+"""
+
+import argparse
+import math
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import grpc
+import numpy as np
+import torch
+import torch.nn as nn
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "client" / "python"))
+try:
+    import gradserve_client as gc
+except ImportError:
+    # Stubs are generated, not checked in; make a private copy rather than failing.
+    _stub_dir = tempfile.mkdtemp(prefix="gradserve-pystubs-")
+    subprocess.run([str(REPO / "client" / "python" / "generate.sh"), _stub_dir], check=True,
+                   stdout=subprocess.DEVNULL)
+    sys.path.insert(0, _stub_dir)
+    import gradserve_client as gc
+pb = gc.pb
+
+THRESHOLD = {np.float64: 1e-9, np.float32: 1e-4}
+TINY = np.finfo(np.float64).tiny
+TORCH_DTYPE = {np.float64: torch.float64, np.float32: torch.float32}
+DTYPE_NAME = {np.float64: "float64", np.float32: "float32"}
+
+# Activation factories. Every kind appears in every round (the list is cycled through), and
+# LeakyReLU covers PyTorch's default, zero, a steep and a negative slope.
+ACTIVATIONS: List[Callable[[], nn.Module]] = [
+    nn.ReLU,
+    nn.LeakyReLU,                      # default 0.01; also sent with the field unset
+    lambda: nn.LeakyReLU(0.2),
+    lambda: nn.LeakyReLU(0.0),
+    lambda: nn.LeakyReLU(-0.5),
+    nn.Sigmoid,
+    nn.Tanh,
+    lambda: nn.GELU(approximate="none"),
+    lambda: nn.GELU(approximate="tanh"),
+    nn.Identity,
+]
+
+# (label, Loss.kind, huber delta or None, class-target numpy dtype or None)
+LOSSES = [
+    ("mse", "mse", None, None),
+    ("l1", "l1", None, None),
+    ("huber(d=unset)", "huber", None, None),
+    ("huber(d=0.3)", "huber", 0.3, None),
+    ("huber(d=2.5)", "huber", 2.5, None),
+    ("ce(int64)", "cross_entropy", None, np.int64),
+    ("ce(int32)", "cross_entropy", None, np.int32),
+    ("bce_logits", "bce_with_logits", None, None),
+    ("external", "external", None, None),
+]
+# None leaves Loss.reduction unset, which the API defines as MEAN.
+REDUCTIONS = ["mean", "sum", None]
+BATCHES = [1, 2, 3, 8, 17, 64, 200, 1000]
+
+
+def rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    if got.shape != want.shape:
+        return math.inf
+    if want.size == 0:
+        return 0.0
+    diff = np.max(np.abs(got - want))
+    if not np.isfinite(diff):
+        return math.inf
+    return float(diff / max(np.max(np.abs(want)), TINY))
+
+
+@dataclass
+class Case:
+    """One model + batch + loss, with everything needed to replay it on both sides."""
+    name: str
+    dtype: type
+    loss_label: str
+    loss_kind: str
+    reduction: Optional[str]
+    model: nn.Sequential
+    x: np.ndarray
+    targets: Optional[np.ndarray] = None        # class indices keep their integer dtype
+    output_gradient: Optional[np.ndarray] = None
+    huber_delta: Optional[float] = None
+    class_dtype: Optional[type] = None          # INT32/INT64 for cross-entropy targets
+    send_defaults_unset: bool = False           # clear fields whose proto default is meant
+
+    @property
+    def batch(self) -> int:
+        return self.x.shape[0]
+
+    def arch(self) -> str:
+        parts = []
+        for m in self.model:
+            if isinstance(m, nn.Linear):
+                parts.append(f"L{m.in_features}x{m.out_features}" + ("" if m.bias is not None
+                                                                   else "nb"))
+            elif isinstance(m, nn.LeakyReLU):
+                parts.append(f"lrelu{m.negative_slope:g}")
+            elif isinstance(m, nn.GELU):
+                parts.append("gelu" if m.approximate == "none" else "gelu_t")
+            else:
+                parts.append(type(m).__name__.lower())
+        return " ".join(parts)
+
+
+def request_for(case: Case, checkpoint=None) -> "pb.ComputeGradientsRequest":
+    request = gc.request_from_sequential(
+        case.model, case.loss_kind, case.x,
+        targets=case.targets, output_gradient=case.output_gradient,
+        reduction=case.reduction, huber_delta=case.huber_delta,
+        dtype=case.dtype, return_input_gradient=True, checkpoint=checkpoint)
+    if case.send_defaults_unset:
+        # The helper always writes these explicitly; clearing them checks the documented
+        # defaults (bias unset = true, negative_slope unset = 0.01).
+        for layer, module in zip(request.model.layers, case.model):
+            if layer.HasField("linear") and module.bias is not None:
+                layer.linear.ClearField("bias")
+            if layer.HasField("leaky_relu") and module.negative_slope == 0.01:
+                layer.leaky_relu.ClearField("negative_slope")
+    return request
+
+
+def torch_reference(case: Case) -> dict:
+    """Loss and gradients from PyTorch autograd, in the case's dtype."""
+    model = case.model
+    model.zero_grad(set_to_none=True)
+    x = torch.from_numpy(case.x.copy()).requires_grad_(True)
+    out = model(x)
+    reduction = case.reduction or "mean"
+    if case.loss_kind == "external":
+        out.backward(torch.from_numpy(case.output_gradient.copy()))
+        loss_value = 0.0
+    else:
+        if case.loss_kind == "cross_entropy":
+            # torch wants int64 class indices; the server gets the original INT32/INT64.
+            target = torch.from_numpy(case.targets.astype(np.int64))
+            criterion = nn.CrossEntropyLoss(reduction=reduction)
+        else:
+            target = torch.from_numpy(case.targets.copy())
+            criterion = {
+                "mse": lambda: nn.MSELoss(reduction=reduction),
+                "l1": lambda: nn.L1Loss(reduction=reduction),
+                "huber": lambda: nn.HuberLoss(reduction=reduction,
+                                              delta=case.huber_delta or 1.0),
+                "bce_with_logits": lambda: nn.BCEWithLogitsLoss(reduction=reduction),
+            }[case.loss_kind]()
+        loss = criterion(out, target)
+        loss.backward()
+        loss_value = loss.item()
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    return {
+        "loss": loss_value,
+        "grads": [(m.weight.grad.numpy().copy(),
+                   None if m.bias is None else m.bias.grad.numpy().copy()) for m in linears],
+        "dx": x.grad.numpy().copy(),
+    }
+
+
+def compare(case: Case, response, ref: dict) -> dict:
+    """Per-tensor relative errors, keyed by a readable tensor name."""
+    errors = {"loss": (0.0 if ref["loss"] == 0.0 and response.loss == 0.0
+                       else rel_err(response.loss, ref["loss"]))}
+    got = gc.gradients(response)
+    if len(got) != len(ref["grads"]):
+        errors["gradients.size"] = math.inf
+        return errors
+    for i, ((dw, db), (rw, rb)) in enumerate(zip(got, ref["grads"])):
+        errors[f"dW{i}"] = rel_err(dw, rw)
+        if (db is None) != (rb is None):
+            errors[f"db{i}.presence"] = math.inf
+        elif rb is not None:
+            errors[f"db{i}"] = rel_err(db, rb)
+    errors["dx"] = rel_err(gc.from_tensor(response.input_gradient), ref["dx"])
+    return errors
+
+
+def random_targets(case: Case, rng: np.random.Generator, out_width: int, scale: float):
+    if case.loss_kind == "cross_entropy":
+        case.targets = rng.integers(0, out_width, case.batch).astype(case.class_dtype)
+    elif case.loss_kind == "bce_with_logits":
+        t = rng.uniform(0.0, 1.0, (case.batch, out_width))
+        # Hard labels too: the common case, and the ends of the stable formula.
+        t[rng.random(t.shape) < 0.3] = 0.0
+        t[rng.random(t.shape) < 0.3] = 1.0
+        case.targets = t.astype(case.dtype)
+    elif case.loss_kind == "external":
+        case.output_gradient = rng.standard_normal((case.batch, out_width)).astype(case.dtype)
+    else:
+        # Huber: scale targets with delta so residuals land on both sides of it.
+        s = scale * (case.huber_delta or 1.0) * 1.5 if case.loss_kind == "huber" else scale
+        case.targets = (s * rng.standard_normal((case.batch, out_width))).astype(case.dtype)
+
+
+def random_mlp(rng: np.random.Generator, act_cycle: List[int], n_in: int, n_out: int,
+               n_linear: int, dtype) -> nn.Sequential:
+    """Linear layers of random widths, 0-2 activations between them (and sometimes before the
+    first or after the last), drawn in turn from ACTIVATIONS so every kind is used."""
+    def next_activation():
+        act_cycle[0] += 1
+        return ACTIVATIONS[act_cycle[0] % len(ACTIVATIONS)]()
+
+    widths = [n_in] + [int(rng.integers(1, 13)) for _ in range(n_linear - 1)] + [n_out]
+    layers: List[nn.Module] = []
+    if rng.random() < 0.2:
+        layers.append(next_activation())
+    for i in range(n_linear):
+        layers.append(nn.Linear(widths[i], widths[i + 1], bias=bool(rng.random() > 0.25)))
+        last = i == n_linear - 1
+        count = int(rng.integers(0, 2)) if last else int(rng.integers(1, 3))
+        layers.extend(next_activation() for _ in range(count))
+    model = nn.Sequential(*layers).to(TORCH_DTYPE[dtype])
+    # A random gain per layer moves pre-activations out of the near-linear region around 0,
+    # where sigmoid/tanh/GELU mistakes would hide.
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(float(rng.uniform(0.7, 2.5)))
+                if m.bias is not None:
+                    m.bias.mul_(float(rng.uniform(0.5, 2.0)))
+    return model
+
+
+def make_cases(rounds: int, seed: int) -> List[Case]:
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    act_cycle = [0]
+    cases = []
+    for r in range(rounds):
+        for dtype in (np.float64, np.float32):
+            for label, kind, delta, class_dtype in LOSSES:
+                for reduction in REDUCTIONS:
+                    n_in = int(rng.integers(1, 10))
+                    n_out = int(rng.integers(2, 8)) if kind == "cross_entropy" \
+                        else int(rng.integers(1, 8))
+                    batch = int(rng.choice(BATCHES))
+                    model = random_mlp(rng, act_cycle, n_in, n_out, int(rng.integers(1, 5)),
+                                       dtype)
+                    scale = float(rng.choice([0.5, 1.0, 3.0]))
+                    x = (scale * rng.standard_normal((batch, n_in))).astype(dtype)
+                    case = Case(name=f"r{r}", dtype=dtype, loss_label=label, loss_kind=kind,
+                                reduction=reduction, model=model, x=x, class_dtype=class_dtype,
+                                huber_delta=delta, send_defaults_unset=bool(rng.random() < 0.3))
+                    random_targets(case, rng, n_out, scale)
+                    cases.append(case)
+    # A model with no Linear at all: no parameters, only dx (the API allows it).
+    for dtype in (np.float64, np.float32):
+        x = rng.standard_normal((5, 4)).astype(dtype)
+        model = nn.Sequential(nn.Tanh(), nn.GELU()).to(TORCH_DTYPE[dtype])
+        case = Case(name="no-linear", dtype=dtype, loss_label="mse", loss_kind="mse",
+                    reduction="sum", model=model, x=x)
+        random_targets(case, rng, 4, 1.0)
+        cases.append(case)
+    return cases
+
+
+def kink_cases() -> List[Case]:
+    """Exact ties, where the derivative is a convention: PyTorch's is the reference.
+
+    Zero weight rows and zero bias entries make some pre-activations exactly 0.0 on both
+    sides (ReLU'(0) = 0 and LeakyReLU'(0) = slope in PyTorch); a last Linear with zero weight
+    makes the output exactly its bias, so L1 targets equal to it give output == target
+    (gradient 0 in PyTorch and, per the API, in gradserve).
+    """
+    cases = []
+    rng = np.random.default_rng(1234)
+    for dtype in (np.float64, np.float32):
+        for act_name, act in (("relu", nn.ReLU), ("lrelu0.2", lambda: nn.LeakyReLU(0.2))):
+            fc1, fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+            with torch.no_grad():
+                fc1.weight[::2] = 0.0   # rows 0, 2, 4: z = bias ...
+                fc1.bias[::2] = 0.0     # ... = exactly 0 for every example
+            model = nn.Sequential(fc1, act(), fc2).to(TORCH_DTYPE[dtype])
+            x = rng.standard_normal((8, 4)).astype(dtype)
+            t = rng.standard_normal((8, 3)).astype(dtype)
+            cases.append(Case(name=f"kink-{act_name}@0", dtype=dtype, loss_label="mse",
+                              loss_kind="mse", reduction="mean", model=model, x=x, targets=t))
+        fc1, fc2 = nn.Linear(4, 5), nn.Linear(5, 3)
+        with torch.no_grad():
+            fc2.weight.zero_()
+        model = nn.Sequential(fc1, nn.Tanh(), fc2).to(TORCH_DTYPE[dtype])
+        x = rng.standard_normal((6, 4)).astype(dtype)
+        t = rng.standard_normal((6, 3)).astype(dtype)
+        t[::2] = fc2.bias.detach().numpy()  # even rows: output == target exactly
+        cases.append(Case(name="kink-l1@tie", dtype=dtype, loss_label="l1", loss_kind="l1",
+                          reduction="sum", model=model, x=x, targets=t))
+    return cases
+
+
+def stress_cases(seed: int) -> List[Case]:
+    """Beyond the small random nets: wide layers and big batches (blocked matrix products,
+    long reductions, OpenMP splits), saturating inputs (|pre-activation| in the hundreds,
+    where naive sigmoid/softmax/log(1+exp) overflow), and single-class cross-entropy."""
+    rng = np.random.default_rng(seed + 2)
+    torch.manual_seed(seed + 2)
+    cases = []
+    for dtype in (np.float64, np.float32):
+        for label, kind, delta, class_dtype in (LOSSES[0], LOSSES[4], LOSSES[5], LOSSES[7],
+                                                LOSSES[8]):
+            for reduction in ("mean", "sum"):
+                model = nn.Sequential(
+                    nn.Linear(96, 256), nn.GELU(approximate="tanh"), nn.Linear(256, 128),
+                    nn.LeakyReLU(0.1), nn.Linear(128, 160, bias=False), nn.Tanh(),
+                    nn.Linear(160, 10)).to(TORCH_DTYPE[dtype])
+                x = rng.standard_normal((512, 96)).astype(dtype)
+                case = Case(name="wide", dtype=dtype, loss_label=label, loss_kind=kind,
+                            reduction=reduction, model=model, x=x, class_dtype=class_dtype,
+                            huber_delta=delta)
+                random_targets(case, rng, 10, 1.0)
+                cases.append(case)
+        # Pre-activations of order +-300: every activation and the two logit losses at the
+        # far ends of their range.
+        for act in ACTIVATIONS:
+            for label, kind, delta, class_dtype in (LOSSES[5], LOSSES[7]):
+                model = nn.Sequential(nn.Linear(3, 6), act(), nn.Linear(6, 4)).to(
+                    TORCH_DTYPE[dtype])
+                with torch.no_grad():
+                    for m in model:
+                        if isinstance(m, nn.Linear):
+                            m.weight.mul_(60.0)
+                x = (5.0 * rng.standard_normal((16, 3))).astype(dtype)
+                case = Case(name="saturate", dtype=dtype, loss_label=label, loss_kind=kind,
+                            reduction="mean", model=model, x=x, class_dtype=class_dtype)
+                random_targets(case, rng, 4, 1.0)
+                cases.append(case)
+        model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1)).to(TORCH_DTYPE[dtype])
+        case = Case(name="ce-1class", dtype=dtype, loss_label="ce(int64)",
+                    loss_kind="cross_entropy", reduction="mean", model=model,
+                    x=rng.standard_normal((5, 4)).astype(dtype), class_dtype=np.int64)
+        random_targets(case, rng, 1, 1.0)
+        cases.append(case)
+    return cases
+
+
+def checkpoint_cases(seed: int) -> List[Case]:
+    """Deeper nets, where checkpointing has segments to recompute."""
+    rng = np.random.default_rng(seed + 1)
+    torch.manual_seed(seed + 1)
+    act_cycle = [3]
+    cases = []
+    for dtype, (label, kind, delta, class_dtype), n_linear, batch in (
+            (np.float64, LOSSES[0], 6, 32),
+            (np.float32, LOSSES[5], 8, 64),
+            (np.float64, LOSSES[3], 5, 7),
+            (np.float32, LOSSES[8], 7, 16),
+            (np.float64, LOSSES[7], 9, 128)):
+        n_in = int(rng.integers(2, 10))
+        n_out = int(rng.integers(2, 6))
+        model = random_mlp(rng, act_cycle, n_in, n_out, n_linear, dtype)
+        x = rng.standard_normal((batch, n_in)).astype(dtype)
+        case = Case(name="ckpt", dtype=dtype, loss_label=label, loss_kind=kind,
+                    reduction="mean", model=model, x=x, class_dtype=class_dtype, huber_delta=delta)
+        random_targets(case, rng, n_out, 1.0)
+        cases.append(case)
+    return cases
+
+
+def call(stub, request, timeout: float):
+    try:
+        return stub.ComputeGradients(request, timeout=timeout), None
+    except grpc.RpcError as error:
+        return None, f"{error.code().name}: {error.details()}"
+
+
+def response_fingerprint(response) -> tuple:
+    """Everything numeric the client gets back, as raw bytes: equality means bit-identical."""
+    return (np.float64(response.loss).tobytes(),
+            tuple((g.weight.data, g.bias.data) for g in response.gradients),
+            response.input_gradient.data)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", required=True, help="host:port of a running gradserve")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help=f"rounds of {2 * len(LOSSES) * len(REDUCTIONS)} random cases")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    parser.add_argument("--quiet", action="store_true", help="print only failing rows")
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)  # deterministic reductions in the reference
+    channel = gc.connect(args.target)
+    stub = gc.stub(channel)
+    info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=args.timeout)
+    print(f"server {args.target}: gradserve {info.version}, {info.threads} threads per call")
+    print(f"torch {torch.__version__}, numpy {np.__version__}, seed {args.seed}")
+    print("error = max|server - torch| / max(max|torch|, tiny) per tensor (loss, every dW, db, "
+          "dx); row = worst tensor")
+    print(f"thresholds: float64 <= {THRESHOLD[np.float64]:g}, float32 <= "
+          f"{THRESHOLD[np.float32]:g}\n")
+
+    worst = {np.float64: (0.0, ""), np.float32: (0.0, "")}
+    failures: List[str] = []
+    header = (f"{'#':>4} {'case':<15} {'dtype':<7} {'loss':<15} {'reduction':<9} {'batch':>5} "
+              f"{'max rel err':>11} {'worst':<6} model")
+    print(header)
+    print("-" * len(header))
+
+    def run_case(index: int, case: Case, checkpoint=None):
+        response, error = call(stub, request_for(case, checkpoint), args.timeout)
+        reduction = case.reduction or "(unset)"
+        label = f"{index:>4} {case.name:<15} {DTYPE_NAME[case.dtype]:<7} {case.loss_label:<15} " \
+                f"{reduction:<9} {case.batch:>5}"
+        if error is not None:
+            failures.append(f"#{index} {case.name}: {error}")
+            print(f"{label} {'RPC ERROR':>11}        {case.arch()}\n      {error}")
+            return None
+        errors = compare(case, response, torch_reference(case))
+        tensor, err = max(errors.items(), key=lambda kv: kv[1])
+        ok = err <= THRESHOLD[case.dtype]
+        if err > worst[case.dtype][0]:
+            worst[case.dtype] = (err, f"#{index}")
+        if not ok:
+            detail = ", ".join(f"{k}={v:.2e}" for k, v in errors.items())
+            failures.append(f"#{index} {case.name} {DTYPE_NAME[case.dtype]} {case.loss_label} "
+                            f"{reduction} [{case.arch()}]: {detail}")
+        if ok and args.quiet:
+            return response
+        notes = (" (defaults unset)" if case.send_defaults_unset else "") + \
+            ("" if ok else "  <-- FAIL")
+        print(f"{label} {err:>11.2e} {tensor:<6} {case.arch()}{notes}")
+        return response
+
+    index = 0
+    for case in make_cases(args.rounds, args.seed):
+        run_case(index, case)
+        index += 1
+
+    print("\nwide layers, big batches, saturating inputs, single-class cross-entropy:")
+    for case in stress_cases(args.seed):
+        run_case(index, case)
+        index += 1
+
+    print("\nderivatives at kinks (exact ties; PyTorch's convention is the reference):")
+    for case in kink_cases():
+        run_case(index, case)
+        index += 1
+
+    print("\ncheckpointing: every mode must be bit-identical to MODE_NONE (loss, dW, db, dx)")
+    for case in checkpoint_cases(args.seed):
+        base = run_case(index, case, gc.checkpointing("none"))
+        index += 1
+        if base is None:
+            continue
+        n_layers = len(case.model)
+        none_peak = base.stats.plan.predicted_peak_bytes
+        modes = [("unset", None), ("sqrt", gc.checkpointing("sqrt"))]
+        modes += [(f"every_k={k}", gc.checkpointing("every_k", every_k=k))
+                  for k in sorted({1, 2, 3, n_layers})]
+        modes += [(f"budget={b}", gc.checkpointing("memory_budget", memory_budget_bytes=b))
+                  for b in (1, max(1, none_peak // 2), none_peak, 1 << 40)]
+        summary = []
+        for mode_name, checkpoint in modes:
+            request = request_for(case)
+            if checkpoint is not None:
+                request.options.checkpointing.CopyFrom(checkpoint)
+            response, error = call(stub, request, args.timeout)
+            if error is not None:
+                failures.append(f"checkpoint {mode_name} on #{index - 1}: {error}")
+                summary.append(f"{mode_name}: {error}")
+                continue
+            same = response_fingerprint(response) == response_fingerprint(base)
+            if not same:
+                failures.append(f"checkpoint {mode_name} on #{index - 1} [{case.arch()}]: "
+                                "differs from MODE_NONE")
+            plan = response.stats.plan
+            budget = "" if not mode_name.startswith("budget") else \
+                f",met={int(plan.budget_met)}"
+            summary.append(f"{mode_name}:{'same' if same else 'DIFFERENT'}"
+                           f"(recomp={response.stats.layers_recomputed}{budget})")
+        print(f"      {n_layers} layers: " + "  ".join(summary))
+
+    print()
+    w64, w32 = worst[np.float64], worst[np.float32]
+    status = "FAIL" if failures else "PASS"
+    checkpoint_ok = not any(f.startswith("checkpoint") for f in failures)
+    print(f"SUMMARY: {index} cases; worst float64 error {w64[0]:.3e} ({w64[1]}) vs "
+          f"{THRESHOLD[np.float64]:g}; worst float32 error {w32[0]:.3e} ({w32[1]}) vs "
+          f"{THRESHOLD[np.float32]:g}; checkpoint modes "
+          f"{'bit-identical' if checkpoint_ok else 'DIFFER'}; {status}")
+    for failure in failures:
+        print(f"  FAIL {failure}")
+    channel.close()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
