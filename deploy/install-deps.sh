@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Installs every Debian 12 package gradserve needs to build, test and run.
 #   deploy/install-deps.sh            build + test dependencies (the default)
-#   deploy/install-deps.sh --python   also the Python client's runtime (grpcio, numpy)
-#   deploy/install-deps.sh --bench    also the benchmark peers (PyTorch, numpy, matplotlib)
+#   deploy/install-deps.sh --bench    also the benchmark peers (PyTorch, matplotlib)
 # Idempotent: packages already present are skipped, so the README commands can call it every
 # time. Needs root (or sudo) only when something is missing.
 set -euo pipefail
@@ -12,12 +11,11 @@ packages=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libeigen3-dev libspdlog-dev libcli11-dev
   libgtest-dev libgmock-dev libbenchmark-dev
+  python3 python3-grpcio python3-protobuf python3-numpy  # the generated-Python-client test
 )
 for arg in "$@"; do
   case "$arg" in
-    --python) packages+=(python3 python3-grpcio python3-protobuf python3-numpy) ;;
-    --bench) packages+=(python3 python3-grpcio python3-protobuf python3-numpy python3-torch
-                        python3-matplotlib python3-threadpoolctl) ;;
+    --bench) packages+=(python3-torch python3-matplotlib python3-threadpoolctl) ;;
     *) echo "install-deps.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
