@@ -21,8 +21,7 @@ int main(int argc, char** argv) {
   app.add_option("--listen", options.listen_address,
                  "host:port to listen on; 0.0.0.0:PORT for every interface")
       ->capture_default_str();
-  app.add_option("--threads", options.service.threads_per_call,
-                 "OpenMP threads one call may use")
+  app.add_option("--threads", options.service.threads_per_call, "OpenMP threads one call may use")
       ->capture_default_str()
       ->check(CLI::Range(1, 1024));
   app.add_option("--workers", options.service.workers, "calls computed at once")
@@ -69,11 +68,11 @@ int main(int argc, char** argv) {
     spdlog::critical("{}", std::string(server.status().message()));
     return 1;
   }
-  spdlog::info("gradserve {} listening on {} (port {}); threads per call {}, workers {}, "
-               "max message {} bytes",
-               GRADSERVE_VERSION, options.listen_address, (*server)->port(),
-               options.service.threads_per_call, options.service.workers,
-               limits.max_message_bytes);
+  spdlog::info(
+      "gradserve {} listening on {} (port {}); threads per call {}, workers {}, "
+      "max message {} bytes",
+      GRADSERVE_VERSION, options.listen_address, (*server)->port(),
+      options.service.threads_per_call, options.service.workers, limits.max_message_bytes);
 
   int signal = 0;
   sigwait(&stop_signals, &signal);

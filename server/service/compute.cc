@@ -68,8 +68,8 @@ absl::Status Run(const PreparedRequest& prepared, const ComputeContext& context,
     outputs.gradients.push_back(view);
   }
   if (prepared.return_input_gradient) {
-    outputs.input_gradient = AllocateTensor<T>(response->mutable_input_gradient(),
-                                               prepared.dtype, {batch, model.input_features()});
+    outputs.input_gradient = AllocateTensor<T>(response->mutable_input_gradient(), prepared.dtype,
+                                               {batch, model.input_features()});
   }
   if (prepared.return_output) {
     outputs.output = AllocateTensor<T>(response->mutable_output(), prepared.dtype,
@@ -78,9 +78,9 @@ absl::Status Run(const PreparedRequest& prepared, const ComputeContext& context,
   engine::RunOptions options;
   options.threads = context.threads;
   options.should_stop = context.should_stop;
-  ASSIGN_OR_RETURN(engine::RunResult result,
-                   engine::RunBackprop<T>(model, prepared.plan, views.params, views.batch,
-                                          outputs, options));
+  ASSIGN_OR_RETURN(
+      engine::RunResult result,
+      engine::RunBackprop<T>(model, prepared.plan, views.params, views.batch, outputs, options));
 
   response->set_loss(result.loss);
   for (int i = 0; i < model.num_layers(); ++i) {
@@ -147,9 +147,9 @@ absl::Status ComputeGradients(const v1::ComputeGradientsRequest& request,
                               v1::ComputeGradientsResponse* response) {
   ASSIGN_OR_RETURN(std::unique_ptr<PreparedRequest> prepared, PrepareRequest(request, limits));
   if (const int64_t bytes = ResponseBytes(*prepared); bytes > limits.max_message_bytes) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("the response would need about ", bytes, " bytes, over max_message_bytes (",
-                     limits.max_message_bytes, ")"));
+    return absl::ResourceExhaustedError(absl::StrCat("the response would need about ", bytes,
+                                                     " bytes, over max_message_bytes (",
+                                                     limits.max_message_bytes, ")"));
   }
   if (prepared->dtype == v1::DTYPE_FLOAT32) return Run<float>(*prepared, context, response);
   return Run<double>(*prepared, context, response);
@@ -174,20 +174,21 @@ absl::Status CheckGradients(const v1::CheckGradientsRequest& request, const Serv
     options.step = request.step();
   }
   if (!request.has_request()) return absl::InvalidArgumentError("request: required");
-  auto prepared = PrepareRequest(request.request(), limits);
+  auto prepared = PrepareRequest(request.request(), limits, /*needs_input_gradient=*/true);
   if (!prepared.ok()) return Prefixed(prepared.status(), "request.");
-  if ((*prepared)->dtype == v1::DTYPE_FLOAT32) return RunCheck<float>(**prepared, options, response);
+  if ((*prepared)->dtype == v1::DTYPE_FLOAT32)
+    return RunCheck<float>(**prepared, options, response);
   return RunCheck<double>(**prepared, options, response);
 }
 
 void GetServerInfo(const ServiceLimits& limits, int threads, v1::GetServerInfoResponse* response) {
   response->set_version(GRADSERVE_VERSION);
   response->set_api("gradserve.v1");
-  for (const char* layer : {"linear", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "identity"}) {
+  for (const char* layer :
+       {"linear", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "identity"}) {
     response->add_layers(layer);
   }
-  for (const char* loss :
-       {"mse", "cross_entropy", "bce_with_logits", "huber", "l1", "external"}) {
+  for (const char* loss : {"mse", "cross_entropy", "bce_with_logits", "huber", "l1", "external"}) {
     response->add_losses(loss);
   }
   response->add_dtypes(v1::DTYPE_FLOAT32);

@@ -5,10 +5,9 @@
 
 #include <functional>
 
+#include "absl/status/status.h"
 #include "gradserve/v1/gradserve.pb.h"
 #include "server/service/limits.h"
-
-#include "absl/status/status.h"
 
 namespace gradserve::service {
 

@@ -97,10 +97,10 @@ absl::Status CheckFinite(const T* data, std::span<const int64_t> shape, const st
   for (int64_t dim : shape) n *= dim;
   for (int64_t j = 0; j < n; ++j) {
     if (!std::isfinite(data[j])) {
-      return Invalid(field + ".data",
-                     absl::StrCat("non-finite value ", std::isnan(data[j]) ? "nan" : "inf",
-                                  " at index ", MultiIndex(j, shape),
-                                  "; set options.allow_non_finite to compute anyway"));
+      return Invalid(
+          field + ".data",
+          absl::StrCat("non-finite value ", std::isnan(data[j]) ? "nan" : "inf", " at index ",
+                       MultiIndex(j, shape), "; set options.allow_non_finite to compute anyway"));
     }
   }
   return absl::OkStatus();
@@ -169,8 +169,9 @@ absl::StatusOr<engine::LayerSpec> ToLayerSpec(const v1::Layer& layer, int index,
     case v1::Layer::KIND_NOT_SET:
       break;
   }
-  return Invalid(field, "no layer kind set (or a kind this server does not know; see "
-                        "GetServerInfo.layers)");
+  return Invalid(field,
+                 "no layer kind set (or a kind this server does not know; see "
+                 "GetServerInfo.layers)");
 }
 
 absl::StatusOr<engine::LossSpec> ToLossSpec(const v1::Loss& loss) {
@@ -211,8 +212,9 @@ absl::StatusOr<engine::LossSpec> ToLossSpec(const v1::Loss& loss) {
     case v1::Loss::KIND_NOT_SET:
       break;
   }
-  return Invalid("model.loss", "no loss kind set (or a kind this server does not know; see "
-                               "GetServerInfo.losses)");
+  return Invalid("model.loss",
+                 "no loss kind set (or a kind this server does not know; see "
+                 "GetServerInfo.losses)");
 }
 
 absl::StatusOr<engine::CheckpointOptions> ToCheckpointOptions(const v1::Checkpointing& c) {
@@ -268,9 +270,9 @@ absl::Status FillViews(const v1::ComputeGradientsRequest& request, const Service
                                   layer.out_features, ", ", layer.in_features, "])"));
     }
     const int64_t weight_shape[] = {layer.out_features, layer.in_features};
-    RETURN_IF_ERROR(CheckTensor(p.weight(), field + ".weight", float_dtypes, same_dtype,
-                                weight_shape, limits)
-                        .status());
+    RETURN_IF_ERROR(
+        CheckTensor(p.weight(), field + ".weight", float_dtypes, same_dtype, weight_shape, limits)
+            .status());
     view.weight = ViewData<T>(p.weight(), prepared);
     const int64_t bias_shape[] = {layer.out_features};
     if (layer.bias) {
@@ -279,9 +281,9 @@ absl::Status FillViews(const v1::ComputeGradientsRequest& request, const Service
                        absl::StrCat("required: model.layers[", layer_index,
                                     "] has a bias (set linear.bias = false for none)"));
       }
-      RETURN_IF_ERROR(CheckTensor(p.bias(), field + ".bias", float_dtypes, same_dtype,
-                                  bias_shape, limits)
-                          .status());
+      RETURN_IF_ERROR(
+          CheckTensor(p.bias(), field + ".bias", float_dtypes, same_dtype, bias_shape, limits)
+              .status());
       view.bias = ViewData<T>(p.bias(), prepared);
     } else if (p.has_bias()) {
       return Invalid(field + ".bias", absl::StrCat("must be unset: model.layers[", layer_index,
@@ -334,22 +336,21 @@ absl::Status FillViews(const v1::ComputeGradientsRequest& request, const Service
       const int64_t num_classes = model.output_features();
       for (int64_t b = 0; b < batch; ++b) {
         if (classes[b] < 0 || classes[b] >= num_classes) {
-          return Invalid("targets.data",
-                         absl::StrCat("class index ", classes[b], " at [", b,
-                                      "] is out of range [0, ", num_classes,
-                                      ") (the output width of the model)"));
+          return Invalid("targets.data", absl::StrCat("class index ", classes[b], " at [", b,
+                                                      "] is out of range [0, ", num_classes,
+                                                      ") (the output width of the model)"));
         }
       }
       views.batch.targets.class_targets = classes;
     } else {
       if (!request.has_targets()) {
-        return Invalid("targets", absl::StrCat("required for the ", loss_name, " loss (",
-                                               DTypeName(dtype), ", shape ",
-                                               ShapeString(output_shape), ")"));
+        return Invalid("targets",
+                       absl::StrCat("required for the ", loss_name, " loss (", DTypeName(dtype),
+                                    ", shape ", ShapeString(output_shape), ")"));
       }
-      RETURN_IF_ERROR(CheckTensor(request.targets(), "targets", float_dtypes, same_dtype,
-                                  output_shape, limits)
-                          .status());
+      RETURN_IF_ERROR(
+          CheckTensor(request.targets(), "targets", float_dtypes, same_dtype, output_shape, limits)
+              .status());
       views.batch.targets.targets = ViewData<T>(request.targets(), prepared);
     }
   }
@@ -398,8 +399,7 @@ int64_t PreparedRequest::batch() const {
   return std::visit([](const auto& v) { return v.batch.batch; }, views);
 }
 
-absl::StatusOr<engine::ModelSpec> ToModelSpec(const v1::Model& model,
-                                              const ServiceLimits& limits) {
+absl::StatusOr<engine::ModelSpec> ToModelSpec(const v1::Model& model, const ServiceLimits& limits) {
   if (model.layers_size() == 0) {
     return Invalid("model.layers", "the model has no layers; expected at least one");
   }
@@ -420,7 +420,8 @@ absl::StatusOr<engine::ModelSpec> ToModelSpec(const v1::Model& model,
 }
 
 absl::StatusOr<std::unique_ptr<PreparedRequest>> PrepareRequest(
-    const v1::ComputeGradientsRequest& request, const ServiceLimits& limits) {
+    const v1::ComputeGradientsRequest& request, const ServiceLimits& limits,
+    bool needs_input_gradient) {
   if (!request.has_model()) return Invalid("model", "required");
   ASSIGN_OR_RETURN(engine::ModelSpec spec, ToModelSpec(request.model(), limits));
 
@@ -437,10 +438,10 @@ absl::StatusOr<std::unique_ptr<PreparedRequest>> PrepareRequest(
                                 ShapeString({inputs.shape().data(),
                                              static_cast<size_t>(inputs.shape_size())})));
   }
-  RETURN_IF_ERROR(CheckDimension(inputs.shape(0), limits.max_batch, "inputs.shape[0]",
-                                 "max_batch"));
-  RETURN_IF_ERROR(CheckDimension(inputs.shape(1), limits.max_features, "inputs.shape[1]",
-                                 "max_features"));
+  RETURN_IF_ERROR(
+      CheckDimension(inputs.shape(0), limits.max_batch, "inputs.shape[0]", "max_batch"));
+  RETURN_IF_ERROR(
+      CheckDimension(inputs.shape(1), limits.max_features, "inputs.shape[1]", "max_features"));
   const int64_t input_shape[] = {inputs.shape(0), inputs.shape(1)};
   RETURN_IF_ERROR(CheckTensor(inputs, "inputs", float_dtypes, "", input_shape, limits).status());
 
@@ -459,6 +460,8 @@ absl::StatusOr<std::unique_ptr<PreparedRequest>> PrepareRequest(
   const int64_t element_bytes = DTypeSize(prepared->dtype);
   ASSIGN_OR_RETURN(engine::CheckpointOptions checkpointing,
                    ToCheckpointOptions(request.options().checkpointing()));
+  checkpointing.computes_input_gradient =
+      request.options().return_input_gradient() || needs_input_gradient;
   ASSIGN_OR_RETURN(prepared->plan,
                    engine::PlanCheckpoints(model, batch, element_bytes, checkpointing));
   // Two activations in flight and two gradient buffers, besides the cache.
@@ -466,9 +469,10 @@ absl::StatusOr<std::unique_ptr<PreparedRequest>> PrepareRequest(
   const int64_t needed = prepared->plan.predicted_peak_bytes + workspace;
   if (needed > limits.max_activation_bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "inputs: this batch needs ", needed, " bytes of activations and workspace, over "
-        "max_activation_bytes (", limits.max_activation_bytes,
-        "); send a smaller batch or use options.checkpointing"));
+        "inputs: this batch needs ", needed,
+        " bytes of activations and workspace, over "
+        "max_activation_bytes (",
+        limits.max_activation_bytes, "); send a smaller batch or use options.checkpointing"));
   }
   prepared->return_input_gradient = request.options().return_input_gradient();
   prepared->return_output = request.options().return_output();

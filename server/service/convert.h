@@ -47,9 +47,11 @@ struct PreparedRequest {
   int64_t batch() const;
 };
 
-// Validates `request` against `limits`. The returned object views request's bytes.
+// Validates `request` against `limits`. The returned object views request's bytes. The
+// checkpoint plan covers dx if the request asks for it or needs_input_gradient is set.
 absl::StatusOr<std::unique_ptr<PreparedRequest>> PrepareRequest(
-    const v1::ComputeGradientsRequest& request, const ServiceLimits& limits);
+    const v1::ComputeGradientsRequest& request, const ServiceLimits& limits,
+    bool needs_input_gradient = false);
 
 // The engine's description of a model, from the API's; validates kinds and enum values.
 absl::StatusOr<engine::ModelSpec> ToModelSpec(const v1::Model& model, const ServiceLimits& limits);

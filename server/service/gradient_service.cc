@@ -44,21 +44,22 @@ grpc::ServerUnaryReactor* GradientServiceImpl::Dispatch(const char* method,
     if (absl::IsCancelled(status) && std::chrono::system_clock::now() > context->deadline()) {
       status = absl::DeadlineExceededError("the deadline passed while computing; it was abandoned");
     }
-    spdlog::info("{} peer={} request_bytes={} response_bytes={} queued_ms={:.3f} total_ms={:.3f} "
-                 "status={}{}{}",
-                 method, context->peer(), request->ByteSizeLong(),
-                 status.ok() ? response->ByteSizeLong() : 0, queued_ms, MillisSince(received),
-                 absl::StatusCodeToString(status.code()), status.ok() ? "" : " error=",
-                 std::string(status.message()));
+    spdlog::info(
+        "{} peer={} request_bytes={} response_bytes={} queued_ms={:.3f} total_ms={:.3f} "
+        "status={}{}{}",
+        method, context->peer(), request->ByteSizeLong(),
+        status.ok() ? response->ByteSizeLong() : 0, queued_ms, MillisSince(received),
+        absl::StatusCodeToString(status.code()),
+        status.ok() ? "" : " error=", std::string(status.message()));
     reactor->Finish(ToGrpcStatus(status));
   };
   if (!pool_.TrySubmit(run)) {
     spdlog::warn("{} peer={} refused: queue full ({} waiting)", method, context->peer(),
                  options_.max_queue);
-    reactor->Finish(grpc::Status(
-        grpc::StatusCode::RESOURCE_EXHAUSTED,
-        "server busy: " + std::to_string(options_.max_queue) +
-            " calls already wait for compute (max_queue); retry with backoff"));
+    reactor->Finish(
+        grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                     "server busy: " + std::to_string(options_.max_queue) +
+                         " calls already wait for compute (max_queue); retry with backoff"));
   }
   return reactor;
 }

@@ -40,8 +40,7 @@ class GradientServiceImpl final : public v1::GradientService::CallbackService {
   // Runs `compute` on the pool and finishes the call with its status.
   template <typename Request, typename Response, typename Compute>
   grpc::ServerUnaryReactor* Dispatch(const char* method, grpc::CallbackServerContext* context,
-                                     const Request* request, Response* response,
-                                     Compute compute);
+                                     const Request* request, Response* response, Compute compute);
 
   const ServiceOptions options_;
   ComputePool pool_;  // Last: its destructor runs queued calls, which use the members above.
