@@ -184,12 +184,13 @@ absl::Status CheckGradients(const v1::CheckGradientsRequest& request, const Serv
 void GetServerInfo(const ServiceLimits& limits, int threads, v1::GetServerInfoResponse* response) {
   response->set_version(GRADSERVE_VERSION);
   response->set_api("gradserve.v1");
-  for (const char* layer :
-       {"linear", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "identity"}) {
-    response->add_layers(layer);
-  }
-  for (const char* loss : {"mse", "cross_entropy", "bce_with_logits", "huber", "l1", "external"}) {
-    response->add_losses(loss);
+  // Named as the API names them: the fields of the Layer.kind and Loss.kind oneofs.
+  for (const auto* descriptor : {v1::Layer::descriptor(), v1::Loss::descriptor()}) {
+    const google::protobuf::OneofDescriptor* kind = descriptor->FindOneofByName("kind");
+    for (int f = 0; f < kind->field_count(); ++f) {
+      (descriptor == v1::Layer::descriptor() ? response->add_layers() : response->add_losses())
+          ->assign(kind->field(f)->name());
+    }
   }
   response->add_dtypes(v1::DTYPE_FLOAT32);
   response->add_dtypes(v1::DTYPE_FLOAT64);

@@ -4,6 +4,7 @@
 #include <gmock/gmock.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
+#include <spdlog/spdlog.h>
 
 #include <cmath>
 #include <cstring>
@@ -26,6 +27,7 @@ namespace v1 = ::gradserve::v1;
 class ServiceTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
+    spdlog::set_level(spdlog::level::warn);  // One log line per call would drown the output.
     service::ServerOptions options;
     options.listen_address = "127.0.0.1:0";
     options.service.threads_per_call = 2;
@@ -224,8 +226,47 @@ TEST_F(ServiceTest, HealthReportsServingForServerAndService) {
   }
 }
 
-TEST_F(ServiceTest, DefaultMaxMessageIsFarAboveGrpcsFourMebibytes) {
-  EXPECT_GE(service::ServiceLimits().max_message_bytes, int64_t{64} << 20);
+// A 64 MiB model (one 4096 x 4096 float32 Linear layer) through a server started with default
+// options, over TCP, with the client library's channel: no flag anywhere.
+TEST(DefaultLimits, SixtyFourMebibyteModelGoesThrough) {
+  service::ServerOptions options;
+  options.listen_address = "127.0.0.1:0";
+  auto server = service::GradServer::Start(options);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto channel = grpc::CreateCustomChannel("127.0.0.1:" + std::to_string((*server)->port()),
+                                           grpc::InsecureChannelCredentials(), [] {
+                                             grpc::ChannelArguments args;
+                                             args.SetMaxReceiveMessageSize(-1);
+                                             args.SetMaxSendMessageSize(-1);
+                                             return args;
+                                           }());
+  auto stub = v1::GradientService::NewStub(channel);
+
+  constexpr int64_t kWidth = 4096;
+  v1::ComputeGradientsRequest request;
+  v1::Linear* linear = request.mutable_model()->add_layers()->mutable_linear();
+  linear->set_in_features(kWidth);
+  linear->set_out_features(kWidth);
+  linear->set_bias(false);
+  request.mutable_model()->mutable_loss()->mutable_mse();
+  std::vector<float> weight(kWidth * kWidth, 0.f);
+  for (int64_t i = 0; i < kWidth; ++i) weight[i * kWidth + i] = 1.f;  // Identity matrix.
+  SetTensor<float>(request.add_parameters()->mutable_weight(), weight, {kWidth, kWidth});
+  SetTensor<float>(request.mutable_inputs(), std::vector<float>(kWidth, 1.f), {1, kWidth});
+  SetTensor<float>(request.mutable_targets(), std::vector<float>(kWidth, 0.f), {1, kWidth});
+  ASSERT_GE(request.ByteSizeLong(), size_t{64} << 20);
+
+  v1::ComputeGradientsResponse response;
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  const grpc::Status status = stub->ComputeGradients(&context, request, &response);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  // Output = x = ones, target 0: L = mean(1) = 1, dW = (2/4096) * ones.
+  EXPECT_DOUBLE_EQ(response.loss(), 1.0);
+  const auto dw = Values<float>(response.gradients(0).weight());
+  ASSERT_EQ(dw.size(), weight.size());
+  EXPECT_EQ(dw.front(), 2.f / kWidth);
+  EXPECT_EQ(dw.back(), 2.f / kWidth);
 }
 
 // A request whose compute is abandoned when its deadline passes.
