@@ -17,6 +17,7 @@
 #include "gtest/gtest.h"
 #include "server/engine/backprop.h"
 #include "server/engine/model.h"
+#include "tests/engine/layer_specs.h"
 
 namespace gradserve::engine {
 namespace {
@@ -24,22 +25,6 @@ namespace {
 using ::testing::HasSubstr;
 
 constexpr int64_t kBatch = 16;
-
-LayerSpec Linear(int64_t in, int64_t out, bool bias = true) {
-  LayerSpec layer;
-  layer.kind = LayerKind::kLinear;
-  layer.in_features = in;
-  layer.out_features = out;
-  layer.bias = bias;
-  return layer;
-}
-
-LayerSpec Activation(LayerKind kind, double slope = 0.01) {
-  LayerSpec layer;
-  layer.kind = kind;
-  layer.negative_slope = slope;
-  return layer;
-}
 
 // 16 x (Linear 32 -> 32, Tanh): 32 layers.
 ModelSpec TanhNetSpec() {

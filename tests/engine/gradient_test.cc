@@ -20,6 +20,7 @@
 #include "server/engine/layers.h"
 #include "server/engine/losses.h"
 #include "server/engine/model.h"
+#include "tests/engine/layer_specs.h"
 
 namespace gradserve::engine {
 namespace {
@@ -38,22 +39,6 @@ constexpr double kRelativeFloorForTest = 1e-7;
 constexpr double kMaxAbsError = 1e-8;
 
 constexpr int64_t kBatch = 3;
-
-LayerSpec Linear(int64_t in, int64_t out, bool bias = true) {
-  LayerSpec layer;
-  layer.kind = LayerKind::kLinear;
-  layer.in_features = in;
-  layer.out_features = out;
-  layer.bias = bias;
-  return layer;
-}
-
-LayerSpec Activation(LayerKind kind, double slope = 0.01) {
-  LayerSpec layer;
-  layer.kind = kind;
-  layer.negative_slope = slope;
-  return layer;
-}
 
 bool HasKinkAtZero(LayerKind kind) {
   return kind == LayerKind::kReLU || kind == LayerKind::kLeakyReLU;

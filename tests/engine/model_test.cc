@@ -8,6 +8,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/engine/layer_specs.h"
 
 namespace gradserve::engine {
 namespace {
@@ -17,21 +18,6 @@ using ::testing::HasSubstr;
 constexpr LayerKind kAllLayerKinds[] = {
     LayerKind::kLinear, LayerKind::kReLU, LayerKind::kLeakyReLU, LayerKind::kSigmoid,
     LayerKind::kTanh,   LayerKind::kGelu, LayerKind::kGeluTanh,  LayerKind::kIdentity};
-
-LayerSpec Linear(int64_t in, int64_t out, bool bias = true) {
-  LayerSpec layer;
-  layer.kind = LayerKind::kLinear;
-  layer.in_features = in;
-  layer.out_features = out;
-  layer.bias = bias;
-  return layer;
-}
-
-LayerSpec Activation(LayerKind kind) {
-  LayerSpec layer;
-  layer.kind = kind;
-  return layer;
-}
 
 LayerSpec LeakyReLU(double slope) {
   LayerSpec layer = Activation(LayerKind::kLeakyReLU);
