@@ -1,10 +1,17 @@
 // gradclient: talk to a gradserve server from the command line.
 //   gradclient [--target HOST:PORT] health | info | demo [--dtype float32|float64] | check
+//                                          | stats
+//   connection flags: --tls, --tls-ca, --tls-cert, --tls-key, --tls-server-name,
+//   --auth-token-file (or $GRADSERVE_AUTH_TOKEN)
+//   gradclient [--target HOST:PORT] bench [--concurrency N] [--duration S] [--shape SPEC] ...
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <random>
 
+#include "client/bench_command.h"
+#include "client/stats_command.h"
 #include "gradserve/client.h"
 
 namespace {
@@ -88,6 +95,18 @@ int main(int argc, char** argv) {
   app.add_option("--target", target, "server address (host:port, dns:///host:port, ...)")
       ->capture_default_str();
   app.add_option("--timeout-ms", timeout_ms, "deadline of each call")->capture_default_str();
+  gradserve::client::ClientOptions options;
+  gradserve::client::TlsOptions& tls = options.tls;
+  std::string auth_token_file;
+  app.add_flag("--tls", tls.enabled,
+               "connect with TLS, trusting the system's root CAs (implied by the --tls-* options)");
+  app.add_option("--tls-ca", tls.root_ca_file, "PEM CA certificates that signed the server's");
+  app.add_option("--tls-cert", tls.cert_file, "PEM client certificate chain, for mutual TLS");
+  app.add_option("--tls-key", tls.key_file, "PEM private key of --tls-cert");
+  app.add_option("--tls-server-name", tls.server_name_override,
+                 "name to verify the server's certificate against instead of the target's host");
+  app.add_option("--auth-token-file", auth_token_file,
+                 "file holding the bearer token to send (default: $GRADSERVE_AUTH_TOKEN if set)");
   app.require_subcommand(1);
   CLI::App* health = app.add_subcommand("health", "exit 0 if the server reports SERVING");
   CLI::App* info = app.add_subcommand("info", "print version, supported layers, limits");
@@ -98,11 +117,37 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   CLI::App* check = app.add_subcommand(
       "check", "verify the server's gradients on the demo network by finite differences");
+  CLI::App* stats = app.add_subcommand(
+      "stats", "print GetStats: calls by status code, latency percentiles per phase");
+  gradserve::client::bench::BenchOptions bench_options;
+  CLI::App* bench = gradserve::client::bench::AddBenchCommand(app, &bench_options);
   CLI11_PARSE(app, argc, argv);
 
-  gradserve::client::ClientOptions options;
   options.timeout = std::chrono::milliseconds(timeout_ms);
-  GradientClient client(gradserve::client::CreateChannel(target, options), options);
+  tls.enabled = tls.enabled || !tls.root_ca_file.empty() || !tls.cert_file.empty() ||
+                !tls.key_file.empty() || !tls.server_name_override.empty();
+  std::string error;
+  if (!auth_token_file.empty()) {
+    if (!gradserve::client::ReadBearerTokenFile(auth_token_file, &options.bearer_token, &error)) {
+      std::cerr << "gradclient: " << error << "\n";
+      return 2;
+    }
+  } else if (const char* env = std::getenv("GRADSERVE_AUTH_TOKEN"); env != nullptr) {
+    options.bearer_token = env;
+    while (!options.bearer_token.empty() &&
+           (options.bearer_token.back() == '\n' || options.bearer_token.back() == '\r')) {
+      options.bearer_token.pop_back();
+    }
+  }
+  const std::shared_ptr<grpc::ChannelCredentials> credentials =
+      gradserve::client::MakeChannelCredentials(options, &error);
+  if (credentials == nullptr) {
+    std::cerr << "gradclient: " << error << "\n";
+    return 2;
+  }
+  const std::shared_ptr<grpc::Channel> client_channel =
+      gradserve::client::CreateChannel(target, options, credentials);
+  GradientClient client(client_channel, options);
 
   if (health->parsed()) {
     bool serving = false;
@@ -119,8 +164,14 @@ int main(int argc, char** argv) {
     std::cout << response.DebugString();
     return 0;
   }
+  if (stats->parsed()) {
+    return gradserve::client::RunStatsCommand(client_channel, options);
+  }
   if (demo->parsed()) {
     return dtype == "float64" ? RunDemo<double>(client) : RunDemo<float>(client);
+  }
+  if (bench->parsed()) {
+    return gradserve::client::bench::RunBench(target, options, credentials, bench_options);
   }
   if (check->parsed()) {
     v1::CheckGradientsRequest request;

@@ -10,8 +10,11 @@ packages=(
   cmake g++ make pkg-config git ca-certificates
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libeigen3-dev libspdlog-dev libcli11-dev
+  libcpp-httplib-dev  # the Prometheus endpoint (--metrics-listen)
+  nlohmann-json3-dev  # gradclient bench --json
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-grpcio python3-protobuf python3-numpy  # the generated-Python-client test
+  openssl  # security_test makes its certificates with the openssl CLI
 )
 for arg in "$@"; do
   case "$arg" in

@@ -4,31 +4,68 @@
 
 #include <CLI/CLI.hpp>
 #include <csignal>
+#include <cstdlib>
 #include <thread>
 
+#include "absl/status/status.h"
+#include "server/service/auth.h"
 #include "server/service/server.h"
+
+namespace {
+
+// Checks that the TLS flags fit together and fills security->auth_token from --auth-token-file
+// or, without it, from GRADSERVE_AUTH_TOKEN. The certificate files are read by GradServer::Start.
+absl::Status ResolveSecurity(const std::string& token_file,
+                             gradserve::service::SecurityOptions* security) {
+  if (security->tls_cert_file.empty() != security->tls_key_file.empty()) {
+    return absl::InvalidArgumentError("--tls-cert and --tls-key go together: give both or neither");
+  }
+  if (!security->tls_client_ca_file.empty() && security->tls_cert_file.empty()) {
+    return absl::InvalidArgumentError(
+        "--tls-client-ca (mutual TLS) needs TLS: give --tls-cert and --tls-key too");
+  }
+  absl::StatusOr<std::string> token;
+  if (!token_file.empty()) {
+    token = gradserve::service::ReadAuthTokenFile(token_file);
+  } else if (const char* env = std::getenv("GRADSERVE_AUTH_TOKEN"); env != nullptr) {
+    // Set but empty is refused rather than read as "no token": it is usually a variable that
+    // failed to expand, and failing open would serve without authentication.
+    token = gradserve::service::NormalizeAuthToken(env, "GRADSERVE_AUTH_TOKEN");
+  } else {
+    return absl::OkStatus();
+  }
+  if (!token.ok()) return token.status();
+  security->auth_token = *std::move(token);
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   using gradserve::service::ServerOptions;
   ServerOptions options;
   auto& limits = options.service.limits;
-  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  options.service.threads_per_call = cores;
+  options.service.threads = gradserve::service::AvailableCores();
   std::string log_level = "info";
   double grace_seconds = 10;
+  std::string auth_token_file;
 
   CLI::App app{"gradserve: neural-network gradients over gRPC (gradserve.v1.GradientService)"};
   app.add_option("--listen", options.listen_address,
                  "host:port to listen on; 0.0.0.0:PORT for every interface")
       ->capture_default_str();
-  app.add_option("--threads", options.service.threads_per_call, "OpenMP threads one call may use")
+  app.add_option("--threads", options.service.threads,
+                 "cores for compute: a large call uses all of them as one OpenMP team, small "
+                 "calls run side by side on one each (default: the cores this process may use, "
+                 "cgroup quota included)")
       ->capture_default_str()
       ->check(CLI::Range(1, 1024));
-  app.add_option("--workers", options.service.workers, "calls computed at once")
+  app.add_option("--parallel-threshold-flops", options.service.parallel_threshold_flops,
+                 "calls estimated below this many floating-point operations run on one core")
       ->capture_default_str()
-      ->check(CLI::Range(1, 1024));
+      ->check(CLI::Range(0.0, 1e18));
   app.add_option("--max-queue", options.service.max_queue,
-                 "calls waiting for a worker before new ones get RESOURCE_EXHAUSTED")
+                 "calls waiting for cores before new ones get RESOURCE_EXHAUSTED")
       ->capture_default_str()
       ->check(CLI::Range(0, 1 << 20));
   app.add_option("--max-message-bytes", limits.max_message_bytes,
@@ -49,9 +86,25 @@ int main(int argc, char** argv) {
                  "seconds calls in flight get to finish after SIGTERM")
       ->capture_default_str()
       ->check(CLI::Range(0.0, 3600.0));
+  app.add_option("--tls-cert", options.security.tls_cert_file,
+                 "PEM certificate chain of the server: serve TLS (with --tls-key)");
+  app.add_option("--tls-key", options.security.tls_key_file, "PEM private key of --tls-cert");
+  app.add_option("--tls-client-ca", options.security.tls_client_ca_file,
+                 "PEM CA certificates: mutual TLS, clients must present a certificate they signed");
+  app.add_option("--auth-token-file", auth_token_file,
+                 "file holding the bearer token every GradientService call must carry (trailing "
+                 "newline ignored; default: $GRADSERVE_AUTH_TOKEN if set; health stays open)");
+  app.add_option("--metrics-listen", options.metrics_listen_address,
+                 "host:port of a Prometheus endpoint, GET /metrics over plain HTTP, no token "
+                 "(a bare port binds 127.0.0.1; default: none)");
   CLI11_PARSE(app, argc, argv);
 
   spdlog::set_level(spdlog::level::from_str(log_level));
+  // Configuration errors exit 2 before anything starts.
+  if (absl::Status status = ResolveSecurity(auth_token_file, &options.security); !status.ok()) {
+    spdlog::critical("{}", std::string(status.message()));
+    return 2;
+  }
   // One grpc_init for the life of the process: avoids a slow ~Server() at exit.
   grpc_init();
 
@@ -66,13 +119,33 @@ int main(int argc, char** argv) {
   auto server = gradserve::service::GradServer::Start(options);
   if (!server.ok()) {
     spdlog::critical("{}", std::string(server.status().message()));
-    return 1;
+    // INVALID_ARGUMENT: a certificate or key file that cannot be used, like the errors above.
+    return absl::IsInvalidArgument(server.status()) ? 2 : 1;
   }
   spdlog::info(
-      "gradserve {} listening on {} (port {}); threads per call {}, workers {}, "
+      "gradserve {} listening on {} (port {}); {} compute threads, calls under {:g} flops on "
+      "one, "
       "max message {} bytes",
-      GRADSERVE_VERSION, options.listen_address, (*server)->port(),
-      options.service.threads_per_call, options.service.workers, limits.max_message_bytes);
+      GRADSERVE_VERSION, options.listen_address, (*server)->port(), options.service.threads,
+      options.service.parallel_threshold_flops, limits.max_message_bytes);
+
+  if ((*server)->metrics_port() != 0) {
+    spdlog::info("Prometheus metrics on http://{}/metrics (port {})",
+                 options.metrics_listen_address, (*server)->metrics_port());
+  }
+
+  const auto& security = options.security;
+  const bool tls = !security.tls_cert_file.empty();
+  spdlog::info("security: {}; bearer token {}",
+               !tls                                  ? "plaintext (no TLS)"
+               : security.tls_client_ca_file.empty() ? "TLS"
+                                                     : "mutual TLS (client certificates required)",
+               security.auth_token.empty() ? "off" : "required (health and reflection exempt)");
+  if (!tls && !security.auth_token.empty()) {
+    spdlog::warn(
+        "the bearer token travels in plaintext: use TLS unless a trusted network or a "
+        "TLS-terminating proxy protects this port");
+  }
 
   int signal = 0;
   sigwait(&stop_signals, &signal);

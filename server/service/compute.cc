@@ -1,5 +1,7 @@
 #include "server/service/compute.h"
 
+#include <chrono>
+
 #include "absl/strings/str_cat.h"
 #include "server/engine/backprop.h"
 #include "server/engine/gradient_check.h"
@@ -9,6 +11,9 @@ namespace gradserve::service {
 namespace {
 
 using engine::CheckpointMode;
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::duration duration) { return std::chrono::duration<double>(duration).count(); }
 
 // Sizes `tensor` for shape and returns its bytes as T*, for the engine to write into.
 template <typename T>
@@ -52,6 +57,8 @@ int64_t ResponseBytes(const PreparedRequest& prepared) {
 template <typename T>
 absl::Status Run(const PreparedRequest& prepared, const ComputeContext& context,
                  v1::ComputeGradientsResponse* response) {
+  // Encode is everything here but the engine: the output tensors it writes into, then the rest.
+  const Clock::time_point encode_start = Clock::now();
   const engine::Model& model = *prepared.model;
   const TypedViews<T>& views = std::get<TypedViews<T>>(prepared.views);
   const int64_t batch = views.batch.batch;
@@ -78,9 +85,15 @@ absl::Status Run(const PreparedRequest& prepared, const ComputeContext& context,
   engine::RunOptions options;
   options.threads = context.threads;
   options.should_stop = context.should_stop;
-  ASSIGN_OR_RETURN(
-      engine::RunResult result,
-      engine::RunBackprop<T>(model, prepared.plan, views.params, views.batch, outputs, options));
+  const Clock::time_point compute_start = Clock::now();
+  absl::StatusOr<engine::RunResult> run =
+      engine::RunBackprop<T>(model, prepared.plan, views.params, views.batch, outputs, options);
+  const Clock::time_point compute_end = Clock::now();
+  if (context.phase_times != nullptr) {
+    context.phase_times->compute = Seconds(compute_end - compute_start);
+  }
+  if (!run.ok()) return run.status();
+  const engine::RunResult& result = *run;
 
   response->set_loss(result.loss);
   for (int i = 0; i < model.num_layers(); ++i) {
@@ -111,16 +124,24 @@ absl::Status Run(const PreparedRequest& prepared, const ComputeContext& context,
   plan->set_predicted_peak_bytes(prepared.plan.predicted_peak_bytes);
   plan->set_budget_met(prepared.plan.budget_met);
   plan->set_min_peak_bytes(prepared.plan.min_peak_bytes);
+  if (context.phase_times != nullptr) {
+    context.phase_times->encode =
+        Seconds(compute_start - encode_start) + Seconds(Clock::now() - compute_end);
+  }
   return absl::OkStatus();
 }
 
 template <typename T>
 absl::Status RunCheck(const PreparedRequest& prepared, const engine::GradientCheckOptions& options,
-                      v1::CheckGradientsResponse* response) {
+                      PhaseTimes* phase_times, v1::CheckGradientsResponse* response) {
   const TypedViews<T>& views = std::get<TypedViews<T>>(prepared.views);
-  ASSIGN_OR_RETURN(std::vector<engine::TensorCheck> checks,
-                   engine::CheckGradients<T>(*prepared.model, prepared.plan, views.params,
-                                             views.batch, options));
+  const Clock::time_point compute_start = Clock::now();
+  absl::StatusOr<std::vector<engine::TensorCheck>> run =
+      engine::CheckGradients<T>(*prepared.model, prepared.plan, views.params, views.batch, options);
+  const Clock::time_point compute_end = Clock::now();
+  if (phase_times != nullptr) phase_times->compute = Seconds(compute_end - compute_start);
+  if (!run.ok()) return run.status();
+  const std::vector<engine::TensorCheck>& checks = *run;
   for (const engine::TensorCheck& check : checks) {
     v1::TensorCheck* out = response->add_checks();
     out->set_tensor(check.tensor);
@@ -132,6 +153,7 @@ absl::Status RunCheck(const PreparedRequest& prepared, const engine::GradientChe
     response->set_max_rel_error(std::max(response->max_rel_error(), check.max_rel_error));
   }
   response->set_analytic_dtype(prepared.dtype);
+  if (phase_times != nullptr) phase_times->encode = Seconds(Clock::now() - compute_end);
   return absl::OkStatus();
 }
 
@@ -140,13 +162,44 @@ absl::Status Prefixed(const absl::Status& status, absl::string_view prefix) {
   return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
 }
 
+// Validates a CheckGradients request and fills `options` from it.
+absl::StatusOr<std::unique_ptr<PreparedRequest>> PrepareCheck(
+    const v1::CheckGradientsRequest& request, const ServiceLimits& limits,
+    engine::GradientCheckOptions* options) {
+  options->seed = request.seed();
+  if (request.samples_per_tensor() < 0 || request.samples_per_tensor() > limits.max_check_samples) {
+    return absl::InvalidArgumentError(absl::StrCat("samples_per_tensor: expected 0 .. ",
+                                                   limits.max_check_samples, ", got ",
+                                                   request.samples_per_tensor()));
+  }
+  if (request.samples_per_tensor() > 0) options->samples_per_tensor = request.samples_per_tensor();
+  if (request.step() != 0) {
+    if (!(request.step() > 0 && request.step() < 1)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("step: expected a value in (0, 1), got ", request.step()));
+    }
+    options->step = request.step();
+  }
+  if (!request.has_request()) return absl::InvalidArgumentError("request: required");
+  auto prepared = PrepareRequest(request.request(), limits, /*needs_input_gradient=*/true);
+  if (!prepared.ok()) return Prefixed(prepared.status(), "request.");
+  return prepared;
+}
+
 }  // namespace
 
 absl::Status ComputeGradients(const v1::ComputeGradientsRequest& request,
                               const ServiceLimits& limits, const ComputeContext& context,
                               v1::ComputeGradientsResponse* response) {
-  ASSIGN_OR_RETURN(std::unique_ptr<PreparedRequest> prepared, PrepareRequest(request, limits));
-  if (const int64_t bytes = ResponseBytes(*prepared); bytes > limits.max_message_bytes) {
+  const Clock::time_point decode_start = Clock::now();
+  absl::StatusOr<std::unique_ptr<PreparedRequest>> prepared_or = PrepareRequest(request, limits);
+  const int64_t bytes = prepared_or.ok() ? ResponseBytes(**prepared_or) : 0;
+  if (context.phase_times != nullptr) {
+    context.phase_times->decode = Seconds(Clock::now() - decode_start);
+  }
+  if (!prepared_or.ok()) return prepared_or.status();
+  const std::unique_ptr<PreparedRequest>& prepared = *prepared_or;
+  if (bytes > limits.max_message_bytes) {
     return absl::ResourceExhaustedError(absl::StrCat("the response would need about ", bytes,
                                                      " bytes, over max_message_bytes (",
                                                      limits.max_message_bytes, ")"));
@@ -159,26 +212,37 @@ absl::Status CheckGradients(const v1::CheckGradientsRequest& request, const Serv
                             const ComputeContext& context, v1::CheckGradientsResponse* response) {
   engine::GradientCheckOptions options;
   options.threads = context.threads;
-  options.seed = request.seed();
-  if (request.samples_per_tensor() < 0 || request.samples_per_tensor() > limits.max_check_samples) {
-    return absl::InvalidArgumentError(absl::StrCat("samples_per_tensor: expected 0 .. ",
-                                                   limits.max_check_samples, ", got ",
-                                                   request.samples_per_tensor()));
+  const Clock::time_point decode_start = Clock::now();
+  absl::StatusOr<std::unique_ptr<PreparedRequest>> prepared =
+      PrepareCheck(request, limits, &options);
+  if (context.phase_times != nullptr) {
+    context.phase_times->decode = Seconds(Clock::now() - decode_start);
   }
-  if (request.samples_per_tensor() > 0) options.samples_per_tensor = request.samples_per_tensor();
-  if (request.step() != 0) {
-    if (!(request.step() > 0 && request.step() < 1)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("step: expected a value in (0, 1), got ", request.step()));
-    }
-    options.step = request.step();
+  if (!prepared.ok()) return prepared.status();
+  if ((*prepared)->dtype == v1::DTYPE_FLOAT32) {
+    return RunCheck<float>(**prepared, options, context.phase_times, response);
   }
-  if (!request.has_request()) return absl::InvalidArgumentError("request: required");
-  auto prepared = PrepareRequest(request.request(), limits, /*needs_input_gradient=*/true);
-  if (!prepared.ok()) return Prefixed(prepared.status(), "request.");
-  if ((*prepared)->dtype == v1::DTYPE_FLOAT32)
-    return RunCheck<float>(**prepared, options, response);
-  return RunCheck<double>(**prepared, options, response);
+  return RunCheck<double>(**prepared, options, context.phase_times, response);
+}
+
+double ComputeGradientsCost(const v1::ComputeGradientsRequest& request) {
+  const double batch = request.inputs().shape_size() > 0
+                           ? std::max<double>(0, static_cast<double>(request.inputs().shape(0)))
+                           : 0;
+  double multiply_adds = 0;
+  for (const v1::Layer& layer : request.model().layers()) {
+    if (!layer.has_linear()) continue;
+    multiply_adds += std::max<double>(0, static_cast<double>(layer.linear().in_features())) *
+                     std::max<double>(0, static_cast<double>(layer.linear().out_features()));
+  }
+  return 6 * batch * multiply_adds;
+}
+
+double CheckGradientsCost(const v1::CheckGradientsRequest& request) {
+  const int samples = request.samples_per_tensor() > 0 ? request.samples_per_tensor() : 16;
+  const int tensors = 2 * request.request().parameters_size() + 1;
+  // One analytic pass, then two forward passes (a third of a full pass each) per sample.
+  return ComputeGradientsCost(request.request()) * (1 + 2.0 * samples * tensors / 3);
 }
 
 void GetServerInfo(const ServiceLimits& limits, int threads, v1::GetServerInfoResponse* response) {

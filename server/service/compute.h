@@ -13,10 +13,22 @@ namespace gradserve::service {
 
 namespace v1 = ::gradserve::v1;
 
+// Seconds a call spent validating and converting the request (decode), in the engine (compute)
+// and filling the response (encode); see Note [Call phases] in metrics.h. A phase the call did
+// not reach stays negative: a request that fails validation has decode only, a call abandoned
+// in the engine decode and compute.
+struct PhaseTimes {
+  double decode = -1;
+  double compute = -1;
+  double encode = -1;
+};
+
 struct ComputeContext {
   int threads = 1;
   // Polled between layers; true abandons the call (CANCELLED).
   std::function<bool()> should_stop;
+  // If set, receives the call's phase durations.
+  PhaseTimes* phase_times = nullptr;
 };
 
 // Validates and computes; on error `response` is left in an unspecified state.
@@ -28,6 +40,13 @@ absl::Status CheckGradients(const v1::CheckGradientsRequest& request, const Serv
                             const ComputeContext& context, v1::CheckGradientsResponse* response);
 
 void GetServerInfo(const ServiceLimits& limits, int threads, v1::GetServerInfoResponse* response);
+
+// Floating-point operations a call will take, from the request as sent (before validation):
+// 6 * batch * in * out per Linear layer, forward and backward; CheckGradients adds its
+// perturbed forward passes. Used to choose between one core and all of them (Note
+// [Scheduling]); a malformed request gets some estimate and then fails validation quickly.
+double ComputeGradientsCost(const v1::ComputeGradientsRequest& request);
+double CheckGradientsCost(const v1::CheckGradientsRequest& request);
 
 }  // namespace gradserve::service
 

@@ -1,25 +1,42 @@
 // The gRPC face of gradserve.v1.GradientService: a thin callback service that hands each call
-// to the ComputePool, maps the result to a gRPC status in one place and logs one line per call.
+// to the ComputeScheduler, maps the result to a gRPC status in one place, and logs and counts
+// every call (Note [Call phases] in metrics.h) under a request id.
 #ifndef GRADSERVE_SERVICE_GRADIENT_SERVICE_H_
 #define GRADSERVE_SERVICE_GRADIENT_SERVICE_H_
 
 #include <grpcpp/grpcpp.h>
+#include <spdlog/spdlog.h>
+
+#include <atomic>
+#include <string>
+#include <string_view>
 
 #include "absl/status/status.h"
 #include "gradserve/v1/gradserve.grpc.pb.h"
-#include "server/service/compute_pool.h"
 #include "server/service/limits.h"
+#include "server/service/metrics.h"
+#include "server/service/scheduler.h"
 
 namespace gradserve::service {
 
 // The one place an engine/service error becomes a gRPC status: canonical codes map one to one.
 grpc::Status ToGrpcStatus(const absl::Status& status);
 
+// The metadata key that carries a call's request id, both ways.
+inline constexpr char kRequestIdKey[] = "x-request-id";
+// True iff `id` may be used as a request id: 1 to 128 visible ASCII characters (0x21 .. 0x7e),
+// so it can be logged and echoed in a header as is.
+bool IsValidRequestId(std::string_view id);
+// A fresh request id: 16 lowercase hex digits (64 random bits). Thread-safe.
+std::string NewRequestId();
+
 struct ServiceOptions {
   ServiceLimits limits;
-  int threads_per_call = 1;  // OpenMP threads one call may use.
-  int workers = 1;           // Calls computed at once.
-  int max_queue = 64;        // Calls waiting for a worker before RESOURCE_EXHAUSTED.
+  // Cores for compute: a large call uses all of them, small calls one each (Note [Scheduling]).
+  int threads = 1;
+  // Calls estimated at fewer floating-point operations run on one core.
+  double parallel_threshold_flops = 2e7;
+  int max_queue = 64;  // Calls waiting for cores before RESOURCE_EXHAUSTED.
 };
 
 class GradientServiceImpl final : public v1::GradientService::CallbackService {
@@ -35,15 +52,45 @@ class GradientServiceImpl final : public v1::GradientService::CallbackService {
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context,
                                           const v1::GetServerInfoRequest* request,
                                           v1::GetServerInfoResponse* response) override;
+  grpc::ServerUnaryReactor* GetStats(grpc::CallbackServerContext* context,
+                                     const v1::GetStatsRequest* request,
+                                     v1::GetStatsResponse* response) override;
+
+  // Counts a call of `method` ("ComputeGradients") that never reached this service because
+  // AuthenticatingGradientService refused it: UNAUTHENTICATED, no latency. Thread-safe.
+  void RecordUnauthenticated(std::string_view method);
+
+  // Every counter, histogram and gauge now: what GetStats and the Prometheus endpoint report.
+  // Thread-safe.
+  MetricsSnapshot Stats() const;
+
+  // Calls received in full and not yet answered (waiting for cores or computing).
+  int calls_in_flight() const { return calls_in_flight_.load(); }
 
  private:
-  // Runs `compute` on the pool and finishes the call with its status.
+  // The methods in the order the proto declares them; indices into metrics_.
+  enum Method { kComputeGradients, kCheckGradients, kGetServerInfo, kGetStats };
+
+  // Runs `compute` on the scheduler with the cores `flops` deserves and finishes the call with
+  // its status.
   template <typename Request, typename Response, typename Compute>
-  grpc::ServerUnaryReactor* Dispatch(const char* method, grpc::CallbackServerContext* context,
-                                     const Request* request, Response* response, Compute compute);
+  grpc::ServerUnaryReactor* Dispatch(Method method, grpc::CallbackServerContext* context,
+                                     const Request* request, Response* response, double flops,
+                                     Compute compute);
+  // The call's request id (the client's if valid, else a new one), echoed to the client in the
+  // initial metadata.
+  static std::string AssignRequestId(grpc::CallbackServerContext* context);
+  // Logs the call's one line (at `level`), counts it and finishes it with `status`.
+  void FinishCall(Method method, grpc::CallbackServerContext* context,
+                  grpc::ServerUnaryReactor* reactor, const std::string& request_id,
+                  size_t request_bytes, size_t response_bytes, const absl::Status& status,
+                  const CallTimes& times, spdlog::level::level_enum level = spdlog::level::info);
 
   const ServiceOptions options_;
-  ComputePool pool_;  // Last: its destructor runs queued calls, which use the members above.
+  std::atomic<int> calls_in_flight_{0};
+  Metrics metrics_;
+  // Last: its destructor runs queued calls, which use the members above.
+  ComputeScheduler scheduler_;
 };
 
 }  // namespace gradserve::service

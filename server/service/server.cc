@@ -3,8 +3,13 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 
+#include <cerrno>
 #include <climits>
+#include <cstring>
+#include <fstream>
+#include <iterator>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 
 namespace gradserve::service {
@@ -14,6 +19,51 @@ constexpr char kServiceName[] = "gradserve.v1.GradientService";
 
 int ClampToInt(int64_t bytes) { return static_cast<int>(std::min<int64_t>(bytes, INT_MAX)); }
 
+// The content of a PEM file; `what` names it in errors. Only the form is checked here (a PEM
+// block is present): gRPC parses the certificates and keys themselves when the port is bound.
+absl::StatusOr<std::string> ReadPemFile(const char* what, const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": cannot read ", path, ": ", std::strerror(errno)));
+  }
+  std::string pem((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  if (file.bad()) return absl::InvalidArgumentError(absl::StrCat(what, ": cannot read ", path));
+  if (!absl::StrContains(pem, "-----BEGIN ")) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": ", path, " holds no PEM block"));
+  }
+  return pem;
+}
+
+// Plaintext when no certificate is given; TLS with one; mutual TLS with a client CA as well.
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(
+    const SecurityOptions& security) {
+  if (security.tls_cert_file.empty() != security.tls_key_file.empty()) {
+    return absl::InvalidArgumentError(
+        "a TLS certificate needs its private key and a key its certificate: set both or neither");
+  }
+  if (security.tls_cert_file.empty()) {
+    if (!security.tls_client_ca_file.empty()) {
+      return absl::InvalidArgumentError(
+          "a client CA (mutual TLS) needs TLS: set the server certificate and key too");
+    }
+    return grpc::InsecureServerCredentials();
+  }
+  absl::StatusOr<std::string> cert = ReadPemFile("TLS certificate", security.tls_cert_file);
+  if (!cert.ok()) return cert.status();
+  absl::StatusOr<std::string> key = ReadPemFile("TLS private key", security.tls_key_file);
+  if (!key.ok()) return key.status();
+  grpc::SslServerCredentialsOptions ssl(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  ssl.pem_key_cert_pairs.push_back({*std::move(key), *std::move(cert)});
+  if (!security.tls_client_ca_file.empty()) {
+    absl::StatusOr<std::string> ca = ReadPemFile("TLS client CA", security.tls_client_ca_file);
+    if (!ca.ok()) return ca.status();
+    ssl.pem_root_certs = *std::move(ca);
+    ssl.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+  }
+  return grpc::SslServerCredentials(ssl);
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<GradServer>> GradServer::Start(const ServerOptions& options) {
@@ -21,20 +71,38 @@ absl::StatusOr<std::unique_ptr<GradServer>> GradServer::Start(const ServerOption
   // Debian links with --as-needed: without this call the reflection library is dropped.
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
 
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
+      ServerCredentials(options.security);
+  if (!credentials.ok()) return credentials.status();
+
   std::unique_ptr<GradServer> server(new GradServer());
   server->service_ = std::make_unique<GradientServiceImpl>(options.service);
+  // Registered in place of service_, with or without a token, so that every GradientService
+  // method goes through it (Note [Bearer token check]).
+  GradientServiceImpl* service = server->service_.get();
+  server->authenticated_service_ = std::make_unique<AuthenticatingGradientService>(
+      service, options.security.auth_token,
+      [service](const char* method) { service->RecordUnauthenticated(method); });
   server->max_message_bytes_ = options.service.limits.max_message_bytes;
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen_address, grpc::InsecureServerCredentials(),
-                           &server->port_);
+  builder.AddListeningPort(options.listen_address, *credentials, &server->port_);
   builder.SetMaxReceiveMessageSize(ClampToInt(server->max_message_bytes_));
   builder.SetMaxSendMessageSize(ClampToInt(server->max_message_bytes_));
-  builder.RegisterService(server->service_.get());
+  builder.RegisterService(server->authenticated_service_.get());
   server->server_ = builder.BuildAndStart();
   if (server->server_ == nullptr || server->port_ == 0) {
-    return absl::UnavailableError(
-        absl::StrCat("could not listen on ", options.listen_address,
-                     " (address in use, or not an address of this machine?)"));
+    const bool tls = !options.security.tls_cert_file.empty();
+    return absl::UnavailableError(absl::StrCat(
+        "could not listen on ", options.listen_address,
+        tls ? " (address in use, not an address of this machine, or a TLS certificate and key "
+              "gRPC cannot use together?)"
+            : " (address in use, or not an address of this machine?)"));
+  }
+  if (!options.metrics_listen_address.empty()) {
+    absl::StatusOr<std::unique_ptr<MetricsHttpServer>> metrics = MetricsHttpServer::Start(
+        options.metrics_listen_address, [service] { return PrometheusText(service->Stats()); });
+    if (!metrics.ok()) return metrics.status();  // ~GradServer stops the gRPC server.
+    server->metrics_http_ = *std::move(metrics);
   }
   grpc::HealthCheckServiceInterface* health = server->server_->GetHealthCheckService();
   health->SetServingStatus("", true);
@@ -51,6 +119,8 @@ std::shared_ptr<grpc::Channel> GradServer::InProcessChannel() {
   return server_->InProcessChannel(args);
 }
 
+int GradServer::calls_in_flight() const { return service_->calls_in_flight(); }
+
 void GradServer::Shutdown(std::chrono::milliseconds grace) {
   if (server_ == nullptr) return;
   if (grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService()) {
@@ -60,6 +130,7 @@ void GradServer::Shutdown(std::chrono::milliseconds grace) {
   server_->Shutdown(std::chrono::system_clock::now() + grace);
   server_->Wait();
   server_.reset();
+  if (metrics_http_ != nullptr) metrics_http_->Stop();
 }
 
 }  // namespace gradserve::service

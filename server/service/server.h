@@ -1,5 +1,6 @@
 // Builds and runs the gRPC server: GradientService, the standard health service and server
-// reflection, with message limits raised to ServiceLimits::max_message_bytes.
+// reflection, with message limits raised to ServiceLimits::max_message_bytes, over plaintext,
+// TLS or mutual TLS, with an optional bearer token on GradientService calls.
 #ifndef GRADSERVE_SERVICE_SERVER_H_
 #define GRADSERVE_SERVICE_SERVER_H_
 
@@ -10,34 +11,70 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "server/service/auth.h"
 #include "server/service/gradient_service.h"
+#include "server/service/metrics_http.h"
 
 namespace gradserve::service {
 
+// Transport security and authentication. All empty: plaintext, no token (the default).
+struct SecurityOptions {
+  // PEM files of the server's certificate chain and private key: TLS on. Both or neither.
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  // PEM file of the CA certificates client certificates must chain to: mutual TLS, where a client
+  // without a valid certificate fails the handshake. Requires TLS.
+  std::string tls_client_ca_file;
+  // The bearer token every GradientService call must carry ("authorization: Bearer <token>");
+  // empty: no check. Health and reflection stay open (see AuthenticatingGradientService).
+  std::string auth_token;
+};
+
 struct ServerOptions {
-  // host:port; port 0 picks a free one (see GradServer::port()).
+  // host:port; port 0 picks a free one (see GradServer::port()). Loopback by default: serving
+  // every interface (0.0.0.0:PORT) is an explicit choice.
   std::string listen_address = "127.0.0.1:50051";
+  SecurityOptions security;
   ServiceOptions service;
+  // host:port of the Prometheus endpoint (GET /metrics over plain HTTP); empty: none (the
+  // default). A bare :PORT or PORT binds 127.0.0.1; port 0 picks a free one (see
+  // GradServer::metrics_port()). Not behind the bearer token or TLS: bind it where only the
+  // scraper can reach it.
+  std::string metrics_listen_address;
 };
 
 class GradServer {
  public:
-  // Binds and starts serving. UNAVAILABLE if the address cannot be bound.
+  // Binds and starts serving. INVALID_ARGUMENT if the security options do not fit together, a
+  // certificate or key file cannot be read or holds no PEM block, or the metrics address does
+  // not parse; UNAVAILABLE if an address cannot be bound (or gRPC rejects the certificate and
+  // key).
   static absl::StatusOr<std::unique_ptr<GradServer>> Start(const ServerOptions& options);
   ~GradServer();
 
   int port() const { return port_; }
-  // A channel to this server that skips the network stack (tests, benchmarks).
+  // The Prometheus endpoint's port; 0 if there is none.
+  int metrics_port() const { return metrics_http_ == nullptr ? 0 : metrics_http_->port(); }
+  // What GetStats reports.
+  MetricsSnapshot Stats() const { return service_->Stats(); }
+  // Calls received in full and not yet answered.
+  int calls_in_flight() const;
+  // A channel to this server that skips the network stack (tests, benchmarks). It bypasses TLS;
+  // the bearer token is still checked.
   std::shared_ptr<grpc::Channel> InProcessChannel();
   // Marks health NOT_SERVING, stops accepting calls, lets calls in flight finish for up to
-  // `grace`, then cancels the rest. Idempotent.
+  // `grace`, then cancels the rest, and stops the metrics endpoint last (scrapes see the drain).
+  // Idempotent.
   void Shutdown(std::chrono::milliseconds grace);
 
  private:
   GradServer() = default;
 
   std::unique_ptr<GradientServiceImpl> service_;
+  std::unique_ptr<AuthenticatingGradientService> authenticated_service_;  // Wraps service_.
   std::unique_ptr<grpc::Server> server_;
+  // After service_: destroyed first, as it reads service_'s metrics.
+  std::unique_ptr<MetricsHttpServer> metrics_http_;
   int port_ = 0;
   int64_t max_message_bytes_ = 0;
 };

@@ -1,7 +1,8 @@
 // gradserve C++ client: build requests from Eigen matrices or plain vectors, call the service,
 // and read gradients back as matrices.
 //
-//   auto channel = gradserve::client::CreateChannel("127.0.0.1:50051");
+//   auto channel = gradserve::client::CreateChannel("127.0.0.1:50051");  // plaintext
+//   (TLS, mutual TLS and a bearer token: set ClientOptions::tls and ::bearer_token.)
 //   gradserve::client::GradientClient client(channel);
 //   v1::ComputeGradientsRequest request;
 //   *request.mutable_model() = ModelBuilder().Linear(4, 2).ReLU().Mse().Build();
@@ -124,20 +125,58 @@ class ModelBuilder {
   v1::Model model_;
 };
 
+// Transport security of the channel. Off (plaintext) unless `enabled`.
+struct TlsOptions {
+  bool enabled = false;
+  // PEM file of the CA certificates trusted to sign the server's certificate; empty: the system's
+  // roots (gRPC's default, overridable with GRPC_DEFAULT_SSL_ROOTS_FILE_PATH).
+  std::string root_ca_file;
+  // PEM files of this client's certificate chain and private key, for servers that require
+  // mutual TLS. Both or neither.
+  std::string cert_file;
+  std::string key_file;
+  // Verify the server's certificate against this name instead of the target's host (tests, or
+  // addressing a server by IP when its certificate names only a DNS name).
+  std::string server_name_override;
+};
+
 struct ClientOptions {
   // Raised on both sides: gRPC's 4 MiB default is far below a model's gradients.
   int64_t max_message_bytes = int64_t{256} << 20;
   // Deadline of every call.
   std::chrono::milliseconds timeout{60000};
+  TlsOptions tls;
+  // Sent as "authorization: Bearer <token>" metadata with every call (health checks too, which
+  // the server does not require it for); empty: none. Per-call metadata rather than gRPC call
+  // credentials, which gRPC refuses to send over a plaintext channel.
+  std::string bearer_token;
 };
+
+// The channel credentials `options.tls` describes, reading its PEM files now: insecure when TLS
+// is off. nullptr, with the reason in *error, if a file cannot be read or cert/key come alone.
+std::shared_ptr<grpc::ChannelCredentials> MakeChannelCredentials(const ClientOptions& options,
+                                                                 std::string* error);
+
+// The bearer token in `path`: its content minus trailing newlines. false, with the reason in
+// *error, if the file cannot be read or is empty.
+bool ReadBearerTokenFile(const std::string& path, std::string* token, std::string* error);
+
+// What GradientClient does to the context of every call: options.timeout from now as the
+// deadline, options.bearer_token (if set) as "authorization" metadata. For callers that use a
+// stub of their own.
+void PrepareContext(const ClientOptions& options, grpc::ClientContext* context);
 
 // One channel per process is the usual choice; "dns:///host:port" with
 // ClientOptions works behind Kubernetes headless services (round_robin is set).
+// `credentials`: nullptr means MakeChannelCredentials(options); if that fails, every call on the
+// channel fails with INVALID_ARGUMENT (call MakeChannelCredentials yourself to get the reason).
+// options.tls.server_name_override is applied either way.
 std::shared_ptr<grpc::Channel> CreateChannel(
     const std::string& target, const ClientOptions& options = {},
-    std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials());
+    std::shared_ptr<grpc::ChannelCredentials> credentials = nullptr);
 
-// Thin synchronous wrapper with a deadline on every call. Thread-safe.
+// Thin synchronous wrapper with a deadline (and options.bearer_token, if set) on every call.
+// Thread-safe.
 class GradientClient {
  public:
   explicit GradientClient(std::shared_ptr<grpc::Channel> channel, ClientOptions options = {});
@@ -154,8 +193,6 @@ class GradientClient {
   grpc::Status Health(const std::string& service, bool* serving);
 
  private:
-  void SetDeadline(grpc::ClientContext* context) const;
-
   std::shared_ptr<grpc::Channel> channel_;  // Null when built from a stub.
   std::unique_ptr<v1::GradientService::StubInterface> stub_;
   ClientOptions options_;
