@@ -48,6 +48,7 @@ int main(int argc, char** argv) {
   options.service.threads = gradserve::service::AvailableCores();
   std::string log_level = "info";
   double grace_seconds = 10;
+  double drain_seconds = 0;
   std::string auth_token_file;
 
   CLI::App app{"gradserve: neural-network gradients over gRPC (gradserve.v1.GradientService)"};
@@ -82,6 +83,11 @@ int main(int argc, char** argv) {
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error, critical or off")
       ->capture_default_str()
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "critical", "off"}));
+  app.add_option("--drain-delay", drain_seconds,
+                 "seconds between SIGTERM and refusing new calls, with health NOT_SERVING, so "
+                 "load balancers stop routing here first (set it above the probe period)")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 3600.0));
   app.add_option("--shutdown-grace", grace_seconds,
                  "seconds calls in flight get to finish after SIGTERM")
       ->capture_default_str()
@@ -149,8 +155,13 @@ int main(int argc, char** argv) {
 
   int signal = 0;
   sigwait(&stop_signals, &signal);
-  spdlog::info("received {}; draining (grace {} s)", signal == SIGINT ? "SIGINT" : "SIGTERM",
-               grace_seconds);
+  spdlog::info(
+      "received {}; health NOT_SERVING, refusing new calls in {} s, then {} s for "
+      "calls in flight",
+      signal == SIGINT ? "SIGINT" : "SIGTERM", drain_seconds, grace_seconds);
+  (*server)->StartDraining();
+  std::this_thread::sleep_for(
+      std::chrono::milliseconds(static_cast<int64_t>(drain_seconds * 1000)));
   (*server)->Shutdown(std::chrono::milliseconds(static_cast<int64_t>(grace_seconds * 1000)));
   server->reset();
   grpc_shutdown();

@@ -121,12 +121,17 @@ std::shared_ptr<grpc::Channel> GradServer::InProcessChannel() {
 
 int GradServer::calls_in_flight() const { return service_->calls_in_flight(); }
 
-void GradServer::Shutdown(std::chrono::milliseconds grace) {
+void GradServer::StartDraining() {
   if (server_ == nullptr) return;
   if (grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService()) {
     health->SetServingStatus("", false);
     health->SetServingStatus(kServiceName, false);
   }
+}
+
+void GradServer::Shutdown(std::chrono::milliseconds grace) {
+  if (server_ == nullptr) return;
+  StartDraining();
   server_->Shutdown(std::chrono::system_clock::now() + grace);
   server_->Wait();
   server_.reset();

@@ -62,6 +62,9 @@ class GradServer {
   // A channel to this server that skips the network stack (tests, benchmarks). It bypasses TLS;
   // the bearer token is still checked.
   std::shared_ptr<grpc::Channel> InProcessChannel();
+  // Marks health NOT_SERVING ("" and the service) while still serving calls, so that load
+  // balancers stop sending new ones before the server stops accepting them.
+  void StartDraining();
   // Marks health NOT_SERVING, stops accepting calls, lets calls in flight finish for up to
   // `grace`, then cancels the rest, and stops the metrics endpoint last (scrapes see the drain).
   // Idempotent.

@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "gradserve/v1/gradserve.grpc.pb.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "server/service/server.h"
 #include "tests/service/test_requests.h"
 
@@ -141,6 +142,31 @@ TEST(Lifecycle, ShutdownLetsCallsInFlightFinishAndRefusesNewOnes) {
     EXPECT_TRUE(status.ok()) << status.error_code() << " " << status.error_message();
   }
   shutdown.join();
+}
+
+TEST(Lifecycle, DrainingReportsNotServingWhileStillAnswering) {
+  auto server = StartServer();
+  ASSERT_NE(server, nullptr);
+  auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(server->port()),
+                                     grpc::InsecureChannelCredentials());
+  auto health = ::grpc::health::v1::Health::NewStub(channel);
+  auto check = [&](const char* name) {
+    ::grpc::health::v1::HealthCheckRequest request;
+    request.set_service(name);
+    ::grpc::health::v1::HealthCheckResponse response;
+    grpc::ClientContext context;
+    EXPECT_TRUE(health->Check(&context, request, &response).ok());
+    return response.status();
+  };
+  EXPECT_EQ(check(""), ::grpc::health::v1::HealthCheckResponse::SERVING);
+  server->StartDraining();
+  EXPECT_EQ(check(""), ::grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(check("gradserve.v1.GradientService"),
+            ::grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+  auto stub = v1::GradientService::NewStub(channel);
+  v1::ComputeGradientsResponse response;
+  grpc::ClientContext context;
+  EXPECT_TRUE(stub->ComputeGradients(&context, testing::SeedRequest<float>(), &response).ok());
 }
 
 }  // namespace
