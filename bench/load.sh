@@ -23,6 +23,7 @@
 #   SECONDS_PER_RUN [10]  WARMUP [2]  SMALL_CONCURRENCY [16]  LARGE_CONCURRENCY [8]
 #   LARGE_SHAPE [batch=512,layers=1024x1024x1024x1024,act=relu,loss=mse,dtype=float32]
 #   CHANNELS [1]        gRPC channels (HTTP/2 connections) the client spreads its calls over
+#   CLIENT_FLAGS        extra `gradclient bench` flags, word-split [none], e.g. "--api cq"
 #   BUILD_DIR [build/release]  GRADSERVE, GRADCLIENT  binaries [BUILD_DIR/server/gradserve, ...]
 #   OUT [bench/results/load.md]  JSON_DIR [a temporary folder, removed]: each run's JSON
 #   STRICT [0]          1: exit 1 when a ratio misses its target (errors always exit 1)
@@ -42,6 +43,7 @@ small_concurrency="${SMALL_CONCURRENCY:-16}"
 large_concurrency="${LARGE_CONCURRENCY:-8}"
 large_shape="${LARGE_SHAPE:-batch=512,layers=1024x1024x1024x1024,act=relu,loss=mse,dtype=float32}"
 channels="${CHANNELS:-1}"
+client_flags="${CLIENT_FLAGS:-}"
 out="${OUT:-${repo}/bench/results/load.md}"
 strict="${STRICT:-0}"
 max_other="${MAX_OTHER_CPU:-25}"
@@ -85,9 +87,10 @@ run_once() {
   machine0="$(machine_busy_ticks)"
   server0="$(process_ticks "${server_pid}")"
   start_ns="$(date +%s%N)"
+  # shellcheck disable=SC2086  # CLIENT_FLAGS is a list of flags.
   "${client_bin}" --target "127.0.0.1:${port}" --timeout-ms 600000 bench \
     --shape "${shape}" --concurrency "${concurrency}" --channels "${channels}" \
-    --duration "${seconds}" --warmup "${warmup}" --verify \
+    --duration "${seconds}" --warmup "${warmup}" --verify ${client_flags} \
     --json "${json_dir}/${name}.client.json" >&2 || rc=$?
   end_ns="$(date +%s%N)"
   machine1="$(machine_busy_ticks)"
@@ -144,11 +147,11 @@ python3 - "${json_dir}" "${small_concurrency}" "${large_concurrency}" "${strict}
   "${server_flags:-(none: defaults)}" "${server_banner}" "${seconds}" "${warmup}" "${channels}" \
   "$(git -C "${repo}" describe --always --dirty 2>/dev/null || echo unknown)" \
   "$(nproc)" "$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n 1)" "${max_other}" \
-  "${retries}" >"${out}" \
+  "${retries}" "${server_bin#"${repo}/"}" "${client_bin#"${repo}/"}" "${client_flags}" >"${out}" \
   <<'EOF' || table_rc=$?
 import datetime, json, os, sys
 (json_dir, small_c, large_c, strict, flags, banner, seconds, warmup, channels, commit, cores,
- cpu_model, max_other, retries) = sys.argv[1:]
+ cpu_model, max_other, retries, server_bin, client_bin, client_flags) = sys.argv[1:]
 runs = [("small", 1), ("small", int(small_c)), ("large", 1), ("large", int(large_c))]
 data = {}
 for kind, c in runs:
@@ -165,8 +168,9 @@ print("# gradserve under load (`bench/load.sh`)")
 print()
 print(f"- {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit `{commit}`, "
       f"{cores} cores ({cpu_model})")
-print(f"- server flags: `{flags}`; the server said: `{banner}`")
-print(f"- client: `gradclient bench --verify`, {warmup} s warm-up then {seconds} s measured per "
+print(f"- server `{server_bin}`, flags: `{flags}`; it said: `{banner}`")
+print(f"- client: `{client_bin} bench --verify{' ' + client_flags if client_flags else ''}`, "
+      f"{warmup} s warm-up then {seconds} s measured per "
       f"run, {channels} channel(s); throughput counts successful calls (calls straddling the "
       f"window's edges in part); latency percentiles are exact over every measured call")
 print("- CPU columns are % of one core over the client's whole run (warm-up and drain "

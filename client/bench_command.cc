@@ -215,14 +215,20 @@ double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).coun
 // does not jump with the edges, and it stays right when calls complete in bursts.
 
 // One in-flight call at a time. A slot's next call starts from the previous call's completion
-// callback, so its own fields are only ever touched by one callback at a time (gRPC orders a
-// call's start before its callback); the shared counters are atomics.
+// (the callback, or the poller that took it off the completion queue), so its own fields are
+// only ever touched by one thread at a time (gRPC orders a call's start before its completion);
+// the shared counters are atomics.
 struct Slot {
   v1::GradientService::Stub* stub = nullptr;
+  grpc::CompletionQueue* queue = nullptr;  // --api cq only.
   std::unique_ptr<grpc::ClientContext> context;
+  std::unique_ptr<grpc::ClientAsyncResponseReader<v1::ComputeGradientsResponse>> reader;
+  grpc::Status status;  // --api cq: Finish() writes it.
   v1::ComputeGradientsResponse response;
   Clock::time_point start;
-  std::vector<int64_t> latencies_ns;  // Of the calls completed inside the window.
+  // Of the successful calls completed inside the window (a refusal's latency says nothing of
+  // the service's).
+  std::vector<int64_t> latencies_ns;
   // [start, end) of every successful call that ended after the window opened, in ns from the
   // window's start (drained calls included): the throughput counts their overlap with it.
   std::vector<std::pair<int64_t, int64_t>> ok_intervals_ns;
@@ -240,8 +246,14 @@ class Runner {
         request_(request),
         reference_(reference),
         slots_(static_cast<size_t>(options.concurrency)) {
+    if (options.api == "cq") {
+      for (int i = 0; i < options.threads; ++i) {
+        queues_.push_back(std::make_unique<grpc::CompletionQueue>());
+      }
+    }
     for (size_t i = 0; i < slots_.size(); ++i) {
       slots_[i].stub = stubs[i % stubs.size()].get();
+      if (!queues_.empty()) slots_[i].queue = queues_[i % queues_.size()].get();
       slots_[i].latencies_ns.reserve(1 << 12);
       slots_[i].ok_intervals_ns.reserve(1 << 12);
     }
@@ -257,6 +269,17 @@ class Runner {
                                         std::chrono::duration<double>(options_.duration_seconds));
     active_ = static_cast<int>(slots_.size());
     if (options_.warmup_seconds <= 0) cpu_at_start_ = CpuSeconds();
+    std::vector<std::thread> pollers;
+    for (auto& queue : queues_) {
+      pollers.emplace_back([this, q = queue.get()] {
+        void* tag;
+        bool ok;
+        while (q->Next(&tag, &ok)) {
+          Slot* slot = static_cast<Slot*>(tag);
+          OnDone(*slot, slot->status);
+        }
+      });
+    }
     for (Slot& slot : slots_) StartCall(slot);
 
     bool cpu_start_taken = options_.warmup_seconds <= 0;
@@ -281,29 +304,16 @@ class Runner {
         cpu_end_taken = true;
         stop_ = true;
       }
-      if (now >= next_tick && options_.progress) {
-        const int64_t completed = completed_.load();
-        const double rate = (completed - last_completed) / Seconds(now - last_tick);
-        const bool warming = now < measure_start_;
-        const double elapsed = Seconds(now - (warming ? start_ : measure_start_));
-        char line[200];
-        std::snprintf(
-            line, sizeof(line), "bench: %s %5.1f s  calls %lld  rate %.1f/s  errors %lld%s",
-            warming ? "warmup " : "measure", elapsed, static_cast<long long>(measured_.load()),
-            rate, static_cast<long long>(error_calls_.load()), stop_.load() ? "  (draining)" : "");
-        if (tty) {
-          std::fprintf(stderr, "\r%s\033[K", line);
-        } else {
-          std::fprintf(stderr, "%s\n", line);
-        }
-        std::fflush(stderr);
-        last_completed = completed;
-        last_tick = now;
+      if (now >= next_tick) {
         next_tick = now + std::chrono::seconds(1);
+        if (options_.progress) PrintProgress(now, tty, &last_completed, &last_tick);
       }
     }
     if (!cpu_end_taken) cpu_at_end_ = CpuSeconds();
     if (tty) std::fprintf(stderr, "\n");
+    lock.unlock();
+    for (auto& queue : queues_) queue->Shutdown();  // Every call is done: the pollers drain.
+    for (std::thread& poller : pollers) poller.join();
   }
 
   const std::vector<Slot>& slots() const { return slots_; }
@@ -328,6 +338,28 @@ class Runner {
   }
 
  private:
+  // One progress line: calls measured so far and the completion rate since the last line.
+  void PrintProgress(Clock::time_point now, bool tty, int64_t* last_completed,
+                     Clock::time_point* last_tick) {
+    const int64_t completed = completed_.load();
+    const double rate = (completed - *last_completed) / Seconds(now - *last_tick);
+    const bool warming = now < measure_start_;
+    const double elapsed = Seconds(now - (warming ? start_ : measure_start_));
+    char line[200];
+    std::snprintf(line, sizeof(line), "bench: %s %5.1f s  calls %lld  rate %.1f/s  errors %lld%s",
+                  warming ? "warmup " : "measure", elapsed,
+                  static_cast<long long>(measured_.load()), rate,
+                  static_cast<long long>(error_calls_.load()), stop_.load() ? "  (draining)" : "");
+    if (tty) {
+      std::fprintf(stderr, "\r%s\033[K", line);
+    } else {
+      std::fprintf(stderr, "%s\n", line);
+    }
+    std::fflush(stderr);
+    *last_completed = completed;
+    *last_tick = now;
+  }
+
   int64_t window_ns() const {
     const int64_t last_ns = max_calls_end_ns_.load();
     if (last_ns > 0) return last_ns;
@@ -335,16 +367,24 @@ class Runner {
   }
 
   void StartCall(Slot& slot) {
+    slot.reader.reset();
     slot.context = std::make_unique<grpc::ClientContext>();
     PrepareContext(client_options_, slot.context.get());  // Deadline, bearer token.
     slot.response.Clear();
     slot.start = Clock::now();
+    if (slot.queue != nullptr) {
+      slot.reader =
+          slot.stub->PrepareAsyncComputeGradients(slot.context.get(), request_, slot.queue);
+      slot.reader->StartCall();
+      slot.reader->Finish(&slot.response, &slot.status, &slot);
+      return;
+    }
     slot.stub->async()->ComputeGradients(
         slot.context.get(), &request_, &slot.response,
         [this, &slot](grpc::Status status) { OnDone(slot, std::move(status)); });
   }
 
-  // Runs on a gRPC callback thread: record, then start the slot's next call or stop it.
+  // Runs on a gRPC callback thread or a poller: record, then start the slot's next call or stop.
   void OnDone(Slot& slot, grpc::Status status) {
     const Clock::time_point end = Clock::now();
     completed_.fetch_add(1, std::memory_order_relaxed);
@@ -376,7 +416,8 @@ class Runner {
   }
 
   void Record(Slot& slot, const grpc::Status& status, Clock::time_point end) {
-    slot.latencies_ns.push_back(std::chrono::nanoseconds(end - slot.start).count());
+    if (status.ok())
+      slot.latencies_ns.push_back(std::chrono::nanoseconds(end - slot.start).count());
     const int code = static_cast<int>(status.error_code());
     ++slot.errors[code >= 0 && code < 17 ? code : static_cast<int>(grpc::StatusCode::UNKNOWN)];
     if (!status.ok()) {
@@ -412,6 +453,8 @@ class Runner {
   std::once_flag first_error_once_, first_mismatch_once_;
   std::string first_mismatch_;
   double cpu_at_start_ = 0, cpu_at_end_ = 0;
+
+  std::vector<std::unique_ptr<grpc::CompletionQueue>> queues_;  // --api cq: one per poller.
 
   std::mutex mutex_;
   std::condition_variable done_;
@@ -610,6 +653,12 @@ CLI::App* AddBenchCommand(CLI::App& app, BenchOptions* options) {
                    "gRPC channels (one HTTP/2 connection each) the calls are spread over")
       ->check(CLI::Range(1, 1024))
       ->capture_default_str();
+  bench->add_option("--api", options->api, "gRPC client API: callback, or cq (completion queues)")
+      ->check(CLI::IsMember({"callback", "cq"}))
+      ->capture_default_str();
+  bench->add_option("--threads", options->threads, "--api cq: threads polling completion queues")
+      ->check(CLI::Range(1, 64))
+      ->capture_default_str();
   bench->add_flag("--verify", options->verify,
                   "check every response's loss and gradients are bit-identical to the first's");
   bench->add_option("--json", options->json_path, "also write the results to this JSON file");
@@ -674,7 +723,8 @@ int RunBench(const std::string& target, const ClientOptions& client_options,
     mismatches += slot.mismatches;
   }
   std::sort(latencies.begin(), latencies.end());
-  const int64_t calls = static_cast<int64_t>(latencies.size());
+  int64_t calls = 0;
+  for (int64_t count : by_code) calls += count;
   const int64_t errors = calls - by_code[0];
   const double window = runner.window_seconds();
   const double completions_rate = window > 0 ? calls / window : 0;
@@ -705,13 +755,13 @@ int RunBench(const std::string& target, const ClientOptions& client_options,
   json["calls_per_s"] = rate;
   json["completions_per_s"] = completions_rate;
   json["gflops_per_s"] = rate * flops / 1e9;
-  if (calls > 0) {
+  if (!latencies.empty()) {
     double sum = 0;
     for (int64_t l : latencies) sum += static_cast<double>(l);
     json["latency_us"] = {
         {"min", us(latencies.front())},         {"p50", us(Percentile(latencies, 50))},
         {"p90", us(Percentile(latencies, 90))}, {"p99", us(Percentile(latencies, 99))},
-        {"max", us(latencies.back())},          {"mean", sum / calls / 1000.0}};
+        {"max", us(latencies.back())},          {"mean", sum / latencies.size() / 1000.0}};
   }
   json["client_cpu_s"] = cpu;
   json["client_cpu_percent_of_one_core"] = window > 0 ? 100.0 * cpu / window : 0;
@@ -743,7 +793,7 @@ int RunBench(const std::string& target, const ClientOptions& client_options,
   } else {
     std::printf("throughput  %.1f calls/s (completions/window: %.1f/s)\n", rate, completions_rate);
   }
-  if (calls > 0) {
+  if (!latencies.empty()) {
     std::printf("latency us  p50 %.1f  p90 %.1f  p99 %.1f  max %.1f  (min %.1f, mean %.1f)\n",
                 us(Percentile(latencies, 50)), us(Percentile(latencies, 90)),
                 us(Percentile(latencies, 99)), us(latencies.back()), us(latencies.front()),

@@ -1,12 +1,13 @@
 // `gradclient bench`: a closed-loop load generator for ComputeGradients.
 //
-// It keeps --concurrency calls in flight with gRPC's callback API (no thread per call), spread
-// round-robin over --channels channels (one HTTP/2 connection each), all sending one request
-// built once from a shape spec. After --warmup seconds it records every completion for
-// --duration seconds (or --max-calls completions), then prints calls, errors by status code,
-// throughput (successful calls per second; calls straddling the window's edges count in part,
-// see Note [Throughput] in the .cc), exact latency percentiles and the generator's own CPU time (so
-// a saturated client is visible), and with --json FILE writes the same as JSON.
+// It keeps --concurrency calls in flight with gRPC's callback API (no thread per call; or, with
+// --api cq, completion queues polled by --threads threads), spread round-robin over --channels
+// channels (one HTTP/2 connection each), all sending one request built once from a shape spec.
+// After --warmup seconds it records every completion for --duration seconds (or --max-calls
+// completions), then prints calls, errors by status code, throughput (successful calls per
+// second; calls straddling the window's edges count in part, see Note [Throughput] in the .cc),
+// exact latency percentiles of the successful calls and the generator's own CPU time (so a
+// saturated client is visible), and with --json FILE writes the same as JSON.
 //
 //   gradclient --target 127.0.0.1:50051 bench --concurrency 16 --duration 10 --shape seed
 //   gradclient bench --shape batch=512,layers=1024x1024x1024x1024,act=relu,loss=mse -c 8
@@ -81,6 +82,8 @@ struct BenchOptions {
   std::string shape = "seed";
   std::string checkpoint = "none";
   int channels = 1;
+  std::string api = "callback";  // Or "cq": async stubs on completion queues.
+  int threads = 1;               // Threads polling completion queues (api "cq"), one queue each.
   bool verify = false;
   std::string json_path;  // Empty: no JSON.
   bool progress = true;

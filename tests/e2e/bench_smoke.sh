@@ -21,7 +21,8 @@ client=("$2" --target "127.0.0.1:${port}")
 "${client[@]}" bench --shape seed --concurrency 4 --channels 2 --duration 1 --warmup 0.2 \
   --verify --no-progress --json "${json}"
 "${client[@]}" bench --shape batch=16,layers=32x64x10,loss=cross_entropy,dtype=float64 \
-  --concurrency 2 --duration 10 --max-calls 50 --checkpoint sqrt --verify --no-progress
+  --concurrency 3 --api cq --threads 2 --duration 10 --max-calls 50 --checkpoint sqrt --verify \
+  --no-progress
 python3 - "${json}" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
