@@ -20,6 +20,8 @@
 #include <span>
 #include <thread>
 
+#include "absl/status/status.h"
+
 namespace gradserve::client::bench {
 namespace {
 
@@ -69,25 +71,9 @@ std::vector<std::string_view> Split(std::string_view text, char separator) {
   }
 }
 
-std::string_view StatusCodeName(int code) {
-  static constexpr std::array<std::string_view, 17> kNames = {"OK",
-                                                              "CANCELLED",
-                                                              "UNKNOWN",
-                                                              "INVALID_ARGUMENT",
-                                                              "DEADLINE_EXCEEDED",
-                                                              "NOT_FOUND",
-                                                              "ALREADY_EXISTS",
-                                                              "PERMISSION_DENIED",
-                                                              "RESOURCE_EXHAUSTED",
-                                                              "FAILED_PRECONDITION",
-                                                              "ABORTED",
-                                                              "OUT_OF_RANGE",
-                                                              "UNIMPLEMENTED",
-                                                              "INTERNAL",
-                                                              "UNAVAILABLE",
-                                                              "DATA_LOSS",
-                                                              "UNAUTHENTICATED"};
-  return code >= 0 && code < static_cast<int>(kNames.size()) ? kNames[code] : "?";
+std::string StatusCodeName(int code) {
+  // absl::StatusCode and grpc::StatusCode share the canonical numbering and names.
+  return absl::StatusCodeToString(static_cast<absl::StatusCode>(code));
 }
 
 void AddActivation(std::string_view name, ModelBuilder& builder) {
@@ -423,7 +409,7 @@ class Runner {
     if (!status.ok()) {
       error_calls_.fetch_add(1, std::memory_order_relaxed);
       std::call_once(first_error_once_, [&] {
-        std::fprintf(stderr, "\nbench: first error: %s %s\n", StatusCodeName(code).data(),
+        std::fprintf(stderr, "\nbench: first error: %s %s\n", StatusCodeName(code).c_str(),
                      status.error_message().c_str());
       });
       return;

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdlib>
 
+#include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
@@ -53,25 +54,9 @@ const char* PhaseName(Phase phase) {
   return "unknown";
 }
 
-const char* StatusCodeName(int code) {
-  static constexpr const char* kNames[kNumStatusCodes] = {"OK",
-                                                          "CANCELLED",
-                                                          "UNKNOWN",
-                                                          "INVALID_ARGUMENT",
-                                                          "DEADLINE_EXCEEDED",
-                                                          "NOT_FOUND",
-                                                          "ALREADY_EXISTS",
-                                                          "PERMISSION_DENIED",
-                                                          "RESOURCE_EXHAUSTED",
-                                                          "FAILED_PRECONDITION",
-                                                          "ABORTED",
-                                                          "OUT_OF_RANGE",
-                                                          "UNIMPLEMENTED",
-                                                          "INTERNAL",
-                                                          "UNAVAILABLE",
-                                                          "DATA_LOSS",
-                                                          "UNAUTHENTICATED"};
-  return code >= 0 && code < kNumStatusCodes ? kNames[code] : "UNKNOWN";
+std::string StatusCodeName(int code) {
+  // absl::StatusCode and grpc::StatusCode share the canonical numbering and names.
+  return absl::StatusCodeToString(static_cast<absl::StatusCode>(code));
 }
 
 const std::vector<double>& LatencyBucketBounds() {

@@ -90,7 +90,7 @@ struct CallTimes {
 
 inline constexpr int kNumStatusCodes = 17;  // gRPC's canonical codes, OK (0) .. UNAUTHENTICATED.
 // "OK", "CANCELLED", ... for 0 .. 16; "UNKNOWN" otherwise.
-const char* StatusCodeName(int code);
+std::string StatusCodeName(int code);
 
 struct MethodSnapshot {
   std::string method;
