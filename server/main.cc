@@ -129,9 +129,8 @@ int main(int argc, char** argv) {
     return absl::IsInvalidArgument(server.status()) ? 2 : 1;
   }
   spdlog::info(
-      "gradserve {} listening on {} (port {}); {} compute threads, calls under {:g} flops on "
-      "one, "
-      "max message {} bytes",
+      "gradserve {} listening on {} (port {}); {} compute threads, calls under {:g} flops "
+      "on one, max message {} bytes",
       GRADSERVE_VERSION, options.listen_address, (*server)->port(), options.service.threads,
       options.service.parallel_threshold_flops, limits.max_message_bytes);
 
