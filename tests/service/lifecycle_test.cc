@@ -1,4 +1,5 @@
 // Deadlines, cancellation and shutdown with calls in flight.
+#include <gmock/gmock.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <malloc.h>
@@ -142,6 +143,48 @@ TEST(Lifecycle, ShutdownLetsCallsInFlightFinishAndRefusesNewOnes) {
     EXPECT_TRUE(status.ok()) << status.error_code() << " " << status.error_message();
   }
   shutdown.join();
+}
+
+// One core, room for one waiting call: of eight slow calls sent at once, the ones that find the
+// queue full are refused at once with RESOURCE_EXHAUSTED, the others are answered, and the
+// server answers normally afterwards.
+TEST(Lifecycle, QueueOverflowIsRefusedAtOnceAndTheServerRecovers) {
+  spdlog::set_level(spdlog::level::warn);
+  service::ServerOptions options;
+  options.listen_address = "127.0.0.1:0";
+  options.service.threads = 1;
+  options.service.max_queue = 1;
+  auto started = service::GradServer::Start(options);
+  ASSERT_TRUE(started.ok()) << started.status();
+  auto server = std::move(*started);
+  auto stub = Connect(*server);
+  const v1::ComputeGradientsRequest request = SlowRequest();
+  std::vector<std::future<grpc::Status>> calls;
+  for (int i = 0; i < 8; ++i) {
+    calls.push_back(std::async(std::launch::async, [&] {
+      v1::ComputeGradientsResponse response;
+      grpc::ClientContext context;
+      context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+      return stub->ComputeGradients(&context, request, &response);
+    }));
+  }
+  int ok = 0, refused = 0;
+  for (auto& call : calls) {
+    const grpc::Status status = call.get();
+    if (status.ok()) {
+      ++ok;
+    } else {
+      EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+          << status.error_message();
+      EXPECT_THAT(status.error_message(), ::testing::HasSubstr("max_queue"));
+      ++refused;
+    }
+  }
+  EXPECT_GE(ok, 1);
+  EXPECT_GE(refused, 1);
+  v1::ComputeGradientsResponse response;
+  grpc::ClientContext context;
+  EXPECT_TRUE(stub->ComputeGradients(&context, testing::SeedRequest<float>(), &response).ok());
 }
 
 TEST(Lifecycle, DrainingReportsNotServingWhileStillAnswering) {
