@@ -44,11 +44,13 @@ v1::ComputeGradientsRequest SlowRequest() {
   return request;
 }
 
-std::unique_ptr<service::GradServer> StartServer() {
+std::unique_ptr<service::GradServer> StartServer(
+    int threads = 2, int max_queue = service::ServiceOptions().max_queue) {
   spdlog::set_level(spdlog::level::warn);
   service::ServerOptions options;
   options.listen_address = "127.0.0.1:0";
-  options.service.threads = 2;
+  options.service.threads = threads;
+  options.service.max_queue = max_queue;
   auto server = service::GradServer::Start(options);
   EXPECT_TRUE(server.ok()) << server.status();
   return server.ok() ? std::move(*server) : nullptr;
@@ -149,14 +151,8 @@ TEST(Lifecycle, ShutdownLetsCallsInFlightFinishAndRefusesNewOnes) {
 // queue full are refused at once with RESOURCE_EXHAUSTED, the others are answered, and the
 // server answers normally afterwards.
 TEST(Lifecycle, QueueOverflowIsRefusedAtOnceAndTheServerRecovers) {
-  spdlog::set_level(spdlog::level::warn);
-  service::ServerOptions options;
-  options.listen_address = "127.0.0.1:0";
-  options.service.threads = 1;
-  options.service.max_queue = 1;
-  auto started = service::GradServer::Start(options);
-  ASSERT_TRUE(started.ok()) << started.status();
-  auto server = std::move(*started);
+  auto server = StartServer(/*threads=*/1, /*max_queue=*/1);
+  ASSERT_NE(server, nullptr);
   auto stub = Connect(*server);
   const v1::ComputeGradientsRequest request = SlowRequest();
   std::vector<std::future<grpc::Status>> calls;
