@@ -80,6 +80,13 @@ int main(int argc, char** argv) {
   app.add_option("--max-activation-bytes", limits.max_activation_bytes,
                  "activation memory one call may use")
       ->capture_default_str();
+  app.add_option("--max-stream-bytes", limits.max_stream_bytes,
+                 "state one StreamGradients stream may hold: parameters, accumulator, chunks")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 40));
+  app.add_option("--max-streams", limits.max_streams, "StreamGradients streams open at once")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 20));
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error, critical or off")
       ->capture_default_str()
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "critical", "off"}));

@@ -95,16 +95,43 @@ AuthenticatingGradientService::AuthenticatingGradientService(
     std::function<void(const char* method)> on_refused)
     : inner_(inner), token_(std::move(token)), on_refused_(std::move(on_refused)) {}
 
-grpc::ServerUnaryReactor* AuthenticatingGradientService::Refuse(
-    const char* method, grpc::CallbackServerContext* context) const {
-  if (token_.empty()) return nullptr;
+grpc::Status AuthenticatingGradientService::Check(const char* method,
+                                                  grpc::CallbackServerContext* context) const {
+  if (token_.empty()) return grpc::Status::OK;
   grpc::Status status = CheckBearerToken(context->client_metadata(), token_);
-  if (status.ok()) return nullptr;
+  if (status.ok()) return status;
   spdlog::warn("{} peer={} refused: {}", method, context->peer(), status.error_message());
   if (on_refused_) on_refused_(method);
+  return status;
+}
+
+grpc::ServerUnaryReactor* AuthenticatingGradientService::Refuse(
+    const char* method, grpc::CallbackServerContext* context) const {
+  grpc::Status status = Check(method, context);
+  if (status.ok()) return nullptr;
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(status);
   return reactor;
+}
+
+namespace {
+
+// A stream finished before its first read: gRPC has no default bidi reactor.
+class RefusedStream final
+    : public grpc::ServerBidiReactor<v1::StreamGradientsRequest, v1::StreamGradientsResponse> {
+ public:
+  explicit RefusedStream(const grpc::Status& status) { Finish(status); }
+  void OnDone() override { delete this; }
+};
+
+}  // namespace
+
+grpc::ServerBidiReactor<v1::StreamGradientsRequest, v1::StreamGradientsResponse>*
+AuthenticatingGradientService::StreamGradients(grpc::CallbackServerContext* context) {
+  if (grpc::Status status = Check("StreamGradients", context); !status.ok()) {
+    return new RefusedStream(status);
+  }
+  return inner_->StreamGradients(context);
 }
 
 grpc::ServerUnaryReactor* AuthenticatingGradientService::ComputeGradients(

@@ -60,8 +60,12 @@ class AuthenticatingGradientService final : public v1::GradientService::Callback
   grpc::ServerUnaryReactor* GetStats(grpc::CallbackServerContext* context,
                                      const v1::GetStatsRequest* request,
                                      v1::GetStatsResponse* response) override;
+  grpc::ServerBidiReactor<v1::StreamGradientsRequest, v1::StreamGradientsResponse>* StreamGradients(
+      grpc::CallbackServerContext* context) override;
 
  private:
+  // OK if the call may go on; otherwise UNAUTHENTICATED, logged and counted.
+  grpc::Status Check(const char* method, grpc::CallbackServerContext* context) const;
   // nullptr if the call may go on; otherwise a reactor already finished with UNAUTHENTICATED.
   grpc::ServerUnaryReactor* Refuse(const char* method, grpc::CallbackServerContext* context) const;
 

@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "server/service/compute.h"
+#include "server/service/stream.h"
 
 namespace gradserve::service {
 namespace {
@@ -58,7 +59,8 @@ std::string NewRequestId() {
 
 GradientServiceImpl::GradientServiceImpl(const ServiceOptions& options)
     : options_(options),
-      metrics_({"ComputeGradients", "CheckGradients", "GetServerInfo", "GetStats"}),
+      metrics_(
+          {"ComputeGradients", "CheckGradients", "GetServerInfo", "GetStats", "StreamGradients"}),
       scheduler_(options.threads, options.max_queue) {}
 
 std::string GradientServiceImpl::AssignRequestId(grpc::CallbackServerContext* context) {
@@ -73,11 +75,10 @@ std::string GradientServiceImpl::AssignRequestId(grpc::CallbackServerContext* co
   return id;
 }
 
-void GradientServiceImpl::FinishCall(Method method, grpc::CallbackServerContext* context,
-                                     grpc::ServerUnaryReactor* reactor,
-                                     const std::string& request_id, size_t request_bytes,
-                                     size_t response_bytes, const absl::Status& status,
-                                     const CallTimes& times, spdlog::level::level_enum level) {
+void GradientServiceImpl::LogCall(Method method, grpc::CallbackServerContext* context,
+                                  const std::string& request_id, size_t request_bytes,
+                                  size_t response_bytes, const absl::Status& status,
+                                  const CallTimes& times, spdlog::level::level_enum level) {
   const std::string& name = metrics_.method_name(method);
   spdlog::log(level,
               "{} id={} peer={} request_bytes={} response_bytes={} queue_ms={} decode_ms={} "
@@ -88,8 +89,45 @@ void GradientServiceImpl::FinishCall(Method method, grpc::CallbackServerContext*
               Millis(times[Phase::kTotal]), absl::StatusCodeToString(status.code()),
               status.ok() ? "" : " error=", std::string(status.message()));
   metrics_.RecordCall(method, static_cast<int>(status.code()), times);
+}
+
+void GradientServiceImpl::FinishCall(Method method, grpc::CallbackServerContext* context,
+                                     grpc::ServerUnaryReactor* reactor,
+                                     const std::string& request_id, size_t request_bytes,
+                                     size_t response_bytes, const absl::Status& status,
+                                     const CallTimes& times, spdlog::level::level_enum level) {
+  LogCall(method, context, request_id, request_bytes, response_bytes, status, times, level);
   reactor->Finish(ToGrpcStatus(status));
 }
+
+int GradientServiceImpl::CoresFor(double flops) const {
+  return flops >= options_.parallel_threshold_flops ? options_.threads : 1;
+}
+
+absl::Status GradientServiceImpl::QueueFullError() const {
+  return absl::ResourceExhaustedError(
+      absl::StrCat("server busy: ", options_.max_queue,
+                   " calls already wait for compute (max_queue); retry with backoff"));
+}
+
+namespace {
+
+// Polled between layers: the client went away or the deadline passed.
+std::function<bool()> StopWhenDone(grpc::CallbackServerContext* context) {
+  return [context] {
+    return context->IsCancelled() || std::chrono::system_clock::now() > context->deadline();
+  };
+}
+
+// The engine says CANCELLED for both; the deadline is the more useful answer when it passed.
+absl::Status WithDeadline(absl::Status status, grpc::CallbackServerContext* context) {
+  if (absl::IsCancelled(status) && std::chrono::system_clock::now() > context->deadline()) {
+    return absl::DeadlineExceededError("the deadline passed while computing; it was abandoned");
+  }
+  return status;
+}
+
+}  // namespace
 
 template <typename Request, typename Response, typename Compute>
 grpc::ServerUnaryReactor* GradientServiceImpl::Dispatch(Method method,
@@ -106,14 +144,9 @@ grpc::ServerUnaryReactor* GradientServiceImpl::Dispatch(Method method,
     PhaseTimes phases;
     ComputeContext compute_context;
     compute_context.threads = cores;
-    compute_context.should_stop = [context] {
-      return context->IsCancelled() || std::chrono::system_clock::now() > context->deadline();
-    };
+    compute_context.should_stop = StopWhenDone(context);
     compute_context.phase_times = &phases;
-    absl::Status status = compute(*request, compute_context, response);
-    if (absl::IsCancelled(status) && std::chrono::system_clock::now() > context->deadline()) {
-      status = absl::DeadlineExceededError("the deadline passed while computing; it was abandoned");
-    }
+    const absl::Status status = WithDeadline(compute(*request, compute_context, response), context);
     times[Phase::kDecode] = phases.decode;
     times[Phase::kCompute] = phases.compute;
     times[Phase::kEncode] = phases.encode;
@@ -125,15 +158,11 @@ grpc::ServerUnaryReactor* GradientServiceImpl::Dispatch(Method method,
     FinishCall(method, context, reactor, request_id, request_bytes, response_bytes, status, times);
   };
   ++calls_in_flight_;
-  const int cores = flops >= options_.parallel_threshold_flops ? options_.threads : 1;
-  if (!scheduler_.TrySubmit(cores, std::move(run))) {
+  if (!scheduler_.TrySubmit(CoresFor(flops), std::move(run))) {
     --calls_in_flight_;
     CallTimes times;
     times[Phase::kTotal] = Seconds(Clock::now() - received);
-    FinishCall(method, context, reactor, request_id, request->ByteSizeLong(), 0,
-               absl::ResourceExhaustedError(
-                   absl::StrCat("server busy: ", options_.max_queue,
-                                " calls already wait for compute (max_queue); retry with backoff")),
+    FinishCall(method, context, reactor, request_id, request->ByteSizeLong(), 0, QueueFullError(),
                times, spdlog::level::warn);  // The server is overloaded: say so louder.
   }
   return reactor;
@@ -175,7 +204,7 @@ grpc::ServerUnaryReactor* GradientServiceImpl::GetServerInfo(
 }
 
 void GradientServiceImpl::RecordUnauthenticated(std::string_view method) {
-  for (int m : {kComputeGradients, kCheckGradients, kGetServerInfo, kGetStats}) {
+  for (int m : {kComputeGradients, kCheckGradients, kGetServerInfo, kGetStats, kStreamGradients}) {
     if (metrics_.method_name(m) == method) {
       metrics_.RecordCall(m, static_cast<int>(grpc::StatusCode::UNAUTHENTICATED), CallTimes());
     }
@@ -186,6 +215,7 @@ MetricsSnapshot GradientServiceImpl::Stats() const {
   MetricsSnapshot snapshot = metrics_.Snapshot();
   snapshot.calls_in_flight = calls_in_flight_.load();
   snapshot.queue_length = scheduler_.queued();
+  snapshot.open_streams = open_streams_.load();
   return snapshot;
 }
 
@@ -214,6 +244,7 @@ grpc::ServerUnaryReactor* GradientServiceImpl::GetStats(grpc::CallbackServerCont
   }
   response->set_calls_in_flight(snapshot.calls_in_flight);
   response->set_queue_length(snapshot.queue_length);
+  response->set_open_streams(snapshot.open_streams);
   response->set_process_start_time_seconds(snapshot.process_start_time_seconds);
   response->set_uptime_seconds(snapshot.uptime_seconds);
   CallTimes times;
@@ -222,6 +253,120 @@ grpc::ServerUnaryReactor* GradientServiceImpl::GetStats(grpc::CallbackServerCont
   FinishCall(kGetStats, context, reactor, request_id, request->ByteSizeLong(),
              response->ByteSizeLong(), absl::OkStatus(), times);
   return reactor;
+}
+
+// One StreamGradients call. It reads a message, handles it (a step on the scheduler like a
+// unary call, setup and chunks right here on the gRPC thread: they only move bytes), writes the
+// answer if there is one, then reads the next message. One operation at a time, so the session
+// is never touched by two threads at once and answers leave in the order steps came.
+class GradientServiceImpl::StreamReactor final
+    : public grpc::ServerBidiReactor<v1::StreamGradientsRequest, v1::StreamGradientsResponse> {
+ public:
+  StreamReactor(GradientServiceImpl* service, grpc::CallbackServerContext* context)
+      : service_(service),
+        context_(context),
+        session_(service->options_.limits),
+        started_(Clock::now()),
+        request_id_(AssignRequestId(context)) {
+    if (++service_->open_streams_ > service_->options_.limits.max_streams) {
+      --service_->open_streams_;
+      counted_ = false;
+      End(absl::ResourceExhaustedError(absl::StrCat(
+              "server busy: ", service_->options_.limits.max_streams,
+              " streams are open (max_streams); retry with backoff or use unary calls")),
+          spdlog::level::warn);
+      return;
+    }
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    // The client half-closed (every step sent has been answered by now) or went away.
+    if (!ok) return End(absl::OkStatus());
+    request_bytes_ += request_.ByteSizeLong();
+    if (!request_.has_step()) {
+      absl::StatusOr<bool> answered = session_.Handle(&request_, ComputeContext(), &response_);
+      if (!answered.ok()) return End(answered.status());
+      StartRead(&request_);
+      return;
+    }
+    queued_ = Clock::now();
+    ++service_->calls_in_flight_;
+    if (!service_->scheduler_.TrySubmit(service_->CoresFor(session_.Cost(request_)),
+                                        [this](int cores) { RunStep(cores); })) {
+      --service_->calls_in_flight_;
+      End(service_->QueueFullError(), spdlog::level::warn);
+    }
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) return End(absl::CancelledError("the client went away"));
+    StartRead(&request_);
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  void RunStep(int cores) {
+    CallTimes times;
+    times[Phase::kQueue] = Seconds(Clock::now() - queued_);
+    PhaseTimes phases;
+    ComputeContext compute_context;
+    compute_context.threads = cores;
+    compute_context.should_stop = StopWhenDone(context_);
+    compute_context.phase_times = &phases;
+    response_.Clear();
+    const absl::StatusOr<bool> answered = session_.Handle(&request_, compute_context, &response_);
+    times[Phase::kDecode] = phases.decode;
+    times[Phase::kCompute] = phases.compute;
+    times[Phase::kEncode] = phases.encode;
+    service_->metrics_.RecordPhases(kStreamGradients, times);
+    --service_->calls_in_flight_;
+    if (!answered.ok()) return End(WithDeadline(answered.status(), context_));
+    if (!*answered) {
+      StartRead(&request_);
+      return;
+    }
+    response_bytes_ += response_.ByteSizeLong();
+    StartWrite(&response_);
+  }
+
+  // Logs and counts the stream as one call and finishes it.
+  void End(absl::Status status, spdlog::level::level_enum level = spdlog::level::info) {
+    if (status.ok() && context_->IsCancelled()) {
+      status = std::chrono::system_clock::now() > context_->deadline()
+                   ? absl::DeadlineExceededError("the stream's deadline passed")
+                   : absl::CancelledError("the client cancelled the stream");
+    }
+    CallTimes times;
+    times[Phase::kTotal] = Seconds(Clock::now() - started_);
+    service_->LogCall(kStreamGradients, context_, request_id_, request_bytes_, response_bytes_,
+                      status, times, level);
+    spdlog::debug("StreamGradients id={} messages={} steps={}", request_id_, session_.messages(),
+                  session_.steps());
+    // No longer open once its status is on the way (OnDone comes later, on another thread), so
+    // a client that saw the status and opens a new stream finds the slot free.
+    if (counted_) --service_->open_streams_;
+    counted_ = false;
+    Finish(ToGrpcStatus(status));
+  }
+
+  GradientServiceImpl* const service_;
+  grpc::CallbackServerContext* const context_;
+  StreamSession session_;
+  const Clock::time_point started_;
+  const std::string request_id_;
+  bool counted_ = true;  // Whether this stream counts in open_streams_.
+  Clock::time_point queued_;
+  size_t request_bytes_ = 0;
+  size_t response_bytes_ = 0;
+  v1::StreamGradientsRequest request_;
+  v1::StreamGradientsResponse response_;
+};
+
+grpc::ServerBidiReactor<v1::StreamGradientsRequest, v1::StreamGradientsResponse>*
+GradientServiceImpl::StreamGradients(grpc::CallbackServerContext* context) {
+  return new StreamReactor(this, context);
 }
 
 }  // namespace gradserve::service

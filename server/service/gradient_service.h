@@ -55,6 +55,8 @@ class GradientServiceImpl final : public v1::GradientService::CallbackService {
   grpc::ServerUnaryReactor* GetStats(grpc::CallbackServerContext* context,
                                      const v1::GetStatsRequest* request,
                                      v1::GetStatsResponse* response) override;
+  grpc::ServerBidiReactor<v1::StreamGradientsRequest, v1::StreamGradientsResponse>* StreamGradients(
+      grpc::CallbackServerContext* context) override;
 
   // Counts a call of `method` ("ComputeGradients") that never reached this service because
   // AuthenticatingGradientService refused it: UNAUTHENTICATED, no latency. Thread-safe.
@@ -69,7 +71,8 @@ class GradientServiceImpl final : public v1::GradientService::CallbackService {
 
  private:
   // The methods in the order the proto declares them; indices into metrics_.
-  enum Method { kComputeGradients, kCheckGradients, kGetServerInfo, kGetStats };
+  enum Method { kComputeGradients, kCheckGradients, kGetServerInfo, kGetStats, kStreamGradients };
+  class StreamReactor;
 
   // Runs `compute` on the scheduler with the cores `flops` deserves and finishes the call with
   // its status.
@@ -80,14 +83,23 @@ class GradientServiceImpl final : public v1::GradientService::CallbackService {
   // The call's request id (the client's if valid, else a new one), echoed to the client in the
   // initial metadata.
   static std::string AssignRequestId(grpc::CallbackServerContext* context);
-  // Logs the call's one line (at `level`), counts it and finishes it with `status`.
+  // Logs the call's one line (at `level`) and counts it.
+  void LogCall(Method method, grpc::CallbackServerContext* context, const std::string& request_id,
+               size_t request_bytes, size_t response_bytes, const absl::Status& status,
+               const CallTimes& times, spdlog::level::level_enum level = spdlog::level::info);
+  // LogCall, then finishes the call with `status`.
   void FinishCall(Method method, grpc::CallbackServerContext* context,
                   grpc::ServerUnaryReactor* reactor, const std::string& request_id,
                   size_t request_bytes, size_t response_bytes, const absl::Status& status,
                   const CallTimes& times, spdlog::level::level_enum level = spdlog::level::info);
+  // The cores a call of `flops` floating-point operations gets (Note [Scheduling]).
+  int CoresFor(double flops) const;
+  // The error a call gets when the compute queue is full.
+  absl::Status QueueFullError() const;
 
   const ServiceOptions options_;
   std::atomic<int> calls_in_flight_{0};
+  std::atomic<int> open_streams_{0};
   Metrics metrics_;
   // Last: its destructor runs queued calls, which use the members above.
   ComputeScheduler scheduler_;

@@ -18,6 +18,11 @@ struct ServiceLimits {
   int64_t max_activation_bytes = int64_t{2} << 30;
   // CheckGradients: at most this many entries perturbed per tensor.
   int64_t max_check_samples = 4096;
+  // State one StreamGradients stream holds between messages: parameters, accumulator, chunks.
+  // Together with max_streams it bounds what streams can pin (16 GiB at the defaults, though a
+  // stream only holds what its client actually sent).
+  int64_t max_stream_bytes = int64_t{1} << 30;
+  int64_t max_streams = 16;
 };
 
 }  // namespace gradserve::service

@@ -151,6 +151,11 @@ void Metrics::RecordCall(int method, int code, const CallTimes& times) {
   PerMethod& m = *methods_[method];
   m.calls_by_code[code >= 0 && code < kNumStatusCodes ? code : 2 /* UNKNOWN */].fetch_add(
       1, std::memory_order_relaxed);
+  RecordPhases(method, times);
+}
+
+void Metrics::RecordPhases(int method, const CallTimes& times) {
+  PerMethod& m = *methods_[method];
   for (int p = 0; p < kNumPhases; ++p) {
     if (times.seconds[p] >= 0) m.phases[p].Record(times.seconds[p]);
   }
@@ -221,6 +226,10 @@ std::string PrometheusText(const MetricsSnapshot& snapshot) {
                   "# TYPE gradserve_queue_length gauge\n"
                   "gradserve_queue_length ",
                   snapshot.queue_length, "\n",
+                  "# HELP gradserve_open_streams StreamGradients streams open.\n"
+                  "# TYPE gradserve_open_streams gauge\n"
+                  "gradserve_open_streams ",
+                  snapshot.open_streams, "\n",
                   "# HELP gradserve_process_start_time_seconds Start time of the process since "
                   "the Unix epoch in seconds.\n"
                   "# TYPE gradserve_process_start_time_seconds gauge\n"

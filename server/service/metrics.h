@@ -18,6 +18,9 @@
 // a call refused because the queue is full has only total. Cheap calls answered on the gRPC
 // thread (GetServerInfo, GetStats) have only total. A call refused for its bearer token never
 // reaches the service: it is counted (UNAUTHENTICATED) with no phase at all.
+// A StreamGradients stream is one call: its total is the stream's lifetime, recorded when it
+// ends; each step adds one sample to queue, decode, compute and encode (setup and chunks are
+// handled on the gRPC thread and add none).
 #ifndef GRADSERVE_SERVICE_METRICS_H_
 #define GRADSERVE_SERVICE_METRICS_H_
 
@@ -103,6 +106,7 @@ struct MetricsSnapshot {
   std::vector<MethodSnapshot> methods;
   int calls_in_flight = 0;
   int queue_length = 0;
+  int open_streams = 0;
   double process_start_time_seconds = 0;  // Unix time.
   double uptime_seconds = 0;
 };
@@ -117,6 +121,9 @@ class Metrics {
   // Counts one finished call of methods[method] with gRPC status `code` and records the phases
   // it reached. REQUIRES: 0 <= method < number of methods.
   void RecordCall(int method, int code, const CallTimes& times);
+  // Records the phases without counting a call: one step of a stream, whose call is counted
+  // (with its total time) when the stream ends.
+  void RecordPhases(int method, const CallTimes& times);
 
   const std::string& method_name(int method) const { return methods_[method]->name; }
 

@@ -161,12 +161,20 @@ uint64_t CallsWithCode(const v1::MethodStats& method, const std::string& code) {
   return 0;
 }
 
+// Every GradientService method is reported, with or without calls.
+size_t MethodCount() {
+  return google::protobuf::DescriptorPool::generated_pool()
+      ->FindServiceByName(v1::GradientService::service_full_name())
+      ->method_count();
+}
+
 TEST_F(MetricsTest, GetStatsCountsCallsByCodeAndPhase) {
   MakeCalls();
   grpc::ClientContext context;
   v1::GetStatsResponse stats;
   ASSERT_TRUE(stub_->GetStats(&context, v1::GetStatsRequest(), &stats).ok());
-  ASSERT_EQ(stats.methods_size(), 4);
+  ASSERT_EQ(stats.methods_size(), MethodCount());
+  EXPECT_EQ(stats.open_streams(), 0);
 
   const v1::MethodStats* compute = FindMethod(stats, "ComputeGradients");
   ASSERT_NE(compute, nullptr);
@@ -358,6 +366,7 @@ TEST_F(MetricsTest, PrometheusEndpointServesParsableConsistentText) {
             5);
   EXPECT_EQ(value("gradserve_calls_in_flight", {}), 0);
   EXPECT_EQ(value("gradserve_queue_length", {}), 0);
+  EXPECT_EQ(value("gradserve_open_streams", {}), 0);
   EXPECT_GT(value("gradserve_process_start_time_seconds", {}), 1.6e9);
 
   // Every histogram: le ascending, counts cumulative, +Inf last and equal to _count.
@@ -366,7 +375,7 @@ TEST_F(MetricsTest, PrometheusEndpointServesParsableConsistentText) {
     if (s.name != "gradserve_rpc_phase_seconds_bucket") continue;
     buckets[{s.labels.at("method"), s.labels.at("phase")}].push_back(&s);
   }
-  EXPECT_EQ(buckets.size(), 4u * 5u);
+  EXPECT_EQ(buckets.size(), MethodCount() * 5u);
   for (const auto& [key, series] : buckets) {
     SCOPED_TRACE(key.first + "/" + key.second);
     ASSERT_EQ(series.size(), service::LatencyBucketBounds().size() + 1);
