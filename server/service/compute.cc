@@ -265,6 +265,8 @@ void GetServerInfo(const ServiceLimits& limits, int threads, v1::GetServerInfoRe
   out->set_max_batch(limits.max_batch);
   out->set_max_features(limits.max_features);
   out->set_max_activation_bytes(limits.max_activation_bytes);
+  out->set_max_stream_bytes(limits.max_stream_bytes);
+  out->set_max_streams(limits.max_streams);
   response->set_threads(threads);
   for (auto mode : {v1::Checkpointing::MODE_NONE, v1::Checkpointing::MODE_EVERY_K,
                     v1::Checkpointing::MODE_SQRT, v1::Checkpointing::MODE_MEMORY_BUDGET}) {

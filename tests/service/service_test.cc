@@ -202,6 +202,12 @@ TEST_F(ServiceTest, ServerInfoStatesLimitsAndCapabilities) {
   EXPECT_FALSE(info.version().empty());
   EXPECT_EQ(info.limits().max_message_bytes(), 1 << 20);
   EXPECT_EQ(info.limits().max_layers(), 64);
+  // Every limit the API declares is reported, including ones added later.
+  const google::protobuf::Reflection* reflection = info.limits().GetReflection();
+  const google::protobuf::Descriptor* limits = v1::Limits::descriptor();
+  for (int f = 0; f < limits->field_count(); ++f) {
+    EXPECT_GT(reflection->GetInt64(info.limits(), limits->field(f)), 0) << limits->field(f)->name();
+  }
   EXPECT_EQ(info.threads(), 2);
   EXPECT_THAT(info.layers(),
               ::testing::UnorderedElementsAre("linear", "relu", "leaky_relu", "sigmoid", "tanh",
