@@ -1,10 +1,12 @@
 #include "gradserve/client.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <climits>
 #include <cstring>
 #include <fstream>
 #include <iterator>
+#include <string_view>
 
 #include "grpc/health/v1/health.grpc.pb.h"
 
@@ -203,6 +205,105 @@ grpc::Status GradientClient::Health(const std::string& service, bool* serving) {
       ::grpc::health::v1::Health::NewStub(channel_)->Check(&context, request, &response);
   *serving = status.ok() && response.status() == ::grpc::health::v1::HealthCheckResponse::SERVING;
   return status;
+}
+
+std::unique_ptr<GradientStream> GradientClient::OpenStream(const v1::StreamSetup& setup,
+                                                           std::chrono::milliseconds timeout,
+                                                           int64_t chunk_bytes) {
+  auto context = std::make_unique<grpc::ClientContext>();
+  ClientOptions options = options_;
+  options.timeout = timeout;
+  PrepareContext(options, context.get());
+  std::unique_ptr<GradientStream::ReaderWriter> stream = stub_->StreamGradients(context.get());
+  v1::StreamGradientsRequest message;
+  *message.mutable_setup() = setup;
+  // A failed write means the stream already ended; Step reports its status.
+  stream->Write(message);
+  return std::make_unique<GradientStream>(std::move(context), std::move(stream), chunk_bytes);
+}
+
+GradientStream::GradientStream(std::unique_ptr<grpc::ClientContext> context,
+                               std::unique_ptr<ReaderWriter> stream, int64_t chunk_bytes)
+    : context_(std::move(context)),
+      stream_(std::move(stream)),
+      chunk_bytes_(std::max<int64_t>(1, chunk_bytes)) {}
+
+GradientStream::~GradientStream() {
+  if (!final_status_) Finish();
+}
+
+grpc::Status GradientStream::Fail() {
+  if (!final_status_) final_status_ = stream_->Finish();
+  return *final_status_;
+}
+
+bool GradientStream::SendChunks(const std::string& field, v1::Tensor* tensor) {
+  const std::string& data = tensor->data();
+  for (size_t offset = 0; offset < data.size(); offset += chunk_bytes_) {
+    v1::StreamGradientsRequest message;
+    v1::TensorChunk* chunk = message.mutable_chunk();
+    chunk->set_field(field);
+    if (offset == 0) {
+      chunk->set_dtype(tensor->dtype());
+      *chunk->mutable_shape() = tensor->shape();
+    }
+    chunk->set_data(data.data() + offset, std::min<size_t>(chunk_bytes_, data.size() - offset));
+    if (!stream_->Write(message)) return false;
+  }
+  return true;
+}
+
+bool GradientStream::SendLargeTensorsAsChunks(v1::StreamStep* step) {
+  const auto large = [this](const v1::Tensor& tensor) {
+    return static_cast<int64_t>(tensor.data().size()) > chunk_bytes_;
+  };
+  if (step->has_inputs() && large(step->inputs())) {
+    if (!SendChunks("inputs", step->mutable_inputs())) return false;
+    step->clear_inputs();
+  }
+  if (step->has_targets() && large(step->targets())) {
+    if (!SendChunks("targets", step->mutable_targets())) return false;
+    step->clear_targets();
+  }
+  if (step->has_output_gradient() && large(step->output_gradient())) {
+    if (!SendChunks("output_gradient", step->mutable_output_gradient())) return false;
+    step->clear_output_gradient();
+  }
+  for (const char* list : {"parameters", "parameter_update"}) {
+    auto* entries = std::string_view(list) == "parameters" ? step->mutable_parameters()
+                                                           : step->mutable_parameter_update();
+    for (int l = 0; l < entries->size(); ++l) {
+      v1::LinearParameters* entry = entries->Mutable(l);
+      const std::string prefix = std::string(list) + "[" + std::to_string(l) + "]";
+      if (entry->has_weight() && large(entry->weight())) {
+        if (!SendChunks(prefix + ".weight", entry->mutable_weight())) return false;
+        entry->clear_weight();
+      }
+      if (entry->has_bias() && large(entry->bias())) {
+        if (!SendChunks(prefix + ".bias", entry->mutable_bias())) return false;
+        entry->clear_bias();
+      }
+    }
+  }
+  return true;
+}
+
+grpc::Status GradientStream::Step(v1::StreamStep step, v1::StreamGradientsResponse* response) {
+  if (final_status_) return *final_status_;
+  const bool answered = !step.accumulate();
+  if (!SendLargeTensorsAsChunks(&step)) return Fail();
+  v1::StreamGradientsRequest message;
+  *message.mutable_step() = std::move(step);
+  if (!stream_->Write(message)) return Fail();
+  if (answered && !stream_->Read(response)) return Fail();
+  return grpc::Status::OK;
+}
+
+grpc::Status GradientStream::Finish() {
+  if (final_status_) return *final_status_;
+  stream_->WritesDone();
+  final_status_ = stream_->Finish();
+  return *final_status_;
 }
 
 }  // namespace gradserve::client

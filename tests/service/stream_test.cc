@@ -12,6 +12,7 @@
 #include <cstring>
 #include <random>
 
+#include "gradserve/client.h"
 #include "gradserve/v1/gradserve.grpc.pb.h"
 #include "server/service/compute.h"
 #include "server/service/server.h"
@@ -356,6 +357,46 @@ TEST_F(StreamTest, TensorsLargerThanAMessageArriveInChunks) {
   }
   ASSERT_TRUE(stream->WritesDone());
   EXPECT_TRUE(stream->Finish().ok());
+}
+
+// The C++ client's GradientStream chunks what does not fit a message by itself, and reports the
+// server's status once a step fails.
+TEST_F(StreamTest, ClientLibraryChunksLargeTensorsAndReportsErrors) {
+  using T = double;
+  const v1::Model model = Classifier(/*cross_entropy=*/false, v1::REDUCTION_MEAN);
+  std::mt19937 rng(9);
+  v1::ComputeGradientsRequest whole;
+  *whole.mutable_model() = model;
+  RandomParameters<T>(model, rng, whole.mutable_parameters());
+  RandomBatch<T>(false, 2000, rng, whole.mutable_inputs(), whole.mutable_targets());
+  ASSERT_GT(whole.inputs().data().size(), size_t{64} << 10);  // Over this server's limit.
+  v1::ComputeGradientsResponse expected;
+  ASSERT_TRUE(service::ComputeGradients(whole, service::ServiceLimits(), service::ComputeContext(),
+                                        &expected)
+                  .ok());
+
+  client::GradientClient gradient_client(server_->InProcessChannel());
+  v1::StreamSetup setup;
+  *setup.mutable_model() = model;
+  setup.set_dtype(v1::DTYPE_FLOAT64);
+  auto stream = gradient_client.OpenStream(setup, std::chrono::seconds(60), /*chunk_bytes=*/16000);
+  v1::StreamStep step;
+  *step.mutable_parameters() = whole.parameters();
+  *step.mutable_inputs() = whole.inputs();
+  *step.mutable_targets() = whole.targets();
+  v1::StreamGradientsResponse answer;
+  grpc::Status status = stream->Step(step, &answer);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(answer.result().loss(), expected.loss());
+  EXPECT_EQ(answer.result().gradients(0).weight().data(), expected.gradients(0).weight().data());
+
+  step.clear_parameters();
+  step.mutable_inputs()->set_shape(1, 11);  // Wrong width: the stream ends.
+  status = stream->Step(step, &answer);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(), HasSubstr("inputs"));
+  EXPECT_EQ(stream->Step(step, &answer).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::INVALID_ARGUMENT);
 }
 
 // An error ends the stream with a status naming the message and the field; the server goes on

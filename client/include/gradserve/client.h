@@ -12,6 +12,9 @@
 //   v1::ComputeGradientsResponse response;
 //   grpc::Status status = client.ComputeGradients(request, &response);
 //   auto dW = ToMatrix<float>(response.gradients(0).weight());
+//
+// A training loop without resending the model: client.OpenStream(setup, timeout), then
+// stream->Step(step, &answer) per batch (see GradientStream).
 #ifndef GRADSERVE_CLIENT_CLIENT_H_
 #define GRADSERVE_CLIENT_CLIENT_H_
 
@@ -175,6 +178,38 @@ std::shared_ptr<grpc::Channel> CreateChannel(
     const std::string& target, const ClientOptions& options = {},
     std::shared_ptr<grpc::ChannelCredentials> credentials = nullptr);
 
+// One StreamGradients stream (see the protocol in gradserve.proto): the model was sent when it
+// was opened; each Step sends a batch with parameters or an update and, unless it accumulates,
+// waits for its answer. Tensors larger than chunk_bytes are sent ahead as TensorChunks, so a
+// step may carry tensors larger than the server's message limit. Not thread-safe: one training
+// loop drives one stream.
+class GradientStream {
+ public:
+  using ReaderWriter =
+      grpc::ClientReaderWriterInterface<v1::StreamGradientsRequest, v1::StreamGradientsResponse>;
+  GradientStream(std::unique_ptr<grpc::ClientContext> context, std::unique_ptr<ReaderWriter> stream,
+                 int64_t chunk_bytes);
+  ~GradientStream();  // Finishes the stream if Finish was not called.
+
+  // Sends `step` (chunking its large tensors) and, if !step.accumulate(), reads its answer into
+  // *response. Any error ends the stream: the status is the server's (e.g. INVALID_ARGUMENT
+  // naming the message and field), and later calls return it again.
+  grpc::Status Step(v1::StreamStep step, v1::StreamGradientsResponse* response);
+  // Half-closes and returns the stream's final status; unanswered accumulation is dropped.
+  grpc::Status Finish();
+
+ private:
+  // Sends every tensor of `step` larger than chunk_bytes_ as chunks and clears it in the step.
+  bool SendLargeTensorsAsChunks(v1::StreamStep* step);
+  bool SendChunks(const std::string& field, v1::Tensor* tensor);
+  grpc::Status Fail();
+
+  std::unique_ptr<grpc::ClientContext> context_;
+  std::unique_ptr<ReaderWriter> stream_;
+  const int64_t chunk_bytes_;
+  std::optional<grpc::Status> final_status_;
+};
+
 // Thin synchronous wrapper with a deadline (and options.bearer_token, if set) on every call.
 // Thread-safe.
 class GradientClient {
@@ -191,6 +226,14 @@ class GradientClient {
   grpc::Status GetServerInfo(v1::GetServerInfoResponse* response);
   // grpc.health.v1 Check for `service` ("" for the whole server); *serving is true iff SERVING.
   grpc::Status Health(const std::string& service, bool* serving);
+
+  // Opens a StreamGradients stream and sends `setup`. The stream's deadline is `timeout` from
+  // now (a stream has one deadline for its whole life, not one per step; a training loop may
+  // want hours); options.bearer_token is sent. Tensors above `chunk_bytes` travel as chunks.
+  // A setup the server rejects surfaces as the status of the first Step.
+  std::unique_ptr<GradientStream> OpenStream(const v1::StreamSetup& setup,
+                                             std::chrono::milliseconds timeout,
+                                             int64_t chunk_bytes = int64_t{4} << 20);
 
  private:
   std::shared_ptr<grpc::Channel> channel_;  // Null when built from a stub.
