@@ -3,9 +3,9 @@
 // Each forward writes the layer's output; each backward turns dL/d(output) into dL/d(input)
 // (and, for Linear, accumulates nothing: dW and db are written, not added). What a backward
 // reads from the forward pass is fixed by BackwardReadsInput/BackwardReadsOutput in model.h.
-// The element-wise kernels call the scalar std:: functions on every element, never a
-// vectorised approximation, so a value does not depend on where it sits in memory
-// (checkpointing recomputes into other buffers and must reproduce every bit).
+// The element-wise kernels compute every element with the same operations, vectorised or not,
+// so a value does not depend on where it sits in memory (checkpointing recomputes into other
+// buffers and must reproduce every bit); see Note [Vectorised element-wise math].
 #ifndef GRADSERVE_ENGINE_LAYERS_H_
 #define GRADSERVE_ENGINE_LAYERS_H_
 
