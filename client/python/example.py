@@ -3,9 +3,12 @@
 
     client/python/generate.sh
     /usr/bin/python3 client/python/example.py --target 127.0.0.1:50051
+    /usr/bin/python3 client/python/example.py --target localhost:50051 --tls-ca ca.pem \
+        --tls-cert client.pem --tls-key client.key --auth-token-file token
 
 Needs only numpy and grpcio; the model is written out as protobuf messages rather than built
-from torch, to show the API itself.
+from torch, to show the API itself. The connection flags are gradclient's; without
+--auth-token-file the token comes from $GRADSERVE_AUTH_TOKEN, if set.
 """
 
 import argparse
@@ -43,9 +46,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    parser.add_argument("--tls", action="store_true",
+                        help="TLS with the system's root CAs (implied by the --tls-* options)")
+    parser.add_argument("--tls-ca", help="PEM CA certificates that signed the server's")
+    parser.add_argument("--tls-cert", help="PEM client certificate chain, for mutual TLS")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-server-name",
+                        help="name to verify the server's certificate against instead of the "
+                             "target's host")
+    parser.add_argument("--auth-token-file",
+                        help="file holding the bearer token (default: $GRADSERVE_AUTH_TOKEN)")
     args = parser.parse_args()
 
-    with gc.connect(args.target) as channel:
+    try:
+        channel = gc.connect(args.target, tls=args.tls, root_ca_file=args.tls_ca,
+                             cert_file=args.tls_cert, key_file=args.tls_key,
+                             server_name_override=args.tls_server_name,
+                             token_file=args.auth_token_file)
+    except ValueError as error:
+        print(f"example.py: {error}", file=sys.stderr)
+        return 2
+    with channel:
         service = gc.stub(channel)
         try:
             info = service.GetServerInfo(pb.GetServerInfoRequest(), timeout=args.timeout)

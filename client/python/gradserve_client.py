@@ -2,15 +2,36 @@
 
 * ``to_tensor`` / ``from_tensor``: numpy arrays <-> ``gradserve.v1.Tensor``.
 * ``request_from_sequential``: a ``ComputeGradientsRequest`` mirroring a ``torch.nn.Sequential``.
-* ``connect``: a channel whose message limits match the server's (gRPC's default is 4 MiB).
+* ``connect``: a channel whose message limits match the server's (gRPC's default is 4 MiB),
+  optionally over TLS or mutual TLS, sending a bearer token with every call.
+* ``health``: the standard ``grpc.health.v1`` check ("SERVING", "NOT_SERVING", ...).
+* ``TrainingStream``: a training loop on one ``StreamGradients`` stream (model sent once,
+  then a batch with parameters or an update per step; micro-batching; automatic chunking).
 
 The stubs are generated, not checked in: run ``client/python/generate.sh`` first. numpy and grpc
 are the only hard dependencies; torch is imported only by ``request_from_sequential``.
+
+Security (the server's ``--tls-cert``/``--tls-key``, ``--tls-client-ca`` and
+``--auth-token-file``; the same options as the C++ ``ClientOptions`` and ``gradclient``)::
+
+    channel = connect("localhost:50051",
+                      root_ca_file="ca.pem",            # TLS, trusting this CA (tls=True alone:
+                                                        # the system's roots)
+                      cert_file="client.pem", key_file="client.key",   # mutual TLS
+                      token_file="token")               # or token="...", or $GRADSERVE_AUTH_TOKEN
+
+Any ``root_ca_file``, ``cert_file``/``key_file`` or ``server_name_override`` turns TLS on; there
+is no silent fallback to plaintext. The token goes as ``authorization: Bearer <token>`` metadata
+on every call: from ``token``, else ``token_file``, else the ``GRADSERVE_AUTH_TOKEN`` environment
+variable (``token_env=None`` ignores it). Health checks need no token (the server exempts them).
 """
 
 from __future__ import annotations
 
+import collections
 import math
+import os
+import queue
 from typing import Any, Iterable, Optional
 
 import grpc
@@ -25,7 +46,8 @@ except ImportError as error:  # pragma: no cover - only hit before generate.sh h
         "on sys.path") from error
 
 __all__ = [
-    "pb", "pb_grpc", "connect", "stub", "to_tensor", "from_tensor", "gradients",
+    "pb", "pb_grpc", "connect", "read_token_file", "health", "stub", "to_tensor", "from_tensor",
+    "gradients",
     "checkpointing", "loss", "request_from_sequential",
 ]
 
@@ -94,19 +116,195 @@ def gradients(response: "pb.ComputeGradientsResponse") -> list:
             for g in response.gradients]
 
 
+def _read_file(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as error:
+        raise ValueError(f"cannot read the {what} {path}: {error.strerror}") from error
+
+
+def _check_token(token: str, source: str) -> str:
+    """The server's rule for a token: visible ASCII, no spaces (it follows "Bearer ")."""
+    if not token:
+        raise ValueError(f"{source} is empty")
+    if any(not 0x21 <= ord(c) <= 0x7e for c in token):
+        raise ValueError(f"{source}: a token may hold only visible ASCII characters (no spaces)")
+    return token
+
+
+def read_token_file(path: str) -> str:
+    """The bearer token in ``path``: its content minus trailing newlines, as the server reads
+    ``--auth-token-file``. ValueError if the file cannot be read or holds no token."""
+    token = _read_file(path, "token file").decode("ascii", errors="replace").rstrip("\r\n")
+    return _check_token(token, f"the token file {path}")
+
+
+class _CallDetails(collections.namedtuple(
+        "_CallDetails",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+        grpc.ClientCallDetails):
+    """A grpc.ClientCallDetails to pass on: gRPC's own class is abstract, without a constructor."""
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to the metadata of every call on the channel.
+
+    Plain metadata rather than grpc.access_token_call_credentials: gRPC refuses call
+    credentials on an insecure channel, and a plaintext channel with a token is legitimate behind
+    a TLS-terminating proxy (the C++ client makes the same choice).
+    """
+
+    def __init__(self, token: str):
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details):
+        metadata = [m for m in (details.metadata or ()) if m[0] != "authorization"]
+        metadata.append(self._header)
+        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
+                            getattr(details, "wait_for_ready", None),
+                            getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+
 def connect(target: str, max_message_bytes: int = 256 << 20,
-            options: Iterable[tuple] = ()) -> grpc.Channel:
-    """An insecure channel to ``target`` that can send and receive ``max_message_bytes``.
+            options: Iterable[tuple] = (), *,
+            tls: bool = False,
+            root_ca_file: Optional[str] = None,
+            cert_file: Optional[str] = None,
+            key_file: Optional[str] = None,
+            server_name_override: Optional[str] = None,
+            token: Optional[str] = None,
+            token_file: Optional[str] = None,
+            token_env: Optional[str] = "GRADSERVE_AUTH_TOKEN") -> grpc.Channel:
+    """A channel to ``target`` that can send and receive ``max_message_bytes``.
 
     gRPC clients default to a 4 MiB receive limit, far below what the server accepts (256 MiB
     by default; GetServerInfo reports it), so large gradients would fail on the way back.
+
+    Transport: plaintext unless ``tls`` or any of the TLS files or ``server_name_override`` is
+    given. ``root_ca_file``: PEM CAs that signed the server's certificate (default: the system's
+    roots). ``cert_file`` + ``key_file``: this client's PEM certificate chain and key, for a server
+    with ``--tls-client-ca`` (mutual TLS); both or neither. ``server_name_override``: verify the
+    server's certificate against this name instead of the target's host.
+
+    Bearer token, sent as ``authorization: Bearer <token>`` with every call: ``token``, else the
+    content of ``token_file`` (trailing newline ignored), else the environment variable named
+    ``token_env`` if it is set and not empty; none at all with ``token_env=None``.
+
+    Files are read now: ValueError if one cannot be read, a key comes without its certificate
+    (or the reverse), or the token is not visible ASCII.
     """
     channel_options = [
         ("grpc.max_send_message_length", int(max_message_bytes)),
         ("grpc.max_receive_message_length", int(max_message_bytes)),
-        *options,
     ]
-    return grpc.insecure_channel(target, options=channel_options)
+    tls = tls or any(x is not None for x in (root_ca_file, cert_file, key_file,
+                                              server_name_override))
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("a client certificate needs its private key and a key its certificate: "
+                         "give cert_file and key_file together")
+    if server_name_override is not None:
+        channel_options.append(("grpc.ssl_target_name_override", server_name_override))
+    channel_options.extend(options)
+
+    if token is not None and token_file is not None:
+        raise ValueError("give token or token_file, not both")
+    if token is not None:
+        bearer = _check_token(token, "token")
+    elif token_file is not None:
+        bearer = read_token_file(token_file)
+    elif token_env is not None and os.environ.get(token_env, "").rstrip("\r\n"):
+        bearer = _check_token(os.environ[token_env].rstrip("\r\n"), token_env)
+    else:
+        bearer = None
+
+    if tls:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=(_read_file(root_ca_file, "TLS root CA file")
+                               if root_ca_file is not None else None),
+            private_key=_read_file(key_file, "TLS key file") if key_file is not None else None,
+            certificate_chain=(_read_file(cert_file, "TLS certificate file")
+                               if cert_file is not None else None))
+        channel = grpc.secure_channel(target, credentials, options=channel_options)
+    else:
+        channel = grpc.insecure_channel(target, options=channel_options)
+    return channel if bearer is None else grpc.intercept_channel(channel, _BearerToken(bearer))
+
+
+# grpc.health.v1 by hand: HealthCheckRequest is one string field (1: service) and
+# HealthCheckResponse one enum field (1: status). Encoding them here spares a dependency on
+# grpcio-health-checking (not packaged by Debian) and a second generated module whose
+# "grpc.health.v1" package would clash with it.
+_HEALTH_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple:
+    value = shift = 0
+    while True:
+        if pos >= len(data):
+            raise ValueError("truncated varint in HealthCheckResponse")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _encode_health_request(service: str) -> bytes:
+    name = service.encode("utf-8")
+    return b"\x0a" + _varint(len(name)) + name if name else b""
+
+
+def _decode_health_response(data: bytes) -> str:
+    status, pos = 0, 0
+    while pos < len(data):
+        key, pos = _read_varint(data, pos)
+        field, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, pos = _read_varint(data, pos)
+            if field == 1:
+                status = value
+        elif wire_type == 2:  # Skip length-delimited fields a later version might add.
+            length, pos = _read_varint(data, pos)
+            pos += length
+        elif wire_type in (1, 5):
+            pos += 8 if wire_type == 1 else 4
+        else:
+            raise ValueError(f"unexpected wire type {wire_type} in HealthCheckResponse")
+    return _HEALTH_STATUS.get(status, f"UNKNOWN({status})")
+
+
+def health(channel: grpc.Channel, service: str = "", timeout: float = 10.0) -> str:
+    """grpc.health.v1.Health/Check: "SERVING", "NOT_SERVING" (e.g. draining after SIGTERM),
+    "SERVICE_UNKNOWN" or "UNKNOWN". ``service``: "" for the server as a whole or
+    "gradserve.v1.GradientService". Raises grpc.RpcError if the call fails."""
+    check = channel.unary_unary("/grpc.health.v1.Health/Check",
+                                request_serializer=_encode_health_request,
+                                response_deserializer=_decode_health_response)
+    return check(service, timeout=timeout)
 
 
 def stub(channel: grpc.Channel) -> "pb_grpc.GradientServiceStub":
@@ -254,3 +452,113 @@ def request_from_sequential(model, loss_name: str, inputs: Any, targets: Any = N
     if checkpoint is not None:
         options.checkpointing.CopyFrom(checkpoint)
     return request
+
+
+# --- StreamGradients -----------------------------------------------------------------------------
+
+_END_OF_STREAM = object()
+
+
+def _linear_parameters(pairs, dtype) -> list:
+    """[(weight, bias or None), ...] -> LinearParameters messages in the stream's dtype."""
+    out = []
+    for weight, bias in pairs:
+        entry = pb.LinearParameters(weight=to_tensor(weight, dtype))
+        if bias is not None:
+            entry.bias.CopyFrom(to_tensor(bias, dtype))
+        out.append(entry)
+    return out
+
+
+class TrainingStream:
+    """A ``StreamGradients`` stream: the model goes once, then one :meth:`step` per batch.
+
+    ``parameters`` (a list of ``(weight, bias)`` numpy arrays in nn.Linear layout, bias ``None``
+    for a bias-less layer) are required on the first step; later steps send either new
+    ``parameters`` or an ``update`` (same layout) that the server adds to what it holds, in the
+    stream's dtype: ``update = [(-lr * dW, -lr * db), ...]`` is plain SGD. Apply the same
+    ``p = p + u`` to your own copy (in the same dtype) and the two stay bit-identical.
+
+    ``step`` returns the ``StreamGradientsResponse`` (``.result`` is a
+    ``ComputeGradientsResponse``), or ``None`` for ``accumulate=True`` steps, whose gradients
+    are summed until the next step without it answers for all of them. Tensors larger than
+    ``chunk_bytes`` are sent ahead as ``TensorChunk`` messages, so a step may exceed the
+    server's message limit. A server error ends the stream: ``step`` raises ``grpc.RpcError``
+    with the server's status (INVALID_ARGUMENT names the message and the field). ``timeout`` is
+    the whole stream's deadline in seconds (``None``: none). Use as a context manager, or call
+    :meth:`close`.
+    """
+
+    def __init__(self, channel: grpc.Channel, model: "pb.Model", dtype: Any = np.float32,
+                 options: Optional["pb.ComputeOptions"] = None, *,
+                 timeout: Optional[float] = None, chunk_bytes: int = 4 << 20):
+        self._dtype = np.dtype(dtype)
+        self._chunk_bytes = max(1, int(chunk_bytes))
+        self._outbox: "queue.Queue" = queue.Queue()
+        setup = pb.StreamSetup(model=model, dtype=_wire_dtype(self._dtype))
+        if options is not None:
+            setup.options.CopyFrom(options)
+        self._outbox.put(pb.StreamGradientsRequest(setup=setup))
+        self._answers = stub(channel).StreamGradients(iter(self._outbox.get, _END_OF_STREAM),
+                                                      timeout=timeout)
+
+    def _send_chunked(self, field: str, tensor: "pb.Tensor") -> None:
+        data = tensor.data
+        for offset in range(0, len(data), self._chunk_bytes):
+            chunk = pb.TensorChunk(field=field, data=data[offset:offset + self._chunk_bytes])
+            if offset == 0:
+                chunk.dtype = tensor.dtype
+                chunk.shape.extend(tensor.shape)
+            self._outbox.put(pb.StreamGradientsRequest(chunk=chunk))
+
+    def _place(self, step: "pb.StreamStep", field: str, tensor: "pb.Tensor", target) -> None:
+        if len(tensor.data) > self._chunk_bytes:
+            self._send_chunked(field, tensor)
+        else:
+            target.CopyFrom(tensor)
+
+    def step(self, inputs: Any, targets: Any = None, *, parameters: Optional[list] = None,
+             update: Optional[list] = None, output_gradient: Any = None,
+             accumulate: bool = False) -> Optional["pb.StreamGradientsResponse"]:
+        if parameters is not None and update is not None:
+            raise ValueError("send parameters or an update, not both")
+        step = pb.StreamStep(accumulate=accumulate)
+        for name, pairs in (("parameters", parameters), ("parameter_update", update)):
+            if pairs is None:
+                continue
+            entries = getattr(step, name)
+            for index, entry in enumerate(_linear_parameters(pairs, self._dtype)):
+                placed = entries.add()
+                self._place(step, f"{name}[{index}].weight", entry.weight, placed.weight)
+                if entry.HasField("bias"):
+                    self._place(step, f"{name}[{index}].bias", entry.bias, placed.bias)
+        self._place(step, "inputs", to_tensor(inputs, self._dtype), step.inputs)
+        if targets is not None:
+            targets = _as_numpy(targets)
+            # Class indices stay integers; everything else takes the stream's dtype.
+            tensor = (to_tensor(targets) if np.issubdtype(targets.dtype, np.integer)
+                      else to_tensor(targets, self._dtype))
+            self._place(step, "targets", tensor, step.targets)
+        if output_gradient is not None:
+            self._place(step, "output_gradient", to_tensor(output_gradient, self._dtype),
+                        step.output_gradient)
+        self._outbox.put(pb.StreamGradientsRequest(step=step))
+        if accumulate:
+            return None
+        return next(self._answers)
+
+    def close(self) -> None:
+        """Half-closes the stream and waits for the server's OK (raises its error if not)."""
+        self._outbox.put(_END_OF_STREAM)
+        for _ in self._answers:
+            pass
+
+    def __enter__(self) -> "TrainingStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            self._outbox.put(_END_OF_STREAM)
+            self._answers.cancel()

@@ -1,6 +1,7 @@
 # Sourced by the end-to-end scripts: start a gradserve on a free loopback port and stop it.
 #
-#   start_server SERVER_BINARY [EXTRA_FLAGS...]   sets server_pid and port
+#   start_server SERVER_BINARY [EXTRA_FLAGS...]   sets server_pid and port; --shutdown-grace 5
+#                                                 unless EXTRA_FLAGS give their own
 #   stop_server                                   SIGTERM; returns the server's exit status
 #
 # The server listens on port 0 so that parallel CTest runs never collide; the kernel's choice
@@ -23,7 +24,13 @@ trap _server_cleanup EXIT
 start_server() {
   local server_bin="$1"
   shift
-  "${server_bin}" --listen 127.0.0.1:0 --shutdown-grace 5 "$@" >"${server_log}" 2>&1 &
+  # gradserve refuses a flag given twice, so the default grace only goes in when not overridden.
+  local default_grace=(--shutdown-grace 5)
+  local arg
+  for arg in "$@"; do
+    if [[ "${arg}" == --shutdown-grace* ]]; then default_grace=(); fi
+  done
+  "${server_bin}" --listen 127.0.0.1:0 "${default_grace[@]}" "$@" >"${server_log}" 2>&1 &
   server_pid=$!
   for _ in $(seq 1 100); do  # up to 10 s
     if ! kill -0 "${server_pid}" 2>/dev/null; then
