@@ -127,6 +127,35 @@ absl::Status WithDeadline(absl::Status status, grpc::CallbackServerContext* cont
   return status;
 }
 
+// What one computation on the scheduler needs: its context (cores, cancellation) and its
+// times, the queue wait from `queued` on, then the phases ComputeGradients & co. report.
+class TimedCompute {
+ public:
+  TimedCompute(grpc::CallbackServerContext* context, int cores, Clock::time_point queued) {
+    times_[Phase::kQueue] = Seconds(Clock::now() - queued);
+    context_.threads = cores;
+    context_.should_stop = StopWhenDone(context);
+    context_.phase_times = &phases_;
+  }
+  TimedCompute(const TimedCompute&) = delete;
+  TimedCompute& operator=(const TimedCompute&) = delete;
+
+  const ComputeContext& context() const { return context_; }
+  // The queue wait and the phases the computation reached.
+  CallTimes times() const {
+    CallTimes times = times_;
+    times[Phase::kDecode] = phases_.decode;
+    times[Phase::kCompute] = phases_.compute;
+    times[Phase::kEncode] = phases_.encode;
+    return times;
+  }
+
+ private:
+  CallTimes times_;
+  PhaseTimes phases_;
+  ComputeContext context_;
+};
+
 }  // namespace
 
 template <typename Request, typename Response, typename Compute>
@@ -139,17 +168,9 @@ grpc::ServerUnaryReactor* GradientServiceImpl::Dispatch(Method method,
   std::string request_id = AssignRequestId(context);
   auto run = [this, method, context, request, response, reactor, received, compute,
               request_id](int cores) {
-    CallTimes times;
-    times[Phase::kQueue] = Seconds(Clock::now() - received);
-    PhaseTimes phases;
-    ComputeContext compute_context;
-    compute_context.threads = cores;
-    compute_context.should_stop = StopWhenDone(context);
-    compute_context.phase_times = &phases;
-    const absl::Status status = WithDeadline(compute(*request, compute_context, response), context);
-    times[Phase::kDecode] = phases.decode;
-    times[Phase::kCompute] = phases.compute;
-    times[Phase::kEncode] = phases.encode;
+    const TimedCompute timed(context, cores, received);
+    const absl::Status status = WithDeadline(compute(*request, timed.context(), response), context);
+    CallTimes times = timed.times();
     // Sizes before the total: ByteSizeLong walks the whole response.
     const size_t request_bytes = request->ByteSizeLong();
     const size_t response_bytes = status.ok() ? response->ByteSizeLong() : 0;
@@ -308,19 +329,10 @@ class GradientServiceImpl::StreamReactor final
 
  private:
   void RunStep(int cores) {
-    CallTimes times;
-    times[Phase::kQueue] = Seconds(Clock::now() - queued_);
-    PhaseTimes phases;
-    ComputeContext compute_context;
-    compute_context.threads = cores;
-    compute_context.should_stop = StopWhenDone(context_);
-    compute_context.phase_times = &phases;
+    const TimedCompute timed(context_, cores, queued_);
     response_.Clear();
-    const absl::StatusOr<bool> answered = session_.Handle(&request_, compute_context, &response_);
-    times[Phase::kDecode] = phases.decode;
-    times[Phase::kCompute] = phases.compute;
-    times[Phase::kEncode] = phases.encode;
-    service_->metrics_.RecordPhases(kStreamGradients, times);
+    const absl::StatusOr<bool> answered = session_.Handle(&request_, timed.context(), &response_);
+    service_->metrics_.RecordPhases(kStreamGradients, timed.times());
     --service_->calls_in_flight_;
     if (!answered.ok()) return End(WithDeadline(answered.status(), context_));
     if (!*answered) {
