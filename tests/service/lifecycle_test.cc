@@ -107,6 +107,38 @@ TEST(Lifecycle, DeadlineShorterThanComputeEndsDeadlineExceededAndFreesMemory) {
       << "heap in use grew from " << before << " to " << after << " bytes";
 }
 
+// A client that cancels a call while it computes gets CANCELLED, and the server abandons the
+// computation (it records the call as CANCELLED, not as a finished OK) and frees its slot.
+TEST(Lifecycle, ClientCancelStopsTheComputation) {
+  auto server = StartServer();
+  ASSERT_NE(server, nullptr);
+  auto stub = Connect(*server);
+  const v1::ComputeGradientsRequest request = SlowRequest();
+  grpc::ClientContext context;
+  v1::ComputeGradientsResponse response;
+  std::promise<grpc::Status> done;
+  stub->async()->ComputeGradients(&context, &request, &response,
+                                  [&done](grpc::Status status) { done.set_value(status); });
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (server->calls_in_flight() == 0 && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_EQ(server->calls_in_flight(), 1);
+  context.TryCancel();  // Within a millisecond or so of the start of a ~100 ms computation.
+  EXPECT_EQ(done.get_future().get().error_code(), grpc::StatusCode::CANCELLED);
+  const auto server_side = [&](grpc::StatusCode code) {
+    return server->Stats().methods[0].calls_by_code[static_cast<int>(code)];
+  };
+  while (server_side(grpc::StatusCode::CANCELLED) + server_side(grpc::StatusCode::OK) == 0 &&
+         std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_EQ(server->Stats().methods[0].method, "ComputeGradients");
+  EXPECT_EQ(server_side(grpc::StatusCode::CANCELLED), 1u);
+  EXPECT_EQ(server_side(grpc::StatusCode::OK), 0u);
+  EXPECT_EQ(server->calls_in_flight(), 0);
+}
+
 TEST(Lifecycle, ShutdownLetsCallsInFlightFinishAndRefusesNewOnes) {
   auto server = StartServer();
   ASSERT_NE(server, nullptr);
