@@ -56,6 +56,7 @@ absl::StatusOr<std::vector<TensorCheck>> CheckGradients(const Model& model,
   outputs.input_gradient = input_grad.data();
   RunOptions run_options;
   run_options.threads = options.threads;
+  run_options.should_stop = options.should_stop;
   RETURN_IF_ERROR(RunBackprop<T>(model, plan, params, batch, outputs, run_options).status());
 
   // A float64 copy of everything the loss depends on.
@@ -82,6 +83,7 @@ absl::StatusOr<std::vector<TensorCheck>> CheckGradients(const Model& model,
   std::mt19937_64 rng(options.seed);
   const double h = options.step;
   std::vector<TensorCheck> checks;
+  bool stopped = false;
   auto check = [&](std::string name, int layer_index, std::vector<double>& values,
                    const std::vector<T>& analytic) {
     TensorCheck result;
@@ -89,6 +91,10 @@ absl::StatusOr<std::vector<TensorCheck>> CheckGradients(const Model& model,
     result.layer_index = layer_index;
     for (int64_t j :
          SampleIndices(static_cast<int64_t>(values.size()), options.samples_per_tensor, rng)) {
+      if (stopped || (options.should_stop && options.should_stop())) {
+        stopped = true;
+        return;
+      }
       const double saved = values[j];
       values[j] = saved + h;
       const double plus = ForwardLoss<double>(model, params64, batch64);
@@ -115,6 +121,7 @@ absl::StatusOr<std::vector<TensorCheck>> CheckGradients(const Model& model,
     }
   }
   check("inputs", -1, inputs, input_grad);
+  if (stopped) return absl::CancelledError("the call was cancelled");
   return checks;
 }
 

@@ -3,6 +3,7 @@
 #define GRADSERVE_ENGINE_GRADIENT_CHECK_H_
 
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <string>
 #include <vector>
@@ -16,6 +17,9 @@ struct GradientCheckOptions {
   double step = 1e-6;           // Central-difference step h.
   uint64_t seed = 0;            // Picks the entries.
   int threads = 1;
+  // Polled before each perturbed pair of forward passes (and between layers of the analytic
+  // pass); returning true abandons the check with CANCELLED.
+  std::function<bool()> should_stop;
 };
 
 struct TensorCheck {

@@ -49,6 +49,7 @@ int64_t ResponseBytes(const PreparedRequest& prepared) {
   const engine::Model& model = *prepared.model;
   const int64_t element = DTypeSize(prepared.dtype);
   int64_t bytes = 4096 + 128 * model.num_layers() + element * model.num_parameters();
+  for (int i = 0; i < model.num_layers(); ++i) bytes += model.layer(i).name.size();  // Echoed.
   if (prepared.return_input_gradient) bytes += element * prepared.batch() * model.input_features();
   if (prepared.return_output) bytes += element * prepared.batch() * model.output_features();
   return bytes;
@@ -212,6 +213,7 @@ absl::Status CheckGradients(const v1::CheckGradientsRequest& request, const Serv
                             const ComputeContext& context, v1::CheckGradientsResponse* response) {
   engine::GradientCheckOptions options;
   options.threads = context.threads;
+  options.should_stop = context.should_stop;
   const Clock::time_point decode_start = Clock::now();
   absl::StatusOr<std::unique_ptr<PreparedRequest>> prepared =
       PrepareCheck(request, limits, &options);

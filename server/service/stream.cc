@@ -221,6 +221,8 @@ absl::Status StreamSession::Setup(v1::StreamSetup* setup) {
   // keep the width, so the inputs are as wide as it; a model without Linear layers takes any
   // width and is checked at each step.
   if (num_linear_ > 0) RETURN_IF_ERROR(engine::Model::Create(spec, input_features).status());
+  // A model without Linear layers has no parameters to send: every step may go straight on.
+  has_parameters_ = num_linear_ == 0;
   dtype_ = setup->dtype();
   request_.mutable_model()->Swap(setup->mutable_model());
   request_.mutable_options()->Swap(setup->mutable_options());

@@ -139,6 +139,27 @@ TEST(Lifecycle, ClientCancelStopsTheComputation) {
   EXPECT_EQ(server->calls_in_flight(), 0);
 }
 
+// A gradient check polls its deadline between perturbed forward passes: this one would take
+// hours (4096 samples of each tensor, two float64 forward passes of the slow request each).
+TEST(Lifecycle, GradientCheckPastItsDeadlineIsAbandoned) {
+  auto server = StartServer();
+  ASSERT_NE(server, nullptr);
+  auto stub = Connect(*server);
+  v1::CheckGradientsRequest request;
+  *request.mutable_request() = SlowRequest();
+  request.set_samples_per_tensor(4096);
+  v1::CheckGradientsResponse response;
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(300));
+  EXPECT_EQ(stub->CheckGradients(&context, request, &response).error_code(),
+            grpc::StatusCode::DEADLINE_EXCEEDED);
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (server->calls_in_flight() > 0 && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_EQ(server->calls_in_flight(), 0) << "the check kept computing past its deadline";
+}
+
 TEST(Lifecycle, ShutdownLetsCallsInFlightFinishAndRefusesNewOnes) {
   auto server = StartServer();
   ASSERT_NE(server, nullptr);

@@ -716,6 +716,26 @@ TEST(StreamProtocol, EveryErrorNamesTheMessageAndTheField) {
   }
 }
 
+// A model without Linear layers has no parameters: its steps need none.
+TEST(StreamProtocol, ModelWithoutParametersStreamsWithoutThem) {
+  service::StreamSession session{service::ServiceLimits()};
+  v1::Model model;
+  model.add_layers()->mutable_tanh();
+  model.mutable_loss()->mutable_mse();
+  v1::StreamGradientsRequest setup = SetupMessage(model, v1::DTYPE_FLOAT64);
+  v1::StreamGradientsResponse response;
+  ASSERT_TRUE(session.Handle(&setup, {}, &response).ok());
+  std::mt19937 rng(1);
+  v1::StreamGradientsRequest step = StepWith([&rng](v1::StreamStep* s) {
+    SetTensor<double>(s->mutable_inputs(), RandomValues<double>(6, rng), {2, 3});
+    SetTensor<double>(s->mutable_targets(), RandomValues<double>(6, rng), {2, 3});
+  });
+  absl::StatusOr<bool> answered = session.Handle(&step, {}, &response);
+  ASSERT_TRUE(answered.ok()) << answered.status();
+  EXPECT_TRUE(*answered);
+  EXPECT_GT(response.result().loss(), 0);
+}
+
 // What a stream holds is what its client sent, and is released as steps consume it.
 TEST(StreamProtocol, HeldBytesCountParametersAndStagedChunks) {
   service::StreamSession session{service::ServiceLimits()};
