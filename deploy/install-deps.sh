@@ -15,10 +15,13 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-grpcio python3-protobuf python3-numpy  # the generated-Python-client test
   openssl  # security_test makes its certificates with the openssl CLI
+  clang-14 libomp-14-dev libclang-rt-14-dev  # tests/ci.sh: TSan with libomp + Archer, libFuzzer
 )
 for arg in "$@"; do
   case "$arg" in
-    --bench) packages+=(python3-torch python3-matplotlib python3-threadpoolctl) ;;
+    # libopenblas0-pthread: without it Debian's numpy and torch use the reference BLAS.
+    --bench) packages+=(python3-torch python3-matplotlib python3-threadpoolctl
+                        libopenblas0-pthread) ;;
     *) echo "install-deps.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done

@@ -1,0 +1,49 @@
+// libFuzzer target: arbitrary bytes as a gradserve.v1.ComputeGradientsRequest, then
+// service::ComputeGradients under small limits, exactly as the gRPC handler calls it.
+//
+// Beyond sanitizer reports it checks that a refusal is INVALID_ARGUMENT or RESOURCE_EXHAUSTED,
+// that an answer is complete and well formed (one gradient per Linear layer with its shape,
+// tensors as long as their shapes, dx and the output iff asked for), and that the same request
+// computed twice gives the same bits.
+#include <cstddef>
+#include <cstdint>
+
+#include "fuzz/fuzz_common.h"
+#include "server/service/compute.h"
+
+namespace {
+
+using gradserve::fuzz::Check;
+namespace v1 = ::gradserve::v1;
+namespace service = ::gradserve::service;
+
+}  // namespace
+
+extern "C" int LLVMFuzzerInitialize(int*, char***) {
+  gradserve::fuzz::SilenceProtobufLogging();
+  return 0;
+}
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  v1::ComputeGradientsRequest request;
+  if (!request.ParseFromArray(data, static_cast<int>(size))) return -1;  // Not in the corpus.
+  static const service::ServiceLimits limits = gradserve::fuzz::SmallLimits();
+
+  v1::ComputeGradientsResponse response;
+  const absl::Status status =
+      service::ComputeGradients(request, limits, service::ComputeContext(), &response);
+  if (!status.ok()) {
+    gradserve::fuzz::CheckRefusal(status);
+    return 0;
+  }
+  Check(request.inputs().shape_size() > 0, "accepted inputs without a shape");
+  gradserve::fuzz::CheckComputeResponse(request.model(), request.options(),
+                                        request.inputs().dtype(), request.inputs().shape(0),
+                                        response);
+  v1::ComputeGradientsResponse again;
+  Check(service::ComputeGradients(request, limits, service::ComputeContext(), &again).ok(),
+        "the same request failed the second time");
+  Check(gradserve::fuzz::Deterministic(response) == gradserve::fuzz::Deterministic(again),
+        "the same request gave different bits");
+  return 0;
+}

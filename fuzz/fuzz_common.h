@@ -1,0 +1,141 @@
+// What the fuzz targets share: small limits, and the checks every answer must pass beyond
+// "no sanitizer report". A failed check aborts, so libFuzzer keeps the input as a crash.
+#ifndef GRADSERVE_FUZZ_FUZZ_COMMON_H_
+#define GRADSERVE_FUZZ_FUZZ_COMMON_H_
+
+#include <google/protobuf/io/coded_stream.h>
+#include <google/protobuf/io/zero_copy_stream_impl_lite.h>
+#include <google/protobuf/stubs/logging.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/strings/match.h"
+#include "gradserve/v1/gradserve.pb.h"
+#include "server/service/limits.h"
+
+namespace gradserve::fuzz {
+
+namespace v1 = ::gradserve::v1;
+
+// Small enough that any request that validates computes in milliseconds, even under ASan.
+inline service::ServiceLimits SmallLimits() {
+  service::ServiceLimits limits;
+  limits.max_tensor_elements = 4096;
+  limits.max_layers = 16;
+  limits.max_batch = 64;
+  limits.max_features = 64;
+  limits.max_activation_bytes = int64_t{1} << 20;
+  limits.max_message_bytes = int64_t{1} << 20;
+  // CheckGradients runs two forward passes per sampled entry per tensor: keep it bounded.
+  limits.max_check_samples = 8;
+  limits.max_stream_bytes = int64_t{256} << 10;
+  limits.max_streams = 1;
+  return limits;
+}
+
+[[noreturn]] inline void Fail(const std::string& what) {
+  std::fprintf(stderr, "fuzz check failed: %s\n", what.c_str());
+  std::abort();
+}
+
+inline void Check(bool condition, const std::string& what) {
+  if (!condition) Fail(what);
+}
+
+// Validation errors are INVALID_ARGUMENT or RESOURCE_EXHAUSTED with a message; anything else
+// (INTERNAL, UNKNOWN, an empty message, ...) is a bug.
+inline void CheckRefusal(const absl::Status& status) {
+  Check(status.code() == absl::StatusCode::kInvalidArgument ||
+            status.code() == absl::StatusCode::kResourceExhausted,
+        "unexpected status " + status.ToString());
+  Check(!status.message().empty(), "an error without a message");
+}
+
+inline int64_t ElementSize(v1::DType dtype) {
+  switch (dtype) {
+    case v1::DTYPE_FLOAT32:
+    case v1::DTYPE_INT32:
+      return 4;
+    case v1::DTYPE_FLOAT64:
+    case v1::DTYPE_INT64:
+      return 8;
+    default:
+      return 0;
+  }
+}
+
+// A tensor the server sends is floating, rank 1 or 2, and exactly as long as its shape says.
+inline void CheckTensor(const v1::Tensor& tensor, v1::DType dtype, const std::string& name) {
+  Check(tensor.dtype() == dtype, name + ": dtype differs from the request's");
+  Check(tensor.shape_size() == 1 || tensor.shape_size() == 2, name + ": rank not 1 or 2");
+  int64_t elements = 1;
+  for (int64_t dim : tensor.shape()) {
+    Check(dim > 0, name + ": non-positive dimension");
+    elements *= dim;
+  }
+  Check(static_cast<int64_t>(tensor.data().size()) == elements * ElementSize(dtype),
+        name + ": data length " + std::to_string(tensor.data().size()) + " does not match shape");
+}
+
+// The parts of a response that must be the same on every run (everything but wall times).
+inline std::string Deterministic(v1::ComputeGradientsResponse response) {
+  response.mutable_stats()->clear_forward_micros();
+  response.mutable_stats()->clear_backward_micros();
+  std::string bytes;
+  google::protobuf::io::StringOutputStream stream(&bytes);
+  google::protobuf::io::CodedOutputStream coded(&stream);
+  coded.SetSerializationDeterministic(true);
+  response.SerializeToCodedStream(&coded);
+  coded.Trim();
+  return bytes;
+}
+
+// An answer to `request` (which ComputeGradients accepted) is complete and well formed.
+inline void CheckComputeResponse(const v1::Model& model, const v1::ComputeOptions& options,
+                                 v1::DType dtype, int64_t batch,
+                                 const v1::ComputeGradientsResponse& response) {
+  int linear = 0;
+  for (const v1::Layer& layer : model.layers()) {
+    if (!layer.has_linear()) continue;
+    Check(linear < response.gradients_size(), "fewer gradients than Linear layers");
+    const v1::LinearGradients& g = response.gradients(linear);
+    const std::string name = "gradients[" + std::to_string(linear) + "]";
+    CheckTensor(g.weight(), dtype, name + ".weight");
+    Check(g.weight().shape_size() == 2 && g.weight().shape(0) == layer.linear().out_features() &&
+              g.weight().shape(1) == layer.linear().in_features(),
+          name + ".weight: shape is not [out, in]");
+    const bool bias = !layer.linear().has_bias() || layer.linear().bias();
+    Check(g.has_bias() == bias, name + ".bias: present iff the layer has a bias");
+    if (bias) CheckTensor(g.bias(), dtype, name + ".bias");
+    ++linear;
+  }
+  Check(response.gradients_size() == linear, "more gradients than Linear layers");
+  Check(response.diagnostics_size() == model.layers_size(), "one diagnostics entry per layer");
+  Check(response.has_input_gradient() == options.return_input_gradient(),
+        "input_gradient present iff asked for");
+  if (response.has_input_gradient()) {
+    CheckTensor(response.input_gradient(), dtype, "input_gradient");
+    Check(response.input_gradient().shape(0) == batch, "input_gradient: rows != batch");
+  }
+  Check(response.has_output() == options.return_output(), "output present iff asked for");
+  if (response.has_output()) {
+    CheckTensor(response.output(), dtype, "output");
+    Check(response.output().shape(0) == batch, "output: rows != batch");
+  }
+  Check(response.stats().num_examples() == batch, "stats.num_examples != batch");
+}
+
+// libprotobuf logs every string field with invalid UTF-8 it refuses to parse: noise at
+// thousands of inputs a second.
+inline void SilenceProtobufLogging() {
+  google::protobuf::SetLogHandler(
+      [](google::protobuf::LogLevel, const char*, int, const std::string&) {});
+}
+
+}  // namespace gradserve::fuzz
+
+#endif  // GRADSERVE_FUZZ_FUZZ_COMMON_H_
