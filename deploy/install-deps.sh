@@ -16,6 +16,8 @@ packages=(
   python3 python3-grpcio python3-protobuf python3-numpy  # the generated-Python-client test
   openssl  # security_test makes its certificates with the openssl CLI
   clang-14 libomp-14-dev libclang-rt-14-dev  # tests/ci.sh: TSan with libomp + Archer, libFuzzer
+  # llvm-symbolizer: tsan.supp matches function names, so TSan must symbolise its reports.
+  llvm-14
 )
 for arg in "$@"; do
   case "$arg" in
