@@ -102,6 +102,19 @@ def perf_categories(path):
     return scaled
 
 
+def median_profile(work, rounds):
+    """name -> {seconds, cpu_share (CPU / wall time)}, each the median over the rounds."""
+    runs = {}
+    for r in range(1, rounds + 1):
+        path = os.path.join(work, f"round{r}", "profile.json")
+        if os.path.exists(path):
+            for name, b in load_gbench(path)[0].items():
+                runs.setdefault(name, []).append(b)
+    return {name: {"seconds": median([b["seconds"] for b in bs]),
+                   "cpu_share": median([b["cpu_time"] / b["real_time"] for b in bs])}
+            for name, bs in runs.items()}
+
+
 def fmt_time(seconds):
     if seconds is None:
         return "–"
@@ -218,7 +231,7 @@ def main():
     env_set = a.coretype != "<not set>" or a.l2size != "<not set>"
     variants = ["set", "unset"] if env_set else ["set"]
     rounds = [Round(os.path.join(a.work, f"round{r}"), variants) for r in range(1, a.rounds + 1)]
-    profile, _ = load_gbench(os.path.join(a.work, "profile.json"))
+    profile = median_profile(a.work, a.rounds)
     n = len(rounds)
     lines = []
     out = lines.append
@@ -549,7 +562,7 @@ def main():
     out("")
 
     # Profile.
-    out("## Profile: where a step's time goes (one pass after the rounds)")
+    out("## Profile: where a step's time goes (parts timed alone, median of the rounds' passes)")
     out("")
     out("Each part is the engine's own kernel (`LayerForward`, `LinearBackward`, "
         "`ElementwiseBackward`, `LossGradient`) run over every layer of the case on buffers of "
@@ -557,12 +570,15 @@ def main():
         "(one thread) over every activation, gradient and dW. \"rest\" = whole step − sum of "
         "parts: the executor's own work, plus the difference between running the parts alone "
         "(warm caches) and in sequence; negative when the parts alone ran slower. GEMM-only = "
-        "the three Eigen products per Linear, without bias or db (not part of the sum).")
+        "the three Eigen products per Linear, without bias or db (not part of the sum). \"parts' "
+        "CPU / wall\": the lowest, among a row's parts, of the calling thread's CPU time over "
+        "wall time (median over rounds); a row marked ⚠ (below 90%) mostly ran while other "
+        "work shared its cores — distrust its figures.")
     out("")
     out("| case, threads | whole step | fwd / bwd (RunResult) | " +
         " | ".join(PART_LABEL[p] for p in PARTS) + " | rest | GEMM-only | GEMM-only GFLOP/s "
-        "| allocs / step | page faults / step |")
-    out("|---|" + "---:|" * (len(PARTS) + 7))
+        "| allocs / step | page faults / step | parts' CPU / wall |")
+    out("|---|" + "---:|" * (len(PARTS) + 8))
     breakdown = {}
     for c in CASES:
         for t in (1, 2):
@@ -587,6 +603,11 @@ def main():
             cells.append(f"{gflops(c, gemm):.1f}" if gemm else "–")
             cells.append(f"{eb['allocs']:.0f}" if eb else "–")
             cells.append(f"{eb['minflt']:.0f}" if eb else "–")
+            shares = [b["cpu_share"] for name, b in profile.items()
+                      if name.startswith(f"profile/{c}/") and name.endswith(f"/threads:{t}")]
+            low = min(shares) if shares else None
+            cells.append("–" if low is None else
+                         f"{fmt_pct(low)}{' ⚠' if low < 0.9 else ''}")
             out("| " + " | ".join(cells) + " |")
     out("")
     out("The three GEMMs of every Linear layer, timed alone, against Eigen's 1024³ GEMM and "

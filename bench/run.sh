@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The engine against its peers, the machine's peak and the transport floor, in one run.
 #
-#   bench/run.sh            full run (~6-9 min on 2 cores): 5 interleaved rounds + a profile
+#   bench/run.sh            full run (~7-9 min on 2 cores): 5 interleaved rounds + perf
 #   bench/run.sh --quick    smoke run (~2 min): 1 round, shorter timings
 #   bench/run.sh --rounds N
 #
@@ -20,9 +20,10 @@
 #            command only (env -u)
 #   service  bench/.../gradserve_service_bench: ComputeGradients p50 through a gradserve on a
 #            free loopback port vs a bare gRPC echo of the same bytes (gradserve_echo_server)
+#   profile  the same binary timing the parts of each step alone (GEMMs, element-wise passes,
+#            loss, diagnostics)
 # Figures drift by ~20% over minutes on shared machines, so comparisons are made within a round
-# and the report quotes medians over rounds. After the rounds, one profile pass times the parts
-# of each step (GEMMs, element-wise passes, diagnostics, allocation), and, where `perf` works,
+# and the report quotes medians over rounds. After the rounds, where `perf` works,
 # `perf record -e cpu-clock` samples each case's step at 1 thread.
 #
 # Environment: BUILD_DIR [build/release], GRADSERVE [BUILD_DIR/server/gradserve],
@@ -56,7 +57,7 @@ if ((quick)); then
   service_calls="a=300,b=12"
 else
   rounds="${rounds:-5}"
-  engine_min_time=0.5 peer_min_time=0.6 profile_min_time=0.2 perf_min_time=2
+  engine_min_time=0.5 peer_min_time=0.6 profile_min_time=0.1 perf_min_time=2
   service_calls="a=1500,b=40"
 fi
 
@@ -131,6 +132,11 @@ run_peers() {
     done
   done
 }
+run_profile() {
+  echo "== round $1: profile" >&2
+  "${engine_bin}" --benchmark_filter='^profile/' --benchmark_min_time="${profile_min_time}" \
+    --benchmark_out="${work}/round$1/profile.json" --benchmark_out_format=json >&2
+}
 run_service() {
   echo "== round $1: service" >&2
   "${service_bin}" --gradserve "127.0.0.1:${port}" --echo "127.0.0.1:${echo_port}" \
@@ -138,7 +144,7 @@ run_service() {
 }
 
 started="$(date +%s)"
-sides=(run_engine run_peers run_service)
+sides=(run_engine run_peers run_service run_profile)
 for ((r = 1; r <= rounds; ++r)); do
   mkdir -p "${work}/round${r}"
   load1 >"${work}/round${r}/load"
@@ -148,9 +154,6 @@ for ((r = 1; r <= rounds; ++r)); do
   done
   date +%s >"${work}/round${r}/end"
 done
-echo "== profile" >&2
-"${engine_bin}" --benchmark_filter='^profile/' --benchmark_min_time="${profile_min_time}" \
-  --benchmark_out="${work}/profile.json" --benchmark_out_format=json >&2
 # A sampling profile of each case's step at 1 thread, where perf works (cpu-clock sampling needs
 # no hardware counters, so it works in VMs); the report groups the samples by kind of work.
 if command -v perf >/dev/null 2>&1 &&
