@@ -33,6 +33,7 @@ PART_LABEL = {
 }
 
 TO_SECONDS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+MAX_OTHER_CPU = 25  # % of one core
 
 
 def median(values):
@@ -102,11 +103,11 @@ def perf_categories(path):
     return scaled
 
 
-def median_profile(work, rounds):
+def median_profile(folders):
     """name -> {seconds, cpu_share (CPU / wall time)}, each the median over the rounds."""
     runs = {}
-    for r in range(1, rounds + 1):
-        path = os.path.join(work, f"round{r}", "profile.json")
+    for folder in folders:
+        path = os.path.join(folder, "profile.json")
         if os.path.exists(path):
             for name, b in load_gbench(path)[0].items():
                 runs.setdefault(name, []).append(b)
@@ -160,6 +161,8 @@ class Round:
         path = os.path.join(folder, "service.json")
         self.service = json.load(open(path)) if os.path.exists(path) else {}
         self.load = float(open(os.path.join(folder, "load")).read())
+        path = os.path.join(folder, "other_cpu")
+        self.other_cpu = int(open(path).read()) if os.path.exists(path) else None
         self.seconds = int(open(os.path.join(folder, "end")).read()) - int(
             open(os.path.join(folder, "start")).read())
 
@@ -230,9 +233,13 @@ def main():
 
     env_set = a.coretype != "<not set>" or a.l2size != "<not set>"
     variants = ["set", "unset"] if env_set else ["set"]
-    rounds = [Round(os.path.join(a.work, f"round{r}"), variants) for r in range(1, a.rounds + 1)]
-    profile = median_profile(a.work, a.rounds)
-    n = len(rounds)
+    all_rounds = [Round(os.path.join(a.work, f"round{r}"), variants)
+                  for r in range(1, a.rounds + 1)]
+    # Rounds during which other processes took more than MAX_OTHER_CPU % of a core are left out
+    # of the medians, unless every round was (then all are used and the report says so).
+    clean = [r for r in all_rounds if r.other_cpu is None or r.other_cpu <= MAX_OTHER_CPU]
+    rounds = clean or all_rounds
+    profile = median_profile([r.folder for r in rounds])
     lines = []
     out = lines.append
 
@@ -361,13 +368,21 @@ def main():
 
     # ---- Markdown ------------------------------------------------------------------------------
     now = datetime.datetime.now(datetime.timezone.utc)
-    loads = [r.load for r in rounds]
+    used = [i for i, r in enumerate(all_rounds, 1) if r in rounds]
     out("# gradserve engine vs peers, peak and transport (`bench/run.sh`)")
     out("")
     out(f"- {now:%Y-%m-%d %H:%M} UTC, commit `{a.commit}`, {a.cores} cores ({a.cpu}); "
         f"{'**quick smoke run** (`--quick`), ' if a.quick == '1' else ''}"
-        f"{n} round(s) in {a.seconds} s; 1-minute load average at the start of each round: "
-        f"{', '.join(f'{x:.2f}' for x in loads)}")
+        f"{len(all_rounds)} round(s) in {a.seconds} s; CPU other processes took during each "
+        "round, in % of one core: "
+        f"{', '.join('?' if r.other_cpu is None else str(r.other_cpu) for r in all_rounds)}.")
+    if clean and len(clean) < len(all_rounds):
+        out(f"- **Medians over rounds {', '.join(map(str, used))} only**: the others shared the "
+            f"machine with more than {MAX_OTHER_CPU}% of a core of other work (their figures are "
+            "in the Rounds table).")
+    elif not clean:
+        out(f"- **Every round shared the machine with other work** (> {MAX_OTHER_CPU}% of a "
+            "core): all figures below are suspect, 2-thread ones most.")
     out("- Every figure is the **median over rounds**; every ratio is computed within a round "
         "(engine and peers ran minutes apart at most) and then the median taken. float32, one "
         "training step = forward + loss + backward with dW, db and dx; GFLOP/s counts "
@@ -653,21 +668,26 @@ def main():
     # Rounds.
     out("## Rounds (drift check)")
     out("")
-    out("| round | load avg | seconds | CPU / wall, engine 1 thr | engine b / c / d (best) "
-        "| PyTorch b / c / d (best) | FMA peak 2 thr GFLOP/s | echo (a) p50 |")
-    out("|---:|---:|---:|---:|---|---|---:|---:|")
-    for i, r in enumerate(rounds, 1):
+    out("| round | other CPU | used | load avg | seconds | CPU / wall, engine 1 thr "
+        "| engine b / c / d (best) | PyTorch b / c / d (best) | FMA peak 2 thr GFLOP/s "
+        "| echo (a) p50 |")
+    out("|---:|---:|---|---:|---:|---:|---|---|---:|---:|")
+    for i, r in enumerate(all_rounds, 1):
         eng_cells = " / ".join(fmt_time(r.eng_best(c)[0]) for c in ("b", "c", "d"))
         torch_cells = " / ".join(fmt_time((r.peer_best("torch", c) or (None,))[0])
                                  for c in ("b", "c", "d"))
         echo = r.service.get("a", {}).get("echo_p50_us")
-        out(f"| {i} | {r.load:.2f} | {r.seconds} | {fmt_pct(r.cpu_share())} | {eng_cells} "
+        other = "?" if r.other_cpu is None else f"{r.other_cpu}%"
+        out(f"| {i} | {other} | {'yes' if r in rounds else 'no'} | {r.load:.2f} | {r.seconds} "
+            f"| {fmt_pct(r.cpu_share())} | {eng_cells} "
             f"| {torch_cells} | "
             f"{r.peak(2):.1f} | {fmt_time(echo * 1e-6) if echo else '–'} |")
     out("")
-    out("CPU / wall: CPU time over wall time of the single-threaded engine runs (median); "
-        "below ~95% the benchmark shared its core with other work and the round's figures are "
-        "suspect.")
+    out("other CPU: what processes other than the benchmark's took during the round, in % of "
+        f"one core (/proc/stat); rounds above {MAX_OTHER_CPU}% are left out of the medians "
+        "when at least one round is below. CPU / wall: CPU time over wall time of the "
+        "single-threaded engine runs; below ~95% they shared their core. A 2-thread FMA peak "
+        "well under twice the 1-thread one also means a busy core.")
     out("")
     out("Chart: `bench/results/bench.png`; raw figures of every round: `bench/results/bench.json`.")
 
@@ -679,8 +699,9 @@ def main():
     raw = {
         "meta": vars(a),
         "rounds": [{"engine": r.engine, "peers": {f"{v}-{t}": p for (v, t), p in r.peers.items()},
-                    "service": r.service, "load": r.load, "seconds": r.seconds}
-                   for r in rounds],
+                    "service": r.service, "load": r.load, "seconds": r.seconds,
+                    "other_cpu": r.other_cpu, "used_in_medians": r in rounds}
+                   for r in all_rounds],
         "profile": profile,
         "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in targets],
     }

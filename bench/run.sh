@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The engine against its peers, the machine's peak and the transport floor, in one run.
 #
-#   bench/run.sh            full run (~7-9 min on 2 cores): 5 interleaved rounds + perf
+#   bench/run.sh            full run (~6-8 min on 2 cores): 5 interleaved rounds + perf
 #   bench/run.sh --quick    smoke run (~2 min): 1 round, shorter timings
 #   bench/run.sh --rounds N
 #
@@ -143,15 +143,37 @@ run_service() {
     --calls "${service_calls}" --json "${work}/round$1/service.json"
 }
 
+# CPU ticks: the whole machine's busy time, and ours (this shell's finished children plus the
+# two servers), so each round can report what other processes took.
+machine_busy_ticks() {
+  local _cpu user nice system _idle _iowait irq softirq steal _rest
+  read -r _cpu user nice system _idle _iowait irq softirq steal _rest </proc/stat
+  echo $((user + nice + system + irq + softirq + steal))
+}
+our_ticks() {
+  local self server echo_srv
+  read -r -a self <"/proc/$$/stat"
+  read -r -a server <"/proc/${server_pid}/stat"
+  read -r -a echo_srv <"/proc/${echo_pid}/stat"
+  # Fields 14-17 (1-based): utime, stime, cutime, cstime. The comm field has no spaces here.
+  echo $((self[15] + self[16] + server[13] + server[14] + echo_srv[13] + echo_srv[14]))
+}
+
+ticks_per_second="$(getconf CLK_TCK)"
 started="$(date +%s)"
 sides=(run_engine run_peers run_service run_profile)
 for ((r = 1; r <= rounds; ++r)); do
   mkdir -p "${work}/round${r}"
   load1 >"${work}/round${r}/load"
   date +%s >"${work}/round${r}/start"
+  busy0="$(machine_busy_ticks)" ours0="$(our_ticks)" t0="$(date +%s%N)"
   for ((i = 0; i < ${#sides[@]}; ++i)); do
     "${sides[$(((i + r - 1) % ${#sides[@]}))]}" "${r}"
   done
+  busy1="$(machine_busy_ticks)" ours1="$(our_ticks)" t1="$(date +%s%N)"
+  # Other processes' CPU during the round, in % of one core.
+  echo $(((busy1 - busy0 - (ours1 - ours0)) * 100 * 1000000000 / (ticks_per_second * (t1 - t0)))) \
+    >"${work}/round${r}/other_cpu"
   date +%s >"${work}/round${r}/end"
 done
 # A sampling profile of each case's step at 1 thread, where perf works (cpu-clock sampling needs
