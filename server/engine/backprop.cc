@@ -6,9 +6,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <utility>
-#include <vector>
 
 namespace gradserve::engine {
 namespace {
@@ -51,49 +48,8 @@ NormAndNonFinite Measure(const T* data, int64_t n) {
   return {std::sqrt(sum_sq), static_cast<int64_t>(bad)};
 }
 
-// Default-initialising allocator: a buffer's resize leaves floats uninitialised instead of
-// zeroing them (every element is written before it is read).
-template <typename T>
-struct UninitializedAllocator : std::allocator<T> {
-  template <typename U>
-  struct rebind {
-    using other = UninitializedAllocator<U>;
-  };
-  UninitializedAllocator() = default;
-  template <typename U>
-  UninitializedAllocator(const UninitializedAllocator<U>&) noexcept {}
-  template <typename U>
-  void construct(U* p) noexcept {
-    ::new (static_cast<void*>(p)) U;
-  }
-  template <typename U, typename... Args>
-  void construct(U* p, Args&&... args) {
-    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
-  }
-};
-
-template <typename T>
-using Buffer = std::vector<T, UninitializedAllocator<T>>;
-
-// Note [Workspace]
-// A call's buffers (cached activations, two transient activations, two gradient buffers) come
-// from a workspace kept per thread between calls, so a steady flow of calls of similar sizes
-// allocates nothing: the scheduler's workers each reuse theirs. Only calls whose buffers fit in
-// kRetainedWorkspaceBytes keep them; a larger call frees what it releases at once (checkpointing
-// must really return that memory) and everything when it ends, so no thread pins a huge call's
-// memory. The bytes a plan predicts and reports are the live ones either way.
-inline constexpr int64_t kRetainedWorkspaceBytes = int64_t{64} << 20;
-
-template <typename T>
-struct Workspace {
-  std::vector<Buffer<T>> cache;  // Indexed by activation k.
-  Buffer<T> transient[2];
-  Buffer<T> grad[2];
-  bool in_use = false;
-};
-
 // Note [Executor]
-// One call's state. Activations a_k live either in cache[k] (kept, counted in live_bytes_) or
+// One call's state. Activations a_k live either in cache_[k] (kept, counted in live_bytes_) or
 // in one of two transient buffers; act_[k] points at wherever a_k currently is (a_0 at the
 // caller's input). Backward walks the plan's segments from last to first, recomputing a
 // segment's forward pass first when the plan says so, and ping-pongs dL/da between two gradient
@@ -111,23 +67,8 @@ class Executor {
         outputs_(outputs),
         options_(options),
         num_layers_(model.num_layers()),
-        act_(num_layers_ + 1, nullptr) {
-    thread_local Workspace<T> thread_workspace;
-    // A nested call on the same thread (none today) would get buffers of its own.
-    ws_ = thread_workspace.in_use ? &own_workspace_ : &thread_workspace;
-    ws_->in_use = true;
-    const int64_t buffer_bytes = plan.predicted_peak_bytes + 4 * batch.batch * model.max_width() *
-                                                                 static_cast<int64_t>(sizeof(T));
-    retain_ = buffer_bytes <= kRetainedWorkspaceBytes;
-    if (static_cast<int>(ws_->cache.size()) < num_layers_ + 1) ws_->cache.resize(num_layers_ + 1);
-    for (Buffer<T>& buffer : ws_->cache) buffer.clear();
-  }
-  ~Executor() {
-    if (!retain_) *ws_ = Workspace<T>();
-    ws_->in_use = false;
-  }
-  Executor(const Executor&) = delete;
-  Executor& operator=(const Executor&) = delete;
+        cache_(num_layers_ + 1),
+        act_(num_layers_ + 1, nullptr) {}
 
   absl::StatusOr<RunResult> Run() {
     if (outputs_.input_gradient != nullptr && plan_.lowest_backward_layer != 0) {
@@ -139,7 +80,7 @@ class Executor {
     result.diagnostics.resize(num_layers_);
     const int64_t rows = batch_.batch;
     const int64_t workspace = rows * model_.max_width();
-    for (Buffer<T>& buffer : ws_->transient) buffer.resize(workspace);
+    for (auto& buffer : transient_) buffer.resize(workspace);
 
     auto start = Clock::now();
     act_[0] = batch_.inputs;
@@ -157,9 +98,9 @@ class Executor {
     if (outputs_.output != nullptr) {
       std::memcpy(outputs_.output, output, sizeof(T) * rows * out_width);
     }
-    ws_->grad[0].resize(workspace);
-    ws_->grad[1].resize(workspace);
-    T* grad = ws_->grad[0].data();
+    grad_[0].resize(workspace);
+    grad_[1].resize(workspace);
+    T* grad = grad_[0].data();
     result.loss = LossGradient(model_.loss(), rows, out_width, output, batch_.targets, grad);
     result.forward_micros = MicrosSince(start);
 
@@ -195,28 +136,22 @@ class Executor {
   bool Stopped() const { return options_.should_stop && options_.should_stop(); }
 
   T* Keep(int k) {
-    Buffer<T>& buffer = ws_->cache[k];
-    buffer.resize(batch_.batch * model_.width(k));
-    live_bytes_ += static_cast<int64_t>(sizeof(T)) * buffer.size();
+    cache_[k].resize(batch_.batch * model_.width(k));
+    live_bytes_ += static_cast<int64_t>(sizeof(T)) * cache_[k].size();
     peak_bytes_ = std::max(peak_bytes_, live_bytes_);
-    return buffer.data();
+    return cache_[k].data();
   }
 
   void Release(int k) {
-    Buffer<T>& buffer = ws_->cache[k];
-    if (buffer.empty()) return;
-    live_bytes_ -= static_cast<int64_t>(sizeof(T)) * buffer.size();
-    if (retain_) {
-      buffer.clear();
-    } else {
-      Buffer<T>().swap(buffer);  // Checkpointing's saving must be real.
-    }
+    if (cache_[k].size() == 0) return;
+    live_bytes_ -= static_cast<int64_t>(sizeof(T)) * cache_[k].size();
+    cache_[k].resize(0);
     act_[k] = nullptr;
   }
 
   // A transient buffer that does not hold `in`.
   T* Transient(const T* in) {
-    return in == ws_->transient[0].data() ? ws_->transient[1].data() : ws_->transient[0].data();
+    return in == transient_[0].data() ? transient_[1].data() : transient_[0].data();
   }
 
   LinearParamsView<T> ParamsOf(int layer) const {
@@ -244,7 +179,7 @@ class Executor {
     const LinearGradsView<T>& grads = outputs_.gradients[linear];
     const bool wants_grad_in =
         i > plan_.lowest_backward_layer || outputs_.input_gradient != nullptr;
-    T* grad_in = grad == ws_->grad[0].data() ? ws_->grad[1].data() : ws_->grad[0].data();
+    T* grad_in = grad == grad_[0].data() ? grad_[1].data() : grad_[0].data();
     LinearBackward<T>(layer, params_[linear], rows, act_[i], grad, grads,
                       wants_grad_in ? grad_in : nullptr);
     const NormAndNonFinite w = Measure(grads.weight, layer.out_features * layer.in_features);
@@ -265,10 +200,10 @@ class Executor {
   const OutputsView<T>& outputs_;
   const RunOptions& options_;
   const int num_layers_;
+  std::vector<Eigen::Matrix<T, Eigen::Dynamic, 1>> cache_;
   std::vector<const T*> act_;
-  Workspace<T>* ws_ = nullptr;  // Note [Workspace]
-  Workspace<T> own_workspace_;
-  bool retain_ = false;
+  Eigen::Matrix<T, Eigen::Dynamic, 1> transient_[2];
+  Eigen::Matrix<T, Eigen::Dynamic, 1> grad_[2];
   int64_t live_bytes_ = 0;
   int64_t peak_bytes_ = 0;
 };

@@ -1,7 +1,6 @@
 #include "server/engine/layers.h"
 
 #include <cmath>
-#include <vector>
 
 #include "server/engine/elementwise_math.h"
 #include "server/engine/types.h"
@@ -140,10 +139,7 @@ void LinearBackward(const LayerSpec& layer, const LinearParamsView<T>& params, i
   if (grads.bias != nullptr) {
     // db [out] = sum over the batch of delta, accumulated in double (float32 sums over large
     // batches otherwise lose digits) in a fixed order.
-    // The running sums live in a per-thread buffer: no allocation per call (Note [Workspace]).
-    thread_local std::vector<double> sum_buffer;
-    sum_buffer.assign(out, 0.0);
-    RowVectorMap<double> sum(sum_buffer.data(), out);
+    RowVector<double> sum = RowVector<double>::Zero(out);
     for (int64_t b = 0; b < batch; ++b) sum += delta.row(b).template cast<double>();
     RowVectorMap<T>(grads.bias, out) = sum.cast<T>();
   }
