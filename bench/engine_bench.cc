@@ -371,33 +371,14 @@ void BM_EigenGemm(benchmark::State& state, int64_t n, int threads) {
 //   act          LayerForward + ElementwiseBackward of every activation layer
 //   loss         LossGradient
 //   diag         the executor's diagnostics: a norm + non-finite count (one thread, in double,
-//                sixteen lanes) over every activation, every dL/da and every dW, db (a copy of
-//                its Measure loop)
+//                sixteen lanes) over every activation, every dL/da and every dW, db
+//                (engine::Measure itself)
 
-// A copy of the executor's Measure (server/engine/backprop.cc, anonymous namespace): sum of
-// squares and non-finite count in double over sixteen fixed lanes. Keep it in step.
+// The executor's own diagnostics pass, summed into one number the optimiser cannot drop.
 template <typename T>
 double MeasureLike(const T* data, int64_t n) {
-  constexpr int kLanes = 16;
-  double sums[kLanes] = {};
-  double non_finite[kLanes] = {};
-  const auto add = [&](int lane, double v) {
-    const bool finite = std::fabs(v) <= std::numeric_limits<double>::max();
-    sums[lane] += finite ? v * v : 0.0;
-    non_finite[lane] += finite ? 0.0 : 1.0;
-  };
-  const int64_t full = n - n % kLanes;
-  for (int64_t j = 0; j < full; j += kLanes) {
-    for (int lane = 0; lane < kLanes; ++lane) add(lane, data[j + lane]);
-  }
-  for (int64_t j = full; j < n; ++j) add(static_cast<int>(j - full), data[j]);
-  double sum_sq = 0;
-  double bad = 0;
-  for (int lane = 0; lane < kLanes; ++lane) {
-    sum_sq += sums[lane];
-    bad += non_finite[lane];
-  }
-  return std::sqrt(sum_sq) + bad;
+  const engine::NormAndNonFinite m = engine::Measure(data, n);
+  return m.norm + static_cast<double>(m.non_finite);
 }
 
 struct ProfileBuffers {

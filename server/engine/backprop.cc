@@ -8,18 +8,6 @@
 #include <limits>
 
 namespace gradserve::engine {
-namespace {
-
-using Clock = std::chrono::steady_clock;
-
-double MicrosSince(Clock::time_point start) {
-  return std::chrono::duration<double, std::micro>(Clock::now() - start).count();
-}
-
-struct NormAndNonFinite {
-  double norm = 0;
-  int64_t non_finite = 0;
-};
 
 // The norm of the finite values and the count of the others, in one pass. Sixteen running sums,
 // element j always in sum j % 16, added up in a fixed order at the end: the additions are not
@@ -46,6 +34,14 @@ NormAndNonFinite Measure(const T* data, int64_t n) {
     bad += non_finite[lane];
   }
   return {std::sqrt(sum_sq), static_cast<int64_t>(bad)};
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double MicrosSince(Clock::time_point start) {
+  return std::chrono::duration<double, std::micro>(Clock::now() - start).count();
 }
 
 // Note [Executor]
@@ -260,6 +256,8 @@ template absl::StatusOr<RunResult> RunBackprop<double>(const Model&, const Check
                                                        const BatchView<double>&,
                                                        const OutputsView<double>&,
                                                        const RunOptions&);
+template NormAndNonFinite Measure<float>(const float*, int64_t);
+template NormAndNonFinite Measure<double>(const double*, int64_t);
 template double ForwardLoss<float>(const Model&, std::span<const LinearParamsView<float>>,
                                    const BatchView<float>&);
 template double ForwardLoss<double>(const Model&, std::span<const LinearParamsView<double>>,

@@ -57,6 +57,15 @@ struct RunResult {
   int64_t layers_recomputed = 0;
 };
 
+// The norm of the finite values of data[0, n) and how many are NaN or +-Inf: the per-layer
+// diagnostics, computed in a fixed order (the result depends only on the data).
+struct NormAndNonFinite {
+  double norm = 0;
+  int64_t non_finite = 0;
+};
+template <typename T>
+NormAndNonFinite Measure(const T* data, int64_t n);
+
 // Runs forward, loss and backward. REQUIRES: every view sized as documented above for this
 // model and batch (the service validates that), params.size() == model.num_linear().
 // Returns CANCELLED if options.should_stop fired.
