@@ -10,6 +10,8 @@ packages=(
   cmake g++ make pkg-config git ca-certificates
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libeigen3-dev libspdlog-dev libcli11-dev
+  # oneDNN's float32 GEMM (Note [GEMM backend]); its CMake config asks for OpenCL's headers.
+  libdnnl-dev ocl-icd-opencl-dev
   libcpp-httplib-dev  # the Prometheus endpoint (--metrics-listen)
   nlohmann-json3-dev  # gradclient bench --json
   libgtest-dev libgmock-dev libbenchmark-dev

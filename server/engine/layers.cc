@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "server/engine/elementwise_math.h"
+#include "server/engine/gemm.h"
 #include "server/engine/types.h"
 
 namespace gradserve::engine {
@@ -39,11 +40,10 @@ void LayerForward(const LayerSpec& layer, const LinearParamsView<T>& params, int
   switch (layer.kind) {
     case LayerKind::kLinear: {
       // out [B, out] = in [B, in] * W^T [in, out] + b
-      ConstMatrixMap<T> x(in, batch, layer.in_features);
-      ConstMatrixMap<T> w(params.weight, layer.out_features, layer.in_features);
-      MatrixMap<T> z(out, batch, layer.out_features);
-      z.noalias() = x * w.transpose();
+      Gemm<T>(Op::kPlain, Op::kTransposed, batch, layer.out_features, layer.in_features, in,
+              params.weight, out);
       if (params.bias != nullptr) {
+        MatrixMap<T> z(out, batch, layer.out_features);
         z.rowwise() += ConstRowVectorMap<T>(params.bias, layer.out_features);
       }
       return;
@@ -132,10 +132,9 @@ void LinearBackward(const LayerSpec& layer, const LinearParamsView<T>& params, i
                     T* grad_in) {
   const int64_t in = layer.in_features;
   const int64_t out = layer.out_features;
-  ConstMatrixMap<T> x(input, batch, in);
   ConstMatrixMap<T> delta(grad_out, batch, out);
   // dW [out, in] = delta^T [out, B] * x [B, in]
-  MatrixMap<T>(grads.weight, out, in).noalias() = delta.transpose() * x;
+  Gemm<T>(Op::kTransposed, Op::kPlain, out, in, batch, grad_out, input, grads.weight);
   if (grads.bias != nullptr) {
     // db [out] = sum over the batch of delta, accumulated in double (float32 sums over large
     // batches otherwise lose digits) in a fixed order.
@@ -145,8 +144,7 @@ void LinearBackward(const LayerSpec& layer, const LinearParamsView<T>& params, i
   }
   if (grad_in != nullptr) {
     // dx [B, in] = delta [B, out] * W [out, in]
-    ConstMatrixMap<T> w(params.weight, out, in);
-    MatrixMap<T>(grad_in, batch, in).noalias() = delta * w;
+    Gemm<T>(Op::kPlain, Op::kPlain, batch, in, out, grad_out, params.weight, grad_in);
   }
 }
 

@@ -1,0 +1,37 @@
+// The engine's one matrix product: C = op(A) op(B) on row-major, contiguous buffers.
+//
+// Note [GEMM backend]
+// float32 products with enough work go to oneDNN's sgemm when the build has it
+// (GRADSERVE_ONEDNN): on the AVX-512 build machines it runs at ~85% of the FMA peak on one core
+// where Eigen 3.4's own kernel reaches ~65% (bench/results/bench.md, GEMM rows). oneDNN picks
+// its kernel for the CPU it runs on (AVX-512, AVX2, SSE4.1) and packs its operands, so for a
+// given CPU and thread count a product's bits do not depend on where the operands sit in
+// memory: recomputing a checkpointed segment into other buffers reproduces every bit, as with
+// Eigen. (Across thread counts they may differ: the AVX2 kernels split some shapes by k.)
+// Small products, where oneDNN's per-call set-up (~0.3 us) would dominate, and float64 stay on
+// Eigen.
+#ifndef GRADSERVE_ENGINE_GEMM_H_
+#define GRADSERVE_ENGINE_GEMM_H_
+
+#include <cstdint>
+
+namespace gradserve::engine {
+
+enum class Op { kPlain, kTransposed };
+
+// c[m, n] = op_a(a) op_b(b), where op_a(a) is [m, k] and op_b(b) is [k, n]; a is stored as
+// [m, k] (kPlain) or [k, m] (kTransposed), b as [k, n] or [n, k]. c is overwritten and must
+// not overlap a or b. Uses the calling thread's OpenMP team size.
+template <typename T>
+void Gemm(Op op_a, Op op_b, int64_t m, int64_t n, int64_t k, const T* a, const T* b, T* c);
+
+// Which kernel float32 products of this size use: "onednn" or "eigen" (reported by benchmarks).
+const char* GemmBackend(int64_t m, int64_t n, int64_t k);
+
+// The instruction set oneDNN's kernels use on this CPU ("avx512_core", "avx2", "sse41", ...;
+// DNNL_MAX_CPU_ISA in the environment lowers it), or "" when the build has no oneDNN.
+const char* OneDnnIsa();
+
+}  // namespace gradserve::engine
+
+#endif  // GRADSERVE_ENGINE_GEMM_H_
