@@ -1,10 +1,13 @@
 // Analytic gradients (RunBackprop) against central finite differences of the forward loss, in
 // float64, for every layer kind, every loss and both reductions, and for random deep stacks;
 // the engine's own CheckGradients on the same cases; and determinism across repeated calls.
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <random>
 #include <set>
@@ -703,6 +706,47 @@ TEST(Determinism, ParameterGradientsDoNotDependOnWhetherDxIsRequested) {
   ExpectBitIdentical(with_dx, without_dx, /*compare_inputs=*/false);
   // Not requested: the buffer keeps its poison.
   EXPECT_THAT(without_dx.inputs, ::testing::Each(-7.0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Diagnostics: Measure splits long tensors into blocks across the OpenMP team.
+
+template <typename T>
+void ExpectMeasureMatchesALongDoubleSum(int64_t n) {
+  SCOPED_TRACE(::testing::Message() << n << " values of " << sizeof(T) << " bytes");
+  std::mt19937_64 rng(n);
+  std::normal_distribution<double> normal(0, 3);
+  std::vector<T> data(n);
+  for (T& v : data) v = static_cast<T>(normal(rng));
+  // Non-finite values in the first, a middle and the last block, and in the sixteen-lane tail.
+  int64_t planted = 0;
+  for (int64_t j : {int64_t{0}, n / 2, n - 1, n - n % 16 - 1}) {
+    if (std::isfinite(data[j])) ++planted;
+    data[j] = (j % 3 == 0) ? std::numeric_limits<T>::quiet_NaN()
+                           : (j % 3 == 1 ? std::numeric_limits<T>::infinity()
+                                         : -std::numeric_limits<T>::infinity());
+  }
+  long double sum = 0;
+  for (T v : data) {
+    if (std::isfinite(v)) sum += static_cast<long double>(v) * v;
+  }
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  const NormAndNonFinite one = Measure(data.data(), n);
+  omp_set_num_threads(2);
+  const NormAndNonFinite two = Measure(data.data(), n);
+  omp_set_num_threads(threads);
+  EXPECT_EQ(one.non_finite, planted);
+  EXPECT_NEAR(one.norm, std::sqrt(static_cast<double>(sum)), 1e-13 * std::sqrt(double(sum)));
+  EXPECT_EQ(std::memcmp(&one.norm, &two.norm, sizeof(double)), 0) << "1 vs 2 threads";
+  EXPECT_EQ(one.non_finite, two.non_finite);
+}
+
+TEST(Diagnostics, MeasureMatchesALongDoubleSumWithinAndAcrossBlocks) {
+  for (int64_t n : {int64_t{17}, int64_t{1000}, int64_t{32768}, int64_t{3 * 32768 + 21}}) {
+    ExpectMeasureMatchesALongDoubleSum<float>(n);
+    ExpectMeasureMatchesALongDoubleSum<double>(n);
+  }
 }
 
 }  // namespace
