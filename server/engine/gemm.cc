@@ -22,43 +22,55 @@ bool UsesOneDnn([[maybe_unused]] int64_t m, [[maybe_unused]] int64_t n,
 #endif
 }
 
+template <typename T, typename A, typename B>
+void Assign(MatrixMap<T>& out, const A& a, const B& b, Into into) {
+  if (into == Into::kAccumulate) {
+    out.noalias() += a * b;
+  } else {
+    out.noalias() = a * b;
+  }
+}
+
 template <typename T>
-void EigenGemm(Op op_a, Op op_b, int64_t m, int64_t n, int64_t k, const T* a, const T* b, T* c) {
+void EigenGemm(Op op_a, Op op_b, int64_t m, int64_t n, int64_t k, const T* a, const T* b, T* c,
+               Into into) {
   MatrixMap<T> out(c, m, n);
   const bool ta = op_a == Op::kTransposed;
   const bool tb = op_b == Op::kTransposed;
   ConstMatrixMap<T> a_map(a, ta ? k : m, ta ? m : k);
   ConstMatrixMap<T> b_map(b, tb ? n : k, tb ? k : n);
-  if (!ta && !tb) out.noalias() = a_map * b_map;
-  if (!ta && tb) out.noalias() = a_map * b_map.transpose();
-  if (ta && !tb) out.noalias() = a_map.transpose() * b_map;
-  if (ta && tb) out.noalias() = a_map.transpose() * b_map.transpose();
+  if (!ta && !tb) Assign(out, a_map, b_map, into);
+  if (!ta && tb) Assign(out, a_map, b_map.transpose(), into);
+  if (ta && !tb) Assign(out, a_map.transpose(), b_map, into);
+  if (ta && tb) Assign(out, a_map.transpose(), b_map.transpose(), into);
 }
 
 }  // namespace
 
 template <>
 void Gemm<double>(Op op_a, Op op_b, int64_t m, int64_t n, int64_t k, const double* a,
-                  const double* b, double* c) {
-  EigenGemm(op_a, op_b, m, n, k, a, b, c);
+                  const double* b, double* c, Into into) {
+  EigenGemm(op_a, op_b, m, n, k, a, b, c, into);
 }
 
 template <>
 void Gemm<float>(Op op_a, Op op_b, int64_t m, int64_t n, int64_t k, const float* a, const float* b,
-                 float* c) {
+                 float* c, Into into) {
 #ifdef GRADSERVE_HAVE_ONEDNN
   if (UsesOneDnn(m, n, k)) {
     const bool ta = op_a == Op::kTransposed;
     const bool tb = op_b == Op::kTransposed;
     // Leading dimensions are the stored row lengths (dnnl_sgemm is row-major).
+    const float beta = into == Into::kAccumulate ? 1.0f : 0.0f;
     const dnnl_status_t status = dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, 1.0f, a,
-                                            ta ? m : k, b, tb ? k : n, 0.0f, c, n);
+                                            ta ? m : k, b, tb ? k : n, beta, c, n);
     // Arguments are valid by construction; oneDNN fails only when its packing buffers cannot
-    // be allocated, and then Eigen computes the product (equal to rounding) instead.
+    // be allocated, before it touches c, and then Eigen computes the product (equal to
+    // rounding) instead.
     if (status == dnnl_success) return;
   }
 #endif
-  EigenGemm(op_a, op_b, m, n, k, a, b, c);
+  EigenGemm(op_a, op_b, m, n, k, a, b, c, into);
 }
 
 const char* GemmBackend(int64_t m, int64_t n, int64_t k) {

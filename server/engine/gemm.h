@@ -19,11 +19,15 @@ namespace gradserve::engine {
 
 enum class Op { kPlain, kTransposed };
 
-// c[m, n] = op_a(a) op_b(b), where op_a(a) is [m, k] and op_b(b) is [k, n]; a is stored as
-// [m, k] (kPlain) or [k, m] (kTransposed), b as [k, n] or [n, k]. c is overwritten and must
-// not overlap a or b. Uses the calling thread's OpenMP team size.
+enum class Into { kOverwrite, kAccumulate };
+
+// c[m, n] = op_a(a) op_b(b) (kOverwrite) or c[m, n] += op_a(a) op_b(b) (kAccumulate), where
+// op_a(a) is [m, k] and op_b(b) is [k, n]; a is stored as [m, k] (kPlain) or [k, m]
+// (kTransposed), b as [k, n] or [n, k]. c must not overlap a or b. Uses the calling thread's
+// OpenMP team size.
 template <typename T>
-void Gemm(Op op_a, Op op_b, int64_t m, int64_t n, int64_t k, const T* a, const T* b, T* c);
+void Gemm(Op op_a, Op op_b, int64_t m, int64_t n, int64_t k, const T* a, const T* b, T* c,
+          Into into = Into::kOverwrite);
 
 // Which kernel float32 products of this size use: "onednn" or "eigen" (reported by benchmarks).
 const char* GemmBackend(int64_t m, int64_t n, int64_t k);

@@ -1,6 +1,8 @@
 #include "server/engine/layers.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "server/engine/elementwise_math.h"
 #include "server/engine/gemm.h"
@@ -39,13 +41,17 @@ void LayerForward(const LayerSpec& layer, const LinearParamsView<T>& params, int
   const int64_t n = batch * in_width;
   switch (layer.kind) {
     case LayerKind::kLinear: {
-      // out [B, out] = in [B, in] * W^T [in, out] + b
-      Gemm<T>(Op::kPlain, Op::kTransposed, batch, layer.out_features, layer.in_features, in,
-              params.weight, out);
+      // out [B, out] = in [B, in] * W^T [in, out] + b: the bias is written into every row first
+      // and the product accumulated onto it, so the GEMM's epilogue adds it instead of a
+      // separate pass over the output.
+      const int64_t width = layer.out_features;
       if (params.bias != nullptr) {
-        MatrixMap<T> z(out, batch, layer.out_features);
-        z.rowwise() += ConstRowVectorMap<T>(params.bias, layer.out_features);
+        const T* bias = params.bias;
+#pragma omp parallel for schedule(static) if (batch * width >= kParallelElements)
+        for (int64_t r = 0; r < batch; ++r) std::memcpy(out + r * width, bias, sizeof(T) * width);
       }
+      Gemm<T>(Op::kPlain, Op::kTransposed, batch, width, layer.in_features, in, params.weight, out,
+              params.bias != nullptr ? Into::kAccumulate : Into::kOverwrite);
       return;
     }
     case LayerKind::kReLU:
@@ -132,15 +138,25 @@ void LinearBackward(const LayerSpec& layer, const LinearParamsView<T>& params, i
                     T* grad_in) {
   const int64_t in = layer.in_features;
   const int64_t out = layer.out_features;
-  ConstMatrixMap<T> delta(grad_out, batch, out);
   // dW [out, in] = delta^T [out, B] * x [B, in]
   Gemm<T>(Op::kTransposed, Op::kPlain, out, in, batch, grad_out, input, grads.weight);
   if (grads.bias != nullptr) {
     // db [out] = sum over the batch of delta, accumulated in double (float32 sums over large
-    // batches otherwise lose digits) in a fixed order.
-    RowVector<double> sum = RowVector<double>::Zero(out);
-    for (int64_t b = 0; b < batch; ++b) sum += delta.row(b).template cast<double>();
-    RowVectorMap<T>(grads.bias, out) = sum.cast<T>();
+    // batches otherwise lose digits), each column from row 0 down: the team splits the
+    // columns, never a column's sum, so the bits do not depend on the thread count.
+    constexpr int64_t kColumns = 64;
+    T* bias_grad = grads.bias;
+#pragma omp parallel for schedule(static) if (batch * out >= kParallelElements)
+    for (int64_t c0 = 0; c0 < out; c0 += kColumns) {
+      const int64_t columns = std::min(kColumns, out - c0);
+      double sum[kColumns] = {};
+      for (int64_t b = 0; b < batch; ++b) {
+        const T* row = grad_out + b * out + c0;
+#pragma omp simd
+        for (int64_t c = 0; c < columns; ++c) sum[c] += static_cast<double>(row[c]);
+      }
+      for (int64_t c = 0; c < columns; ++c) bias_grad[c0 + c] = static_cast<T>(sum[c]);
+    }
   }
   if (grad_in != nullptr) {
     // dx [B, in] = delta [B, out] * W [out, in]
