@@ -76,7 +76,7 @@ SumOfSquares SumSquares(const T* data, int64_t n) {
 // split does not depend on the thread count, so neither do the bits.
 template <typename T>
 NormAndNonFinite Measure(const T* data, int64_t n) {
-  constexpr int64_t kBlock = int64_t{1} << 15;
+  constexpr int64_t kBlock = int64_t{1} << 13;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   if (blocks <= 1) {
     const SumOfSquares s = SumSquares(data, n);

@@ -743,7 +743,8 @@ void ExpectMeasureMatchesALongDoubleSum(int64_t n) {
 }
 
 TEST(Diagnostics, MeasureMatchesALongDoubleSumWithinAndAcrossBlocks) {
-  for (int64_t n : {int64_t{17}, int64_t{1000}, int64_t{32768}, int64_t{3 * 32768 + 21}}) {
+  for (int64_t n :
+       {int64_t{17}, int64_t{1000}, int64_t{8192}, int64_t{3 * 8192 + 21}, int64_t{100003}}) {
     ExpectMeasureMatchesALongDoubleSum<float>(n);
     ExpectMeasureMatchesALongDoubleSum<double>(n);
   }
