@@ -7,7 +7,10 @@
 // Benchmark names:
 //   engine/<case>/threads:<t>   one RunBackprop call (forward, loss, backward, dx) per iteration
 //   peak/fma/threads:<t>        a register-only loop of independent FMA chains on every thread
-//   gemm/eigen1024/threads:<t>  C = A * B, float32 1024x1024x1024, row-major (as the engine's)
+//   gemm/engine1024/threads:<t> C = A * B, float32 1024x1024x1024, row-major, through
+//                               engine::Gemm (the engine's kernel: oneDNN in a default build;
+//                               label "onednn <isa>" or "eigen")
+//   gemm/eigen1024/threads:<t>  the same product on Eigen's own kernel, for comparison
 //   profile/<case>/<part>/threads:<t>  one part of a step, for the breakdown (see below)
 //   profile/omp_fork_join/threads:<t>   an empty OpenMP parallel region
 // Counters (per iteration unless said): flops (nominal, 6*B*in*out per Linear; GFLOP/s is
@@ -43,6 +46,7 @@
 
 #include "server/engine/backprop.h"
 #include "server/engine/checkpoint.h"
+#include "server/engine/gemm.h"
 #include "server/engine/layers.h"
 #include "server/engine/losses.h"
 #include "server/engine/model.h"
@@ -347,6 +351,25 @@ class ScopedOmpThreads {
   int previous_;
 };
 
+void BM_EngineGemm(benchmark::State& state, int64_t n, int threads) {
+  const ScopedOmpThreads scoped(threads);
+  RowMatrix a = RowMatrix::Random(n, n), b = RowMatrix::Random(n, n), c(n, n);
+  const auto product = [&] {
+    eng::Gemm<float>(eng::Op::kPlain, eng::Op::kPlain, n, n, n, a.data(), b.data(), c.data());
+  };
+  product();
+  for (auto _ : state) {
+    product();
+    benchmark::ClobberMemory();
+  }
+  const double flops = 2.0 * n * n * n;
+  state.counters["flops"] = Counter(flops);
+  state.counters["GFLOPs"] = Counter(flops * 1e-9, Counter::kIsIterationInvariantRate);
+  state.counters["threads"] = Counter(threads);
+  const std::string backend = eng::GemmBackend(n, n, n);
+  state.SetLabel(backend == "onednn" ? backend + " " + eng::OneDnnIsa() : backend);
+}
+
 void BM_EigenGemm(benchmark::State& state, int64_t n, int threads) {
   const ScopedOmpThreads scoped(threads);
   RowMatrix a = RowMatrix::Random(n, n), b = RowMatrix::Random(n, n), c(n, n);
@@ -366,7 +389,7 @@ void BM_EigenGemm(benchmark::State& state, int64_t n, int threads) {
 // does it (same engine functions on buffers of the same shapes), so that their times add up to
 // (nearly) the whole step and the remainder is the executor's own overhead.
 //   linear_fwd   LayerForward of every Linear (GEMM x*W^T, then the bias added row by row)
-//   gemm         only the three Eigen products per Linear (x*W^T, delta^T*x, delta*W)
+//   gemm         only the three products per Linear (x*W^T, delta^T*x, delta*W), engine::Gemm
 //   linear_bwd   LinearBackward of every Linear (dW GEMM, db summed in double, dx GEMM)
 //   act          LayerForward + ElementwiseBackward of every activation layer
 //   loss         LossGradient
@@ -437,13 +460,14 @@ void BM_Profile(benchmark::State& state, const CaseSpec& spec, const std::string
         const int linear = model.linear_index(i);
         if (linear < 0) continue;
         const int64_t in = model.width(i), out = model.width(i + 1);
-        eng::ConstMatrixMap<float> x(buffers.acts[i].data(), rows, in);
-        eng::ConstMatrixMap<float> w(problem.weights[linear].data(), out, in);
-        eng::ConstMatrixMap<float> delta(buffers.grads[i + 1].data(), rows, out);
-        eng::MatrixMap<float>(scratch.data(), rows, out).noalias() = x * w.transpose();
-        eng::MatrixMap<float>(problem.outputs.gradients[linear].weight, out, in).noalias() =
-            delta.transpose() * x;
-        eng::MatrixMap<float>(buffers.grads[i].data(), rows, in).noalias() = delta * w;
+        eng::Gemm<float>(eng::Op::kPlain, eng::Op::kTransposed, rows, out, in,
+                         buffers.acts[i].data(), problem.weights[linear].data(), scratch.data());
+        eng::Gemm<float>(eng::Op::kTransposed, eng::Op::kPlain, out, in, rows,
+                         buffers.grads[i + 1].data(), buffers.acts[i].data(),
+                         problem.outputs.gradients[linear].weight);
+        eng::Gemm<float>(eng::Op::kPlain, eng::Op::kPlain, rows, in, out,
+                         buffers.grads[i + 1].data(), problem.weights[linear].data(),
+                         buffers.grads[i].data());
       }
     };
   } else if (part == "linear_bwd") {
@@ -529,6 +553,10 @@ void RegisterAll() {
   for (int threads : {1, 2}) {
     benchmark::RegisterBenchmark(("peak/fma/threads:" + std::to_string(threads)).c_str(),
                                  BM_FmaPeak, threads)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark(("gemm/engine1024/threads:" + std::to_string(threads)).c_str(),
+                                 BM_EngineGemm, int64_t{1024}, threads)
         ->UseRealTime()
         ->Unit(benchmark::kMillisecond);
     benchmark::RegisterBenchmark(("gemm/eigen1024/threads:" + std::to_string(threads)).c_str(),

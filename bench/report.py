@@ -60,6 +60,8 @@ def load_gbench(path):
 # perf symbol groups, first match wins: (name, regex on "dso symbol").
 PERF_CATEGORIES = [
     ("benchmark set-up", r"gradserve::bench::|benchmark::|mersenne|normal_distribution"),
+    ("GEMM kernel (oneDNN, JIT code)", r"^\[JIT\]"),
+    ("oneDNN driver (packing, threading)", r"libdnnl"),
     ("GEMM kernel (Eigen gebp)", r"gebp_kernel"),
     ("GEMM packing", r"gemm_pack_(lhs|rhs)"),
     ("libm tanh/exp/log (scalar)", r"^libm|tanhf|expm1|__ieee754|expf|logf|erff"),
@@ -88,7 +90,8 @@ def perf_categories(path):
             m = re.search(r"Samples:\s*([0-9.]+)([KM]?)", line)
             if m:
                 samples = float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6}[m.group(2)]
-        m = re.match(r"\s*([0-9.]+)%\s+(\S+)\s+(\[.\])\s+(.*)", line)
+        # The dso may hold spaces ("[JIT] tid 1234": oneDNN's generated kernels).
+        m = re.match(r"\s*([0-9.]+)%\s+(.+?)\s+(\[.\])\s+(.*)", line)
         if not m:
             continue
         pct, text = float(m.group(1)), f"{m.group(2)} {m.group(3)} {m.group(4)}"
@@ -195,6 +198,10 @@ class Round:
         b = self.engine.get(f"gemm/eigen1024/threads:{threads}")
         return b["GFLOPs"] if b else None
 
+    def engine_gemm(self, threads):
+        b = self.engine.get(f"gemm/engine1024/threads:{threads}")
+        return b["GFLOPs"] if b else None
+
     def peer_time(self, who, case, variant, threads):
         p = self.peers.get((variant, threads))
         if not p or case not in p["cases"]:
@@ -281,7 +288,7 @@ def main():
     def frac_gemm(case):
         def per_round(r):
             t, threads = r.eng_best(case)
-            return ratio(gflops(case, t), r.eigen_gemm(threads))
+            return ratio(gflops(case, t), r.engine_gemm(threads))
         return med(per_round)
 
     # Checkpointing on (d).
@@ -406,7 +413,7 @@ def main():
     # Engine vs peers.
     out("## Engine vs peers (time per training step)")
     out("")
-    out("| case | engine 1 thr | engine 2 thr | engine GFLOP/s | of FMA peak | of Eigen GEMM "
+    out("| case | engine 1 thr | engine 2 thr | engine GFLOP/s | of FMA peak | of engine GEMM "
         "| PyTorch best | numpy best | engine vs PyTorch | engine vs numpy |")
     out("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in CASES + ["d_sqrt", "d_budget"]:
@@ -433,8 +440,9 @@ def main():
             f"{'–' if g is None else f'{g:.1f}'} | {fmt_pct(frac_peak(c))} | "
             f"{fmt_pct(frac_gemm(c))} | {torch_cell} | {numpy_cell} | {row[0]} | {row[1]} |")
     out("")
-    out("\"of FMA peak\" / \"of Eigen GEMM\": the engine's best configuration against the FMA peak "
-        "and Eigen's 1024³ GEMM at the same thread count, measured in the same round. Peer "
+    out("\"of FMA peak\" / \"of engine GEMM\": the engine's best configuration against the FMA "
+        "peak and the engine's own 1024³ GEMM at the same thread count, measured in the same "
+        "round. Peer "
         "configuration (threads) shown is the best in round 1.")
     out("")
 
@@ -497,8 +505,14 @@ def main():
     eg1, eg2 = med(lambda r: r.eigen_gemm(1)), med(lambda r: r.eigen_gemm(2))
     label = rounds[0].engine.get("peak/fma/threads:1", {}).get("label", "")
     out(f"| FMA peak ({label}, 16 independent chains), GFLOP/s | {pk1:.1f} | {pk2:.1f} |")
+    en1, en2 = med(lambda r: r.engine_gemm(1)), med(lambda r: r.engine_gemm(2))
+    kernel = rounds[0].engine.get("gemm/engine1024/threads:1", {}).get("label", "?")
+    if en1 is not None and en2 is not None:
+        out(f"| engine GEMM (engine::Gemm: {kernel}), GFLOP/s "
+            f"| {en1:.1f} ({fmt_pct(ratio(en1, pk1))} of peak) "
+            f"| {en2:.1f} ({fmt_pct(ratio(en2, pk2))}) |")
     eigen = rounds[0].context.get("eigen", "?")
-    out(f"| Eigen GEMM (the engine's; Eigen {eigen}), GFLOP/s "
+    out(f"| Eigen's own GEMM (Eigen {eigen}), GFLOP/s "
         f"| {eg1:.1f} ({fmt_pct(ratio(eg1, pk1))} of peak) "
         f"| {eg2:.1f} ({fmt_pct(ratio(eg2, pk2))}) |")
     for key, name in (("numpy_gflops", "OpenBLAS sgemm via numpy"),
@@ -582,10 +596,10 @@ def main():
     out("Each part is the engine's own kernel (`LayerForward`, `LinearBackward`, "
         "`ElementwiseBackward`, `LossGradient`) run over every layer of the case on buffers of "
         "the same shapes, timed alone; \"diagnostics\" is a copy of the executor's norm loop "
-        "(one thread) over every activation, gradient and dW. \"rest\" = whole step − sum of "
+        "over every activation, gradient and dW. \"rest\" = whole step − sum of "
         "parts: the executor's own work, plus the difference between running the parts alone "
         "(warm caches) and in sequence; negative when the parts alone ran slower. GEMM-only = "
-        "the three Eigen products per Linear, without bias or db (not part of the sum). \"parts' "
+        "the three products per Linear (engine::Gemm), without bias or db (not part of the sum). \"parts' "
         "CPU / wall\": the lowest, among a row's parts, of the calling thread's CPU time over "
         "wall time (median over rounds); a row marked ⚠ (below 90%) mostly ran while other "
         "work shared its cores — distrust its figures.")
@@ -625,10 +639,10 @@ def main():
                          f"{fmt_pct(low)}{' ⚠' if low < 0.9 else ''}")
             out("| " + " | ".join(cells) + " |")
     out("")
-    out("The three GEMMs of every Linear layer, timed alone, against Eigen's 1024³ GEMM and "
+    out("The three GEMMs of every Linear layer, timed alone, against the engine's 1024³ GEMM and "
         "the FMA peak at the same thread count:")
     out("")
-    out("| case, threads | 3 GEMMs | GEMM GFLOP/s | of Eigen 1024³ | of FMA peak |")
+    out("| case, threads | 3 GEMMs | GEMM GFLOP/s | of engine 1024³ | of FMA peak |")
     out("|---|---:|---:|---:|---:|")
     for c in CASES:
         for t in (1, 2):
@@ -636,7 +650,7 @@ def main():
             if not gemm:
                 continue
             g = gflops(c, gemm)
-            eg = med(lambda r: r.eigen_gemm(t))
+            eg = med(lambda r: r.engine_gemm(t))
             pk = med(lambda r: r.peak(t))
             out(f"| ({c}) {t} thr | {fmt_time(gemm)} | {g:.1f} | {fmt_pct(ratio(g, eg))} | "
                 f"{fmt_pct(ratio(g, pk))} |")
@@ -708,7 +722,7 @@ def main():
     with open(os.path.join(a.out_dir, "bench.json"), "w") as f:
         json.dump(raw, f, indent=1, default=str)
 
-    chart(a, rounds, pk1, pk2, eg2, gflops, med, eng_best_t, torch_best_t, numpy_best_t, svc,
+    chart(a, rounds, pk1, pk2, en2 if en2 is not None else eg2, gflops, med, eng_best_t, torch_best_t, numpy_best_t, svc,
           breakdown)
     print("\n".join(lines))
     print(f"written to {md_path}, bench.png and bench.json", file=sys.stderr)
@@ -737,7 +751,7 @@ def chart(a, rounds, pk1, pk2, eg2, gflops, med, eng_best_t, torch_best_t, numpy
     ax.axhline(pk2, color="k", linestyle="--", linewidth=1, label=f"FMA peak 2 thr ({pk2:.0f})")
     ax.axhline(pk1, color="gray", linestyle=":", linewidth=1, label=f"FMA peak 1 thr ({pk1:.0f})")
     ax.axhline(eg2, color="#9467bd", linestyle="-.", linewidth=1,
-               label=f"Eigen GEMM 1024³ 2 thr ({eg2:.0f})")
+               label=f"engine GEMM 1024³ 2 thr ({eg2:.0f})")
     ax.set_xticks(range(len(cases)),
                   ["(b) 784-1024-1024-10", "(c) 8 × 1024²", "(d) 64 × 256² tanh"])
     ax.set_ylabel("GFLOP/s (6·B·in·out per Linear)")

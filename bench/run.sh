@@ -13,7 +13,7 @@
 #
 # Each round runs, in an order that rotates from round to round so no side always goes first:
 #   engine   build/.../bench/gradserve_engine_bench: cases a-d at 1 and 2 threads, FMA peak,
-#            Eigen 1024^3 GEMM (Google Benchmark, JSON)
+#            1024^3 GEMM through the engine and on Eigen's own kernel (Google Benchmark, JSON)
 #   peers    /usr/bin/python3 bench/peers.py at 1 and 2 threads: PyTorch, numpy backprop,
 #            torch checkpointing, OpenBLAS sgemm; once with OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE
 #            as the machine sets them and, if it sets either, once with both unset for that
