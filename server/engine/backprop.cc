@@ -263,22 +263,13 @@ class Executor {
   int64_t peak_bytes_ = 0;
 };
 
-// Sets the OpenMP team size for the calling thread for the duration of a call (the ICV is per
-// thread, so concurrent calls on other threads keep their own).
-class ScopedThreads {
- public:
-  explicit ScopedThreads(int threads) : previous_(omp_get_max_threads()) {
-    omp_set_num_threads(std::max(1, threads));
-  }
-  ~ScopedThreads() { omp_set_num_threads(previous_); }
-  ScopedThreads(const ScopedThreads&) = delete;
-  ScopedThreads& operator=(const ScopedThreads&) = delete;
-
- private:
-  int previous_;
-};
-
 }  // namespace
+
+ScopedThreads::ScopedThreads(int threads) : previous_(omp_get_max_threads()) {
+  omp_set_num_threads(std::max(1, threads));
+}
+
+ScopedThreads::~ScopedThreads() { omp_set_num_threads(previous_); }
 
 template <typename T>
 absl::StatusOr<RunResult> RunBackprop(const Model& model, const CheckpointPlan& plan,

@@ -66,6 +66,20 @@ struct NormAndNonFinite {
 template <typename T>
 NormAndNonFinite Measure(const T* data, int64_t n);
 
+// Sets the OpenMP team size of the calling thread until destroyed (the setting is per thread, so
+// concurrent calls on other threads keep their own). Every engine entry point that computes
+// holds one for the call's thread count.
+class ScopedThreads {
+ public:
+  explicit ScopedThreads(int threads);
+  ~ScopedThreads();
+  ScopedThreads(const ScopedThreads&) = delete;
+  ScopedThreads& operator=(const ScopedThreads&) = delete;
+
+ private:
+  int previous_;
+};
+
 // Runs forward, loss and backward. REQUIRES: every view sized as documented above for this
 // model and batch (the service validates that), params.size() == model.num_linear().
 // Returns CANCELLED if options.should_stop fired.

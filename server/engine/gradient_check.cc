@@ -39,6 +39,9 @@ absl::StatusOr<std::vector<TensorCheck>> CheckGradients(const Model& model,
                                                         std::span<const LinearParamsView<T>> params,
                                                         const BatchView<T>& batch,
                                                         const GradientCheckOptions& options) {
+  // The finite-difference passes too run on the call's threads, not on the worker's default
+  // team (every core), which would oversubscribe the cores other calls were given.
+  const ScopedThreads threads(options.threads);
   const int64_t rows = batch.batch;
   const int num_linear = model.num_linear();
 

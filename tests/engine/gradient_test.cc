@@ -708,6 +708,36 @@ TEST(Determinism, ParameterGradientsDoNotDependOnWhetherDxIsRequested) {
   EXPECT_THAT(without_dx.inputs, ::testing::Each(-7.0));
 }
 
+// The scheduler gives a check a number of cores; its finite-difference passes must not spread
+// over more (they once ran on the worker thread's default team, every core).
+TEST(GradientCheckThreads, FiniteDifferencePassesKeepToTheCallsThreads) {
+  std::unique_ptr<Problem> problem = LargeProblem();
+  ASSERT_NE(problem, nullptr);
+  absl::StatusOr<CheckpointPlan> plan =
+      PlanCheckpoints(problem->model(), problem->batch(), sizeof(double), {});
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  const int default_threads = omp_get_max_threads();
+  omp_set_num_threads(4);  // The worker's default team: larger than the call's.
+  int most_threads_seen = 0;
+  int polls = 0;
+  GradientCheckOptions options;
+  options.samples_per_tensor = 2;
+  options.threads = 1;
+  options.should_stop = [&] {
+    ++polls;
+    most_threads_seen = std::max(most_threads_seen, omp_get_max_threads());
+    return false;
+  };
+  absl::StatusOr<std::vector<TensorCheck>> checks = CheckGradients<double>(
+      problem->model(), *plan, problem->Params(), problem->Batch(), options);
+  const int threads_after = omp_get_max_threads();
+  omp_set_num_threads(default_threads);
+  ASSERT_TRUE(checks.ok()) << checks.status();
+  EXPECT_GT(polls, 10);
+  EXPECT_EQ(most_threads_seen, 1);
+  EXPECT_EQ(threads_after, 4) << "the caller's setting is restored";
+}
+
 // ---------------------------------------------------------------------------------------------
 // Diagnostics: Measure splits long tensors into blocks across the OpenMP team.
 
