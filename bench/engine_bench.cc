@@ -336,23 +336,13 @@ void BM_FmaPeak(benchmark::State& state, int threads) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Eigen GEMM, the engine's product: row-major float matrices, OpenMP team of `threads`.
+// The 1024^3 GEMM, through the engine and on Eigen's own kernel: row-major float matrices,
+// OpenMP team of `threads`.
 
 using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-class ScopedOmpThreads {
- public:
-  explicit ScopedOmpThreads(int threads) : previous_(omp_get_max_threads()) {
-    omp_set_num_threads(threads);
-  }
-  ~ScopedOmpThreads() { omp_set_num_threads(previous_); }
-
- private:
-  int previous_;
-};
-
 void BM_EngineGemm(benchmark::State& state, int64_t n, int threads) {
-  const ScopedOmpThreads scoped(threads);
+  const eng::ScopedThreads scoped(threads);
   RowMatrix a = RowMatrix::Random(n, n), b = RowMatrix::Random(n, n), c(n, n);
   const auto product = [&] {
     eng::Gemm<float>(eng::Op::kPlain, eng::Op::kPlain, n, n, n, a.data(), b.data(), c.data());
@@ -371,7 +361,7 @@ void BM_EngineGemm(benchmark::State& state, int64_t n, int threads) {
 }
 
 void BM_EigenGemm(benchmark::State& state, int64_t n, int threads) {
-  const ScopedOmpThreads scoped(threads);
+  const eng::ScopedThreads scoped(threads);
   RowMatrix a = RowMatrix::Random(n, n), b = RowMatrix::Random(n, n), c(n, n);
   c.noalias() = a * b;
   for (auto _ : state) {
@@ -442,7 +432,7 @@ void BM_Profile(benchmark::State& state, const CaseSpec& spec, const std::string
   const int64_t rows = spec.batch;
   ProfileBuffers& buffers = CachedBuffers(spec, problem);
   std::vector<float>& scratch = buffers.scratch;
-  const ScopedOmpThreads scoped(threads);
+  const eng::ScopedThreads scoped(threads);
 
   std::function<void()> body;
   if (part == "linear_fwd") {
@@ -532,7 +522,7 @@ void BM_Profile(benchmark::State& state, const CaseSpec& spec, const std::string
 // The cost of waking an OpenMP team: an empty parallel region (what a small parallel GEMM or
 // element-wise loop pays on top of its work).
 void BM_OmpForkJoin(benchmark::State& state, int threads) {
-  const ScopedOmpThreads scoped(threads);
+  const eng::ScopedThreads scoped(threads);
   int sink = 0;
   for (auto _ : state) {
 #pragma omp parallel

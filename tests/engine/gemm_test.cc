@@ -7,7 +7,6 @@
 #include "server/engine/gemm.h"
 
 #include <gtest/gtest.h>
-#include <omp.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -37,17 +36,6 @@ Matrix<double> Operand(const float* x, Op op, int64_t rows, int64_t cols) {
   return ConstMatrixMap<float>(x, cols, rows).transpose().cast<double>();
 }
 
-class ScopedOmpThreads {
- public:
-  explicit ScopedOmpThreads(int threads) : previous_(omp_get_max_threads()) {
-    omp_set_num_threads(threads);
-  }
-  ~ScopedOmpThreads() { omp_set_num_threads(previous_); }
-
- private:
-  int previous_;
-};
-
 struct Shape {
   int64_t m, n, k;
 };
@@ -70,7 +58,7 @@ TEST(Gemm, RunsOnTheInstructionSetCTestAskedFor) {
 }
 
 TEST(Gemm, EveryShapeAndTransposeMatchesAFloat64Product) {
-  ScopedOmpThreads threads(2);
+  ScopedThreads threads(2);
   for (const Shape& s : kShapes) {
     for (Op op_a : {Op::kPlain, Op::kTransposed}) {
       for (Op op_b : {Op::kPlain, Op::kTransposed}) {
@@ -114,7 +102,7 @@ TEST(Gemm, BitsDoNotDependOnOperandAlignment) {
           SCOPED_TRACE(::testing::Message()
                        << s.m << "x" << s.n << "x" << s.k << " op_a " << static_cast<int>(op_a)
                        << " op_b " << static_cast<int>(op_b) << ", " << threads << " threads");
-          ScopedOmpThreads team(threads);
+          ScopedThreads team(threads);
           const std::vector<float> a = RandomFloats(s.m * s.k, 1);
           const std::vector<float> b = RandomFloats(s.k * s.n, 2);
           std::vector<float> reference(s.m * s.n);
