@@ -91,11 +91,37 @@ TEST(Gemm, EveryShapeAndTransposeMatchesAFloat64Product) {
   }
 }
 
-// The same product with the same thread count gives the same bits wherever its operands sit.
-// (Across thread counts it need not: oneDNN's AVX2 kernels split some shapes differently.)
+template <typename T>
+void ExpectBitsIndependentOfAlignment(const Shape& s, Op op_a, Op op_b) {
+  const std::vector<float> a32 = RandomFloats(s.m * s.k, 1);
+  const std::vector<float> b32 = RandomFloats(s.k * s.n, 2);
+  const std::vector<T> a(a32.begin(), a32.end()), b(b32.begin(), b32.end());
+  std::vector<T> reference(s.m * s.n);
+  Gemm<T>(op_a, op_b, s.m, s.n, s.k, a.data(), b.data(), reference.data());
+  // Operands and result shifted across every SIMD alignment up to 64 bytes, as the bytes of a
+  // request and the buffers of a response land wherever the allocator puts them.
+  constexpr int kMaxShift = 16;
+  for (int shift : {1, 2, 3, 4, 8, 12}) {
+    std::vector<T> a_shifted(a.size() + kMaxShift), b_shifted(b.size() + kMaxShift);
+    std::vector<T> c(s.m * s.n + kMaxShift);
+    std::memcpy(a_shifted.data() + shift, a.data(), sizeof(T) * a.size());
+    std::memcpy(b_shifted.data() + shift, b.data(), sizeof(T) * b.size());
+    Gemm<T>(op_a, op_b, s.m, s.n, s.k, a_shifted.data() + shift, b_shifted.data() + shift,
+            c.data() + shift);
+    EXPECT_EQ(std::memcmp(c.data() + shift, reference.data(), sizeof(T) * s.m * s.n), 0)
+        << sizeof(T) << "-byte values, everything shifted by " << shift << " elements";
+  }
+}
+
+// The same product with the same thread count gives the same bits wherever its operands and
+// result sit. (Across thread counts it need not: oneDNN's AVX2 kernels split some shapes
+// differently.) Shapes for each path: oneDNN, Eigen's GEMM and GEMV, and the tiny products
+// Eigen would evaluate coefficient by coefficient.
 TEST(Gemm, BitsDoNotDependOnOperandAlignment) {
-  constexpr Shape kLarge[] = {{1024, 256, 512}, {128, 256, 256}, {4, 1024, 2048}, {2048, 8, 512}};
-  for (const Shape& s : kLarge) {
+  constexpr Shape kShapesByPath[] = {
+      {1024, 256, 512}, {128, 256, 256}, {4, 1024, 2048}, {2048, 8, 512}, {64, 64, 64}, {17, 33, 9},
+      {1, 64, 64},      {64, 1, 64},     {64, 64, 1},     {8, 2, 4},      {5, 7, 6},    {3, 9, 7}};
+  for (const Shape& s : kShapesByPath) {
     for (Op op_a : {Op::kPlain, Op::kTransposed}) {
       for (Op op_b : {Op::kPlain, Op::kTransposed}) {
         for (int threads : {1, 2}) {
@@ -103,20 +129,8 @@ TEST(Gemm, BitsDoNotDependOnOperandAlignment) {
                        << s.m << "x" << s.n << "x" << s.k << " op_a " << static_cast<int>(op_a)
                        << " op_b " << static_cast<int>(op_b) << ", " << threads << " threads");
           ScopedThreads team(threads);
-          const std::vector<float> a = RandomFloats(s.m * s.k, 1);
-          const std::vector<float> b = RandomFloats(s.k * s.n, 2);
-          std::vector<float> reference(s.m * s.n);
-          Gemm<float>(op_a, op_b, s.m, s.n, s.k, a.data(), b.data(), reference.data());
-          // Operands and result shifted off any SIMD alignment, as in a protobuf byte string.
-          for (int shift : {1, 2, 3}) {
-            std::vector<float> a_shifted(a.size() + 4), b_shifted(b.size() + 4), c(s.m * s.n + 4);
-            std::memcpy(a_shifted.data() + shift, a.data(), sizeof(float) * a.size());
-            std::memcpy(b_shifted.data() + shift, b.data(), sizeof(float) * b.size());
-            Gemm<float>(op_a, op_b, s.m, s.n, s.k, a_shifted.data() + shift,
-                        b_shifted.data() + shift, c.data() + shift);
-            EXPECT_EQ(std::memcmp(c.data() + shift, reference.data(), sizeof(float) * s.m * s.n), 0)
-                << "operands shifted by " << shift << " floats";
-          }
+          ExpectBitsIndependentOfAlignment<float>(s, op_a, op_b);
+          ExpectBitsIndependentOfAlignment<double>(s, op_a, op_b);
         }
       }
     }
