@@ -103,8 +103,45 @@ double MicrosSince(Clock::time_point start) {
   return std::chrono::duration<double, std::micro>(Clock::now() - start).count();
 }
 
+// Note [Workspace]
+// A call's buffers (cached activations, two transient activation buffers, two gradient
+// buffers) come from a workspace its thread keeps between calls: the scheduler's workers each
+// serve a stream of calls, and one of similar size to the last allocates nothing. A buffer only
+// grows, and its contents are left as they are (every element is written before it is read:
+// the engine's tests pass with every buffer poisoned with NaN). Calls that need more than
+// kRetainedWorkspaceBytes get fresh buffers and free them on release, so checkpointing's saving
+// stays real and no thread pins a huge call's memory. The bytes a call counts and reports are
+// the ones it uses either way.
+inline constexpr int64_t kRetainedWorkspaceBytes = int64_t{64} << 20;
+
+// Eigen's allocator aligns to its largest packet (64 bytes with AVX-512), as the executor's
+// buffers always were: Eigen's small products and reductions peel elements up to the first
+// aligned one, so with malloc's 16-byte alignment their bits would depend on the address a
+// buffer happens to get (seen as a gradient check's answers changing in their last digits with
+// the worker thread that served them).
+template <typename T>
+class GrowingBuffer {
+ public:
+  T* Get(int64_t n) {
+    if (n > storage_.size()) storage_.resize(n);  // Not zeroed.
+    return storage_.data();
+  }
+  void Free() { storage_.resize(0); }
+
+ private:
+  Eigen::Matrix<T, Eigen::Dynamic, 1> storage_;
+};
+
+template <typename T>
+struct Workspace {
+  std::vector<GrowingBuffer<T>> cache;  // Indexed by activation k.
+  GrowingBuffer<T> transient[2];
+  GrowingBuffer<T> grad[2];
+  bool in_use = false;
+};
+
 // Note [Executor]
-// One call's state. Activations a_k live either in cache_[k] (kept, counted in live_bytes_) or
+// One call's state. Activations a_k live either in the cache (kept, counted in live_bytes_) or
 // in one of two transient buffers; act_[k] points at wherever a_k currently is (a_0 at the
 // caller's input). Backward walks the plan's segments from last to first, recomputing a
 // segment's forward pass first when the plan says so, and ping-pongs dL/da between two gradient
@@ -122,8 +159,20 @@ class Executor {
         outputs_(outputs),
         options_(options),
         num_layers_(model.num_layers()),
-        cache_(num_layers_ + 1),
-        act_(num_layers_ + 1, nullptr) {}
+        cache_size_(num_layers_ + 1, 0),
+        act_(num_layers_ + 1, nullptr) {
+    thread_local Workspace<T> thread_workspace;
+    const int64_t buffer_bytes = plan.predicted_peak_bytes + 4 * batch.batch * model.max_width() *
+                                                                 static_cast<int64_t>(sizeof(T));
+    // A call nested in another on this thread (none today) gets buffers of its own.
+    retain_ = buffer_bytes <= kRetainedWorkspaceBytes && !thread_workspace.in_use;
+    ws_ = retain_ ? &thread_workspace : &own_workspace_;
+    ws_->in_use = true;
+    if (static_cast<int>(ws_->cache.size()) < num_layers_ + 1) ws_->cache.resize(num_layers_ + 1);
+  }
+  ~Executor() { ws_->in_use = false; }
+  Executor(const Executor&) = delete;
+  Executor& operator=(const Executor&) = delete;
 
   absl::StatusOr<RunResult> Run() {
     if (outputs_.input_gradient != nullptr && plan_.lowest_backward_layer != 0) {
@@ -135,7 +184,7 @@ class Executor {
     result.diagnostics.resize(num_layers_);
     const int64_t rows = batch_.batch;
     const int64_t workspace = rows * model_.max_width();
-    for (auto& buffer : transient_) buffer.resize(workspace);
+    for (int t = 0; t < 2; ++t) transient_[t] = ws_->transient[t].Get(workspace);
 
     auto start = Clock::now();
     act_[0] = batch_.inputs;
@@ -153,9 +202,9 @@ class Executor {
     if (outputs_.output != nullptr) {
       std::memcpy(outputs_.output, output, sizeof(T) * rows * out_width);
     }
-    grad_[0].resize(workspace);
-    grad_[1].resize(workspace);
-    T* grad = grad_[0].data();
+    grad_[0] = ws_->grad[0].Get(workspace);
+    grad_[1] = ws_->grad[1].Get(workspace);
+    T* grad = grad_[0];
     result.loss = LossGradient(model_.loss(), rows, out_width, output, batch_.targets, grad);
     result.forward_micros = MicrosSince(start);
 
@@ -191,23 +240,22 @@ class Executor {
   bool Stopped() const { return options_.should_stop && options_.should_stop(); }
 
   T* Keep(int k) {
-    cache_[k].resize(batch_.batch * model_.width(k));
-    live_bytes_ += static_cast<int64_t>(sizeof(T)) * cache_[k].size();
+    cache_size_[k] = batch_.batch * model_.width(k);
+    live_bytes_ += static_cast<int64_t>(sizeof(T)) * cache_size_[k];
     peak_bytes_ = std::max(peak_bytes_, live_bytes_);
-    return cache_[k].data();
+    return ws_->cache[k].Get(cache_size_[k]);
   }
 
   void Release(int k) {
-    if (cache_[k].size() == 0) return;
-    live_bytes_ -= static_cast<int64_t>(sizeof(T)) * cache_[k].size();
-    cache_[k].resize(0);
+    if (cache_size_[k] == 0) return;
+    live_bytes_ -= static_cast<int64_t>(sizeof(T)) * cache_size_[k];
+    cache_size_[k] = 0;
+    if (!retain_) ws_->cache[k].Free();
     act_[k] = nullptr;
   }
 
   // A transient buffer that does not hold `in`.
-  T* Transient(const T* in) {
-    return in == transient_[0].data() ? transient_[1].data() : transient_[0].data();
-  }
+  T* Transient(const T* in) { return in == transient_[0] ? transient_[1] : transient_[0]; }
 
   LinearParamsView<T> ParamsOf(int layer) const {
     const int linear = model_.linear_index(layer);
@@ -234,7 +282,7 @@ class Executor {
     const LinearGradsView<T>& grads = outputs_.gradients[linear];
     const bool wants_grad_in =
         i > plan_.lowest_backward_layer || outputs_.input_gradient != nullptr;
-    T* grad_in = grad == grad_[0].data() ? grad_[1].data() : grad_[0].data();
+    T* grad_in = grad == grad_[0] ? grad_[1] : grad_[0];
     LinearBackward<T>(layer, params_[linear], rows, act_[i], grad, grads,
                       wants_grad_in ? grad_in : nullptr);
     const NormAndNonFinite w = Measure(grads.weight, layer.out_features * layer.in_features);
@@ -255,10 +303,13 @@ class Executor {
   const OutputsView<T>& outputs_;
   const RunOptions& options_;
   const int num_layers_;
-  std::vector<Eigen::Matrix<T, Eigen::Dynamic, 1>> cache_;
+  std::vector<int64_t> cache_size_;  // Elements of a_k held in the cache; 0 if none.
   std::vector<const T*> act_;
-  Eigen::Matrix<T, Eigen::Dynamic, 1> transient_[2];
-  Eigen::Matrix<T, Eigen::Dynamic, 1> grad_[2];
+  Workspace<T>* ws_ = nullptr;  // Note [Workspace]
+  Workspace<T> own_workspace_;
+  bool retain_ = false;
+  T* transient_[2] = {};
+  T* grad_[2] = {};
   int64_t live_bytes_ = 0;
   int64_t peak_bytes_ = 0;
 };
