@@ -9,18 +9,15 @@
 namespace gradserve::engine {
 namespace {
 
+#ifdef GRADSERVE_HAVE_ONEDNN
 // m n k below which oneDNN's per-call cost outweighs its faster kernel (measured: at 64^3 Eigen
 // still wins, from 128x64x64 up oneDNN does).
 constexpr int64_t kOneDnnMinWork = int64_t{1} << 19;
 
-bool UsesOneDnn([[maybe_unused]] int64_t m, [[maybe_unused]] int64_t n,
-                [[maybe_unused]] int64_t k) {
-#ifdef GRADSERVE_HAVE_ONEDNN
-  return m * n * k >= kOneDnnMinWork;
+bool UsesOneDnn(int64_t m, int64_t n, int64_t k) { return m * n * k >= kOneDnnMinWork; }
 #else
-  return false;
+bool UsesOneDnn(int64_t, int64_t, int64_t) { return false; }
 #endif
-}
 
 template <typename T, typename A, typename B>
 void Assign(MatrixMap<T>& out, const A& a, const B& b, Into into) {
