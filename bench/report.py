@@ -410,6 +410,32 @@ def main():
         out(f"| {name} | {value} | {yes(ok)} |")
     out("")
 
+    # What bounds (b)-(d): the GEMMs timed alone, against the engine's own best GEMM and the peak.
+    out("What bounds each case, at the engine's best thread count (from the profile below): the "
+        "three GEMMs of every Linear timed alone, how fast they run against the engine's 1024³ "
+        "GEMM and the FMA peak, and what the step would reach if everything but the GEMMs took "
+        "no time.")
+    out("")
+    out("| case | threads | GEMMs alone / whole step | GEMM GFLOP/s | of engine 1024³ GEMM "
+        "| engine 1024³ GEMM of FMA peak | ceiling: of FMA peak | ceiling: vs PyTorch |")
+    out("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for c in ("b", "c", "d"):
+        threads = rounds[0].eng_best(c)[1]
+        if threads is None:
+            continue
+        step = med(lambda r: r.eng_time(c, threads))
+        gemm = (profile.get(f"profile/{c}/gemm/threads:{threads}") or {}).get("seconds")
+        if not step or not gemm:
+            continue
+        g = gflops(c, gemm)
+        en = med(lambda r: r.engine_gemm(threads))
+        pk = med(lambda r: r.peak(threads))
+        torch = med(torch_best_t(c))
+        out(f"| {CASE_LABEL[c]} | {threads} | {fmt_time(gemm)} / {fmt_time(step)} "
+            f"({fmt_pct(ratio(gemm, step))}) | {g:.1f} | {fmt_pct(ratio(g, en))} | "
+            f"{fmt_pct(ratio(en, pk))} | {fmt_pct(ratio(g, pk))} | {fmt_x(ratio(torch, gemm))} |")
+    out("")
+
     # Engine vs peers.
     out("## Engine vs peers (time per training step)")
     out("")
