@@ -356,8 +356,7 @@ void BM_EngineGemm(benchmark::State& state, int64_t n, int threads) {
   state.counters["flops"] = Counter(flops);
   state.counters["GFLOPs"] = Counter(flops * 1e-9, Counter::kIsIterationInvariantRate);
   state.counters["threads"] = Counter(threads);
-  const std::string backend = eng::GemmBackend(n, n, n);
-  state.SetLabel(backend == "onednn" ? backend + " " + eng::OneDnnIsa() : backend);
+  state.SetLabel(eng::GemmBackend(n, n, n) == std::string("onednn") ? eng::GemmKernel() : "eigen");
 }
 
 void BM_EigenGemm(benchmark::State& state, int64_t n, int threads) {

@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "absl/status/status.h"
+#include "server/engine/gemm.h"
 #include "server/service/auth.h"
 #include "server/service/server.h"
 
@@ -137,9 +138,10 @@ int main(int argc, char** argv) {
   }
   spdlog::info(
       "gradserve {} listening on {} (port {}); {} compute threads, calls under {:g} flops "
-      "on one, max message {} bytes",
+      "on one, max message {} bytes, float32 GEMMs on {}",
       GRADSERVE_VERSION, options.listen_address, (*server)->port(), options.service.threads,
-      options.service.parallel_threshold_flops, limits.max_message_bytes);
+      options.service.parallel_threshold_flops, limits.max_message_bytes,
+      gradserve::engine::GemmKernel());
 
   if ((*server)->metrics_port() != 0) {
     spdlog::info("Prometheus metrics on http://{}/metrics (port {})",

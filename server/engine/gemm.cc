@@ -99,6 +99,11 @@ const char* GemmBackend(int64_t m, int64_t n, int64_t k) {
   return UsesOneDnn(m, n, k) ? "onednn" : "eigen";
 }
 
+std::string GemmKernel() {
+  const std::string isa = OneDnnIsa();
+  return isa.empty() ? "eigen" : "onednn " + isa;
+}
+
 const char* OneDnnIsa() {
 #ifdef GRADSERVE_HAVE_ONEDNN
   switch (dnnl_get_effective_cpu_isa()) {

@@ -14,6 +14,7 @@
 #define GRADSERVE_ENGINE_GEMM_H_
 
 #include <cstdint>
+#include <string>
 
 namespace gradserve::engine {
 
@@ -31,6 +32,10 @@ void Gemm(Op op_a, Op op_b, int64_t m, int64_t n, int64_t k, const T* a, const T
 
 // Which kernel float32 products of this size use: "onednn" or "eigen" (reported by benchmarks).
 const char* GemmBackend(int64_t m, int64_t n, int64_t k);
+
+// The kernel large float32 products run on here: "onednn <isa>" or "eigen" (a build without
+// oneDNN). Replicas that report different kernels may round float32 results differently.
+std::string GemmKernel();
 
 // The instruction set oneDNN's kernels use on this CPU ("avx512_core", "avx2", "sse41", ...;
 // DNNL_MAX_CPU_ISA in the environment lowers it), or "" when the build has no oneDNN.

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "server/engine/backprop.h"
+#include "server/engine/gemm.h"
 #include "server/engine/gradient_check.h"
 #include "server/service/convert.h"
 
@@ -270,6 +271,7 @@ void GetServerInfo(const ServiceLimits& limits, int threads, v1::GetServerInfoRe
   out->set_max_stream_bytes(limits.max_stream_bytes);
   out->set_max_streams(limits.max_streams);
   response->set_threads(threads);
+  response->set_gemm_kernel(engine::GemmKernel());
   for (auto mode : {v1::Checkpointing::MODE_NONE, v1::Checkpointing::MODE_EVERY_K,
                     v1::Checkpointing::MODE_SQRT, v1::Checkpointing::MODE_MEMORY_BUDGET}) {
     response->add_checkpoint_modes(mode);

@@ -217,6 +217,10 @@ TEST_F(ServiceTest, ServerInfoStatesLimitsAndCapabilities) {
                                               "l1", "external"));
   EXPECT_THAT(info.dtypes(), ::testing::ElementsAre(v1::DTYPE_FLOAT32, v1::DTYPE_FLOAT64));
   EXPECT_EQ(info.checkpoint_modes_size(), 4);
+  // Names the kernel and, for oneDNN, an instruction set the engine knows by name.
+  EXPECT_THAT(info.gemm_kernel(),
+              ::testing::AnyOf(::testing::Eq("eigen"), ::testing::StartsWith("onednn ")));
+  EXPECT_NE(info.gemm_kernel(), "onednn other");
 }
 
 TEST_F(ServiceTest, HealthReportsServingForServerAndService) {
