@@ -33,20 +33,30 @@ void Assign(MatrixMap<T>& out, const A& a, const B& b, Into into) {
 // per k) or its scalar path (a vectorised reduction over k) depends on the destination's
 // address modulo 64: the bits of a tiny layer's dW would depend on where the response buffer
 // landed. These are computed here instead, each coefficient in one order, k ascending.
+// The transposes are template parameters so that the inner loop has no branch.
+template <bool kTransposeA, bool kTransposeB, typename T>
+void TinyGemm(int64_t m, int64_t n, int64_t k, const T* a, const T* b, T* c, Into into) {
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      T sum = 0;
+      for (int64_t p = 0; p < k; ++p) {
+        sum += (kTransposeA ? a[p * m + i] : a[i * k + p]) *
+               (kTransposeB ? b[j * k + p] : b[p * n + j]);
+      }
+      c[i * n + j] = into == Into::kAccumulate ? c[i * n + j] + sum : sum;
+    }
+  }
+}
+
 template <typename T>
 void TinyGemm(Op op_a, Op op_b, int64_t m, int64_t n, int64_t k, const T* a, const T* b, T* c,
               Into into) {
   const bool ta = op_a == Op::kTransposed;
   const bool tb = op_b == Op::kTransposed;
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t j = 0; j < n; ++j) {
-      T sum = 0;
-      for (int64_t p = 0; p < k; ++p) {
-        sum += (ta ? a[p * m + i] : a[i * k + p]) * (tb ? b[j * k + p] : b[p * n + j]);
-      }
-      c[i * n + j] = into == Into::kAccumulate ? c[i * n + j] + sum : sum;
-    }
-  }
+  if (!ta && !tb) TinyGemm<false, false>(m, n, k, a, b, c, into);
+  if (!ta && tb) TinyGemm<false, true>(m, n, k, a, b, c, into);
+  if (ta && !tb) TinyGemm<true, false>(m, n, k, a, b, c, into);
+  if (ta && tb) TinyGemm<true, true>(m, n, k, a, b, c, into);
 }
 
 template <typename T>
