@@ -114,11 +114,10 @@ double MicrosSince(Clock::time_point start) {
 // the ones it uses either way.
 inline constexpr int64_t kRetainedWorkspaceBytes = int64_t{64} << 20;
 
-// Eigen's allocator aligns to its largest packet (64 bytes with AVX-512), as the executor's
-// buffers always were: Eigen's small products and reductions peel elements up to the first
-// aligned one, so with malloc's 16-byte alignment their bits would depend on the address a
-// buffer happens to get (seen as a gradient check's answers changing in their last digits with
-// the worker thread that served them).
+// Buffers are Eigen-allocated, 64-byte aligned, as the executor's always were. (A first
+// workspace on malloc's 16-byte alignment exposed that Eigen's tiniest products rounded by
+// address: gradient-check answers changed with the worker that served them. TinyGemm in
+// gemm.cc removed that, and gemm_test checks every product path at every alignment.)
 template <typename T>
 class GrowingBuffer {
  public:

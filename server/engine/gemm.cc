@@ -96,9 +96,9 @@ void Gemm<float>(Op op_a, Op op_b, int64_t m, int64_t n, int64_t k, const float*
     const float beta = into == Into::kAccumulate ? 1.0f : 0.0f;
     const dnnl_status_t status = dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, 1.0f, a,
                                             ta ? m : k, b, tb ? k : n, beta, c, n);
-    // Arguments are valid by construction; oneDNN fails only when its packing buffers cannot
-    // be allocated, before it touches c, and then Eigen computes the product (equal to
-    // rounding) instead.
+    // Arguments are valid by construction; oneDNN fails only when it cannot allocate its
+    // packing buffers, which it does before computing, and then Eigen computes the product
+    // (equal to rounding) instead.
     if (status == dnnl_success) return;
   }
 #endif

@@ -2,14 +2,16 @@
 //
 // Note [GEMM backend]
 // float32 products with enough work go to oneDNN's sgemm when the build has it
-// (GRADSERVE_ONEDNN): on the AVX-512 build machines it runs at ~85% of the FMA peak on one core
-// where Eigen 3.4's own kernel reaches ~65% (bench/results/bench.md, GEMM rows). oneDNN picks
-// its kernel for the CPU it runs on (AVX-512, AVX2, SSE4.1) and packs its operands, so for a
-// given CPU and thread count a product's bits do not depend on where the operands sit in
-// memory: recomputing a checkpointed segment into other buffers reproduces every bit, as with
-// Eigen. (Across thread counts they may differ: the AVX2 kernels split some shapes by k.)
-// Small products, where oneDNN's per-call set-up (~0.3 us) would dominate, and float64 stay on
-// Eigen.
+// (GRADSERVE_ONEDNN): on the AVX-512 build machines its 1024^3 product runs at 76-88% of the
+// FMA peak on one core where Eigen 3.4's own kernel reaches 50-65% (bench/results/bench.md,
+// "Machine peak and best GEMM"). oneDNN picks its kernel for the CPU it runs on (AVX-512,
+// AVX2, SSE4.1) and packs its operands, so for a given CPU and thread count a product's bits do
+// not depend on where the operands sit in memory: recomputing a checkpointed segment into other
+// buffers reproduces every bit. (Across thread counts they may differ: the AVX2 kernels split
+// some shapes by k.) Smaller products, where oneDNN's per-call set-up (~0.3 us) would dominate,
+// and float64 stay on Eigen's GEMM and GEMV, which pack or stream their operands the same way
+// wherever they sit; the tiniest, which Eigen would evaluate with address-dependent rounding,
+// run a fixed-order loop (TinyGemm). gemm_test checks every path at every alignment.
 #ifndef GRADSERVE_ENGINE_GEMM_H_
 #define GRADSERVE_ENGINE_GEMM_H_
 
