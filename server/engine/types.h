@@ -15,8 +15,6 @@ namespace gradserve::engine {
 
 template <typename T>
 using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-template <typename T>
-using RowVector = Eigen::Matrix<T, 1, Eigen::Dynamic>;
 
 // Views over memory the engine does not own (request and response buffers). Unaligned because
 // protobuf byte strings guarantee no SIMD alignment.
@@ -24,10 +22,6 @@ template <typename T>
 using MatrixMap = Eigen::Map<Matrix<T>, Eigen::Unaligned>;
 template <typename T>
 using ConstMatrixMap = Eigen::Map<const Matrix<T>, Eigen::Unaligned>;
-template <typename T>
-using RowVectorMap = Eigen::Map<RowVector<T>, Eigen::Unaligned>;
-template <typename T>
-using ConstRowVectorMap = Eigen::Map<const RowVector<T>, Eigen::Unaligned>;
 
 }  // namespace gradserve::engine
 

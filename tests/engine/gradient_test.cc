@@ -716,8 +716,7 @@ TEST(GradientCheckThreads, FiniteDifferencePassesKeepToTheCallsThreads) {
   absl::StatusOr<CheckpointPlan> plan =
       PlanCheckpoints(problem->model(), problem->batch(), sizeof(double), {});
   ASSERT_TRUE(plan.ok()) << plan.status();
-  const int default_threads = omp_get_max_threads();
-  omp_set_num_threads(4);  // The worker's default team: larger than the call's.
+  const ScopedThreads worker_default(4);  // The worker's default team: larger than the call's.
   int most_threads_seen = 0;
   int polls = 0;
   GradientCheckOptions options;
@@ -728,14 +727,12 @@ TEST(GradientCheckThreads, FiniteDifferencePassesKeepToTheCallsThreads) {
     most_threads_seen = std::max(most_threads_seen, omp_get_max_threads());
     return false;
   };
-  absl::StatusOr<std::vector<TensorCheck>> checks = CheckGradients<double>(
-      problem->model(), *plan, problem->Params(), problem->Batch(), options);
-  const int threads_after = omp_get_max_threads();
-  omp_set_num_threads(default_threads);
+  absl::StatusOr<std::vector<TensorCheck>> checks =
+      CheckGradients<double>(problem->model(), *plan, problem->Params(), problem->Batch(), options);
   ASSERT_TRUE(checks.ok()) << checks.status();
   EXPECT_GT(polls, 10);
   EXPECT_EQ(most_threads_seen, 1);
-  EXPECT_EQ(threads_after, 4) << "the caller's setting is restored";
+  EXPECT_EQ(omp_get_max_threads(), 4) << "the caller's setting is restored";
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -760,12 +757,12 @@ void ExpectMeasureMatchesALongDoubleSum(int64_t n) {
   for (T v : data) {
     if (std::isfinite(v)) sum += static_cast<long double>(v) * v;
   }
-  const int threads = omp_get_max_threads();
-  omp_set_num_threads(1);
-  const NormAndNonFinite one = Measure(data.data(), n);
-  omp_set_num_threads(2);
-  const NormAndNonFinite two = Measure(data.data(), n);
-  omp_set_num_threads(threads);
+  const auto measure_on = [&](int threads) {
+    const ScopedThreads team(threads);
+    return Measure(data.data(), n);
+  };
+  const NormAndNonFinite one = measure_on(1);
+  const NormAndNonFinite two = measure_on(2);
   EXPECT_EQ(one.non_finite, planted);
   EXPECT_NEAR(one.norm, std::sqrt(static_cast<double>(sum)), 1e-13 * std::sqrt(double(sum)));
   EXPECT_EQ(std::memcmp(&one.norm, &two.norm, sizeof(double)), 0) << "1 vs 2 threads";
