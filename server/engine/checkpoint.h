@@ -19,6 +19,7 @@
 #define GRADSERVE_ENGINE_CHECKPOINT_H_
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "server/engine/model.h"
@@ -34,6 +35,8 @@ struct CheckpointOptions {
   // Without dx, layers below the first Linear layer get no backward pass, so nothing needs
   // keeping for them.
   bool computes_input_gradient = true;
+  // Polled while planning; true makes PlanCheckpoints return CANCELLED.
+  std::function<bool()> should_stop;
 };
 
 // The lowest layer whose backward pass runs: 0 with dx, else the first Linear layer (0 if none).

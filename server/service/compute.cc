@@ -183,7 +183,8 @@ absl::StatusOr<std::unique_ptr<PreparedRequest>> PrepareCheck(
     options->step = request.step();
   }
   if (!request.has_request()) return absl::InvalidArgumentError("request: required");
-  auto prepared = PrepareRequest(request.request(), limits, /*needs_input_gradient=*/true);
+  auto prepared = PrepareRequest(request.request(), limits, /*needs_input_gradient=*/true,
+                                 options->should_stop);
   if (!prepared.ok()) return Prefixed(prepared.status(), "request.");
   return prepared;
 }
@@ -194,7 +195,8 @@ absl::Status ComputeGradients(const v1::ComputeGradientsRequest& request,
                               const ServiceLimits& limits, const ComputeContext& context,
                               v1::ComputeGradientsResponse* response) {
   const Clock::time_point decode_start = Clock::now();
-  absl::StatusOr<std::unique_ptr<PreparedRequest>> prepared_or = PrepareRequest(request, limits);
+  absl::StatusOr<std::unique_ptr<PreparedRequest>> prepared_or =
+      PrepareRequest(request, limits, /*needs_input_gradient=*/false, context.should_stop);
   const int64_t bytes = prepared_or.ok() ? ResponseBytes(**prepared_or) : 0;
   if (context.phase_times != nullptr) {
     context.phase_times->decode = Seconds(Clock::now() - decode_start);
@@ -270,6 +272,10 @@ void GetServerInfo(const ServiceLimits& limits, int threads, v1::GetServerInfoRe
   out->set_max_activation_bytes(limits.max_activation_bytes);
   out->set_max_stream_bytes(limits.max_stream_bytes);
   out->set_max_streams(limits.max_streams);
+  out->set_max_streams_per_client(limits.max_streams_per_client);
+  out->set_stream_idle_seconds(limits.stream_idle_seconds);
+  out->set_max_call_flops(limits.max_call_flops);
+  out->set_max_call_seconds(limits.max_call_seconds);
   response->set_threads(threads);
   response->set_gemm_kernel(engine::GemmKernel());
   for (auto mode : {v1::Checkpointing::MODE_NONE, v1::Checkpointing::MODE_EVERY_K,

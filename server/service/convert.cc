@@ -421,7 +421,7 @@ absl::StatusOr<engine::ModelSpec> ToModelSpec(const v1::Model& model, const Serv
 
 absl::StatusOr<std::unique_ptr<PreparedRequest>> PrepareRequest(
     const v1::ComputeGradientsRequest& request, const ServiceLimits& limits,
-    bool needs_input_gradient) {
+    bool needs_input_gradient, std::function<bool()> should_stop) {
   if (!request.has_model()) return Invalid("model", "required");
   ASSIGN_OR_RETURN(engine::ModelSpec spec, ToModelSpec(request.model(), limits));
 
@@ -462,18 +462,17 @@ absl::StatusOr<std::unique_ptr<PreparedRequest>> PrepareRequest(
                    ToCheckpointOptions(request.options().checkpointing()));
   checkpointing.computes_input_gradient =
       request.options().return_input_gradient() || needs_input_gradient;
-  ASSIGN_OR_RETURN(prepared->plan,
-                   engine::PlanCheckpoints(model, batch, element_bytes, checkpointing));
+  checkpointing.should_stop = std::move(should_stop);
   // Two activations in flight and two gradient buffers, besides the cache.
   const int64_t workspace = 4 * batch * model.max_width() * element_bytes;
-  const int64_t needed = prepared->plan.predicted_peak_bytes + workspace;
-  if (needed > limits.max_activation_bytes) {
+  auto over_activation_limit = [&](int64_t needed) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "inputs: this batch needs ", needed,
-        " bytes of activations and workspace, over "
-        "max_activation_bytes (",
+        " bytes of activations and workspace, over max_activation_bytes (",
         limits.max_activation_bytes, "); send a smaller batch or use options.checkpointing"));
-  }
+  };
+  // Everything that costs O(size of the message) comes before planning, which costs more.
+  if (workspace > limits.max_activation_bytes) return over_activation_limit(workspace);
   prepared->return_input_gradient = request.options().return_input_gradient();
   prepared->return_output = request.options().return_output();
   if (prepared->dtype == v1::DTYPE_FLOAT32) {
@@ -482,6 +481,10 @@ absl::StatusOr<std::unique_ptr<PreparedRequest>> PrepareRequest(
     prepared->views = TypedViews<double>{};
     RETURN_IF_ERROR(FillViews<double>(request, limits, prepared.get()));
   }
+  ASSIGN_OR_RETURN(prepared->plan,
+                   engine::PlanCheckpoints(model, batch, element_bytes, checkpointing));
+  const int64_t needed = prepared->plan.predicted_peak_bytes + workspace;
+  if (needed > limits.max_activation_bytes) return over_activation_limit(needed);
   return prepared;
 }
 

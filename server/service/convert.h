@@ -9,6 +9,7 @@
 #define GRADSERVE_SERVICE_CONVERT_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -48,10 +49,12 @@ struct PreparedRequest {
 };
 
 // Validates `request` against `limits`. The returned object views request's bytes. The
-// checkpoint plan covers dx if the request asks for it or needs_input_gradient is set.
+// checkpoint plan covers dx if the request asks for it or needs_input_gradient is set. Every
+// check that costs O(size of the request) runs before the checkpoint planner, which polls
+// `should_stop` (if set) and returns CANCELLED when it says so.
 absl::StatusOr<std::unique_ptr<PreparedRequest>> PrepareRequest(
     const v1::ComputeGradientsRequest& request, const ServiceLimits& limits,
-    bool needs_input_gradient = false);
+    bool needs_input_gradient = false, std::function<bool()> should_stop = nullptr);
 
 // The engine's description of a model, from the API's; validates kinds and enum values.
 absl::StatusOr<engine::ModelSpec> ToModelSpec(const v1::Model& model, const ServiceLimits& limits);

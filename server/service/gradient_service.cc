@@ -4,7 +4,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <memory>
+#include <optional>
 #include <random>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "server/service/compute.h"
@@ -16,6 +19,11 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 double Seconds(Clock::duration duration) { return std::chrono::duration<double>(duration).count(); }
+
+absl::Status ShuttingDownError() {
+  return absl::UnavailableError(
+      "the server is shutting down; retry the call (another replica will answer it)");
+}
 
 // Milliseconds for the log line; "-" for a phase the call did not reach.
 std::string Millis(double seconds) {
@@ -61,7 +69,20 @@ GradientServiceImpl::GradientServiceImpl(const ServiceOptions& options)
     : options_(options),
       metrics_(
           {"ComputeGradients", "CheckGradients", "GetServerInfo", "GetStats", "StreamGradients"}),
-      scheduler_(options.threads, options.max_queue) {}
+      scheduler_(ComputeScheduler::Options{.cores = options.threads,
+                                           .max_queue = options.max_queue,
+                                           .max_queue_per_client = options.max_queue_per_client}) {
+  sweeper_ = std::thread([this] { SweepStreams(); });
+}
+
+GradientServiceImpl::~GradientServiceImpl() {
+  {
+    std::lock_guard<std::mutex> lock(streams_mutex_);
+    stop_sweeper_ = true;
+  }
+  sweep_.notify_all();
+  sweeper_.join();
+}
 
 std::string GradientServiceImpl::AssignRequestId(grpc::CallbackServerContext* context) {
   std::string id;
@@ -104,37 +125,102 @@ int GradientServiceImpl::CoresFor(double flops) const {
   return flops >= options_.parallel_threshold_flops ? options_.threads : 1;
 }
 
-absl::Status GradientServiceImpl::QueueFullError() const {
-  return absl::ResourceExhaustedError(
-      absl::StrCat("server busy: ", options_.max_queue,
-                   " calls already wait for compute (max_queue); retry with backoff"));
+absl::Status GradientServiceImpl::AdmissionError(ComputeScheduler::Admission admission) const {
+  switch (admission) {
+    case ComputeScheduler::Admission::kAccepted:
+      return absl::OkStatus();
+    case ComputeScheduler::Admission::kQueueFull:
+      return absl::ResourceExhaustedError(
+          absl::StrCat("server busy: ", options_.max_queue,
+                       " calls already wait for compute (max_queue); retry with backoff"));
+    case ComputeScheduler::Admission::kClientQueueFull:
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "server busy for this client: ", options_.max_queue_per_client,
+          " of its calls already wait for compute (max_queue_per_client); retry with backoff"));
+    case ComputeScheduler::Admission::kStopping:
+      break;
+  }
+  return ShuttingDownError();
+}
+
+absl::Status GradientServiceImpl::CheckAdmissible(double flops) const {
+  if (refusing_) return ShuttingDownError();
+  if (flops > options_.limits.max_call_flops) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("this call is estimated at ", fmt::format("{:.3g}", flops),
+                     " floating-point operations, over max_call_flops (",
+                     fmt::format("{:.3g}", options_.limits.max_call_flops),
+                     "); split the batch (the gradients of parts add up) or send fewer samples"));
+  }
+  return absl::OkStatus();
+}
+
+void GradientServiceImpl::RefuseNewCalls() {
+  if (refusing_.exchange(true)) return;
+  sweep_.notify_all();  // Streams waiting for their client end now.
+}
+
+void GradientServiceImpl::AbandonCalls() {
+  RefuseNewCalls();
+  abandoning_ = true;
+  const int dropped = scheduler_.DropQueued(ShuttingDownError());
+  if (dropped > 0) {
+    spdlog::warn("shutdown grace over: {} calls still waiting for compute got UNAVAILABLE",
+                 dropped);
+  }
 }
 
 namespace {
 
-// Polled between layers: the client went away or the deadline passed.
-std::function<bool()> StopWhenDone(grpc::CallbackServerContext* context) {
-  return [context] {
-    return context->IsCancelled() || std::chrono::system_clock::now() > context->deadline();
-  };
-}
-
-// The engine says CANCELLED for both; the deadline is the more useful answer when it passed.
-absl::Status WithDeadline(absl::Status status, grpc::CallbackServerContext* context) {
-  if (absl::IsCancelled(status) && std::chrono::system_clock::now() > context->deadline()) {
-    return absl::DeadlineExceededError("the deadline passed while computing; it was abandoned");
+// Why a call stopped early: the caller cancelled, the deadline (the caller's or
+// max_call_seconds) passed, or the server is shutting down and abandoned it.
+class CallLimits {
+ public:
+  CallLimits(grpc::CallbackServerContext* context, double max_call_seconds,
+             const std::atomic<bool>* abandoning, Clock::time_point start = Clock::now())
+      : context_(context), abandoning_(abandoning), max_call_seconds_(max_call_seconds) {
+    const auto cap = start + std::chrono::duration_cast<Clock::duration>(
+                                 std::chrono::duration<double>(max_call_seconds));
+    const auto client_left = context->deadline() - std::chrono::system_clock::now();
+    // A call without a deadline has system_clock's maximum: the cap decides.
+    capped_ = client_left > cap - Clock::now();
+    deadline_ =
+        capped_ ? cap : Clock::now() + std::chrono::duration_cast<Clock::duration>(client_left);
   }
-  return status;
-}
+
+  // Polled between layers (and by the planner): true abandons the computation.
+  bool ShouldStop() const {
+    return context_->IsCancelled() || Clock::now() > deadline_ || abandoning_->load();
+  }
+  // The status of a computation that stopped (the engine says CANCELLED for all of these).
+  absl::Status Why(absl::Status status) const {
+    if (!absl::IsCancelled(status)) return status;
+    if (abandoning_->load()) return ShuttingDownError();
+    if (Clock::now() > deadline_) {
+      return absl::DeadlineExceededError(
+          capped_ ? absl::StrCat("the call ran past max_call_seconds (",
+                                 fmt::format("{:g}", max_call_seconds_), " s) and was abandoned")
+                  : std::string("the deadline passed; the call was abandoned"));
+    }
+    return status;
+  }
+
+ private:
+  grpc::CallbackServerContext* const context_;
+  const std::atomic<bool>* const abandoning_;
+  const double max_call_seconds_;
+  Clock::time_point deadline_;
+  bool capped_ = false;
+};
 
 // What one computation on the scheduler needs: its context (cores, cancellation) and its
 // times, the queue wait from `queued` on, then the phases ComputeGradients & co. report.
 class TimedCompute {
  public:
-  TimedCompute(grpc::CallbackServerContext* context, int cores, Clock::time_point queued) {
+  TimedCompute(const CallLimits* limits, int cores, Clock::time_point queued) {
     times_[Phase::kQueue] = Seconds(Clock::now() - queued);
     context_.threads = cores;
-    context_.should_stop = StopWhenDone(context);
+    context_.should_stop = [limits] { return limits->ShouldStop(); };
     context_.phase_times = &phases_;
   }
   TimedCompute(const TimedCompute&) = delete;
@@ -166,10 +252,24 @@ grpc::ServerUnaryReactor* GradientServiceImpl::Dispatch(Method method,
   const Clock::time_point received = Clock::now();
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   std::string request_id = AssignRequestId(context);
-  auto run = [this, method, context, request, response, reactor, received, compute,
-              request_id](int cores) {
-    const TimedCompute timed(context, cores, received);
-    const absl::Status status = WithDeadline(compute(*request, timed.context(), response), context);
+  auto refuse = [&](const absl::Status& status) {
+    CallTimes times;
+    times[Phase::kTotal] = Seconds(Clock::now() - received);
+    FinishCall(method, context, reactor, request_id, request->ByteSizeLong(), 0, status, times,
+               spdlog::level::warn);  // Overload, limits, shutdown: say so louder.
+    return reactor;
+  };
+  if (absl::Status admissible = CheckAdmissible(flops); !admissible.ok()) return refuse(admissible);
+
+  auto limits = std::make_shared<const CallLimits>(context, options_.limits.max_call_seconds,
+                                                   &abandoning_, received);
+  ComputeScheduler::Call call;
+  call.client = ClientKey(context->peer());
+  call.cores = CoresFor(flops);
+  call.run = [this, method, context, request, response, reactor, received, compute, request_id,
+              limits](int cores) {
+    const TimedCompute timed(limits.get(), cores, received);
+    const absl::Status status = limits->Why(compute(*request, timed.context(), response));
     CallTimes times = timed.times();
     // Sizes before the total: ByteSizeLong walks the whole response.
     const size_t request_bytes = request->ByteSizeLong();
@@ -178,13 +278,24 @@ grpc::ServerUnaryReactor* GradientServiceImpl::Dispatch(Method method,
     --calls_in_flight_;
     FinishCall(method, context, reactor, request_id, request_bytes, response_bytes, status, times);
   };
-  ++calls_in_flight_;
-  if (!scheduler_.TrySubmit(CoresFor(flops), std::move(run))) {
-    --calls_in_flight_;
+  // Dropped unrun: shutdown, or nobody waits for it any more.
+  call.drop = [this, method, context, request, reactor, received, request_id,
+               limits](const absl::Status& status) {
     CallTimes times;
-    times[Phase::kTotal] = Seconds(Clock::now() - received);
-    FinishCall(method, context, reactor, request_id, request->ByteSizeLong(), 0, QueueFullError(),
-               times, spdlog::level::warn);  // The server is overloaded: say so louder.
+    times[Phase::kQueue] = times[Phase::kTotal] = Seconds(Clock::now() - received);
+    --calls_in_flight_;
+    FinishCall(method, context, reactor, request_id, request->ByteSizeLong(), 0,
+               absl::IsDeadlineExceeded(status)
+                   ? limits->Why(absl::CancelledError("the client cancelled the call"))
+                   : status,
+               times);
+  };
+  call.abandoned = [limits] { return limits->ShouldStop(); };
+  ++calls_in_flight_;
+  if (const auto admission = scheduler_.TrySubmit(std::move(call));
+      admission != ComputeScheduler::Admission::kAccepted) {
+    --calls_in_flight_;
+    return refuse(AdmissionError(admission));
   }
   return reactor;
 }
@@ -215,10 +326,19 @@ grpc::ServerUnaryReactor* GradientServiceImpl::GetServerInfo(
   // Cheap and constant: answered on the reaction thread, so it works even when the queue is full.
   const Clock::time_point received = Clock::now();
   const std::string request_id = AssignRequestId(context);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (refusing_) {
+    CallTimes times;
+    times[Phase::kTotal] = Seconds(Clock::now() - received);
+    FinishCall(kGetServerInfo, context, reactor, request_id, request->ByteSizeLong(), 0,
+               ShuttingDownError(), times);
+    return reactor;
+  }
   service::GetServerInfo(options_.limits, options_.threads, response);
+  response->mutable_limits()->set_max_queue(options_.max_queue);
+  response->mutable_limits()->set_max_queue_per_client(options_.max_queue_per_client);
   CallTimes times;
   times[Phase::kTotal] = Seconds(Clock::now() - received);
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   FinishCall(kGetServerInfo, context, reactor, request_id, request->ByteSizeLong(),
              response->ByteSizeLong(), absl::OkStatus(), times);
   return reactor;
@@ -246,6 +366,14 @@ grpc::ServerUnaryReactor* GradientServiceImpl::GetStats(grpc::CallbackServerCont
   // Like GetServerInfo, answered on the reaction thread: it reports on a full queue too.
   const Clock::time_point received = Clock::now();
   const std::string request_id = AssignRequestId(context);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (refusing_) {
+    CallTimes times;
+    times[Phase::kTotal] = Seconds(Clock::now() - received);
+    FinishCall(kGetStats, context, reactor, request_id, request->ByteSizeLong(), 0,
+               ShuttingDownError(), times);
+    return reactor;
+  }
   const MetricsSnapshot snapshot = Stats();
   for (const MethodSnapshot& method : snapshot.methods) {
     v1::MethodStats* out = response->add_methods();
@@ -270,7 +398,6 @@ grpc::ServerUnaryReactor* GradientServiceImpl::GetStats(grpc::CallbackServerCont
   response->set_uptime_seconds(snapshot.uptime_seconds);
   CallTimes times;
   times[Phase::kTotal] = Seconds(Clock::now() - received);
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   FinishCall(kGetStats, context, reactor, request_id, request->ByteSizeLong(),
              response->ByteSizeLong(), absl::OkStatus(), times);
   return reactor;
@@ -280,71 +407,132 @@ grpc::ServerUnaryReactor* GradientServiceImpl::GetStats(grpc::CallbackServerCont
 // unary call, setup and chunks right here on the gRPC thread: they only move bytes), writes the
 // answer if there is one, then reads the next message. One operation at a time, so the session
 // is never touched by two threads at once and answers leave in the order steps came.
+//
+// Note [Stream lifetime]
+// Besides the reactor's own callbacks, one other thread may end a stream: the sweeper, while the
+// stream waits for its client's next message (idle past stream_idle_seconds, or the server is
+// shutting down). Who goes on is settled by one compare-and-swap on state_: the sweeper moves
+// kWaitingForClient to kEnded, OnReadDone moves it to kHandling; the loser does nothing more.
+// The sweeper finds streams in a registry and holds a reference while it ends one, so OnDone
+// (which unregisters, then drops gRPC's reference) never deletes a stream under its feet.
 class GradientServiceImpl::StreamReactor final
     : public grpc::ServerBidiReactor<v1::StreamGradientsRequest, v1::StreamGradientsResponse> {
  public:
+  enum State { kWaitingForClient, kHandling, kEnded };
+
   StreamReactor(GradientServiceImpl* service, grpc::CallbackServerContext* context)
       : service_(service),
         context_(context),
+        client_(ClientKey(context->peer())),
         session_(service->options_.limits),
         started_(Clock::now()),
         request_id_(AssignRequestId(context)) {
-    if (++service_->open_streams_ > service_->options_.limits.max_streams) {
-      --service_->open_streams_;
+    absl::Status opened = service_->refusing_ ? ShuttingDownError() : service_->OpenStream(client_);
+    if (!opened.ok()) {
       counted_ = false;
-      End(absl::ResourceExhaustedError(absl::StrCat(
-              "server busy: ", service_->options_.limits.max_streams,
-              " streams are open (max_streams); retry with backoff or use unary calls")),
-          spdlog::level::warn);
+      registered_ = false;
+      state_ = kHandling;
+      End(opened, spdlog::level::warn);
       return;
     }
-    StartRead(&request_);
+    service_->RegisterStream(this);
+    Read();
   }
 
   void OnReadDone(bool ok) override {
+    State expected = kWaitingForClient;
+    if (!state_.compare_exchange_strong(expected, kHandling)) return;  // The sweeper ended it.
     // The client half-closed (every step sent has been answered by now) or went away.
     if (!ok) return End(absl::OkStatus());
+    if (service_->refusing_) return End(ShuttingDownError());
     request_bytes_ += request_.ByteSizeLong();
     if (!request_.has_step()) {
       absl::StatusOr<bool> answered = session_.Handle(&request_, ComputeContext(), &response_);
       if (!answered.ok()) return End(answered.status());
-      StartRead(&request_);
-      return;
+      return Read();
+    }
+    const double flops = session_.Cost(request_);
+    if (absl::Status admissible = service_->CheckAdmissible(flops); !admissible.ok()) {
+      return End(admissible, spdlog::level::warn);
     }
     queued_ = Clock::now();
-    ++service_->calls_in_flight_;
-    if (!service_->scheduler_.TrySubmit(service_->CoresFor(session_.Cost(request_)),
-                                        [this](int cores) { RunStep(cores); })) {
+    step_limits_.emplace(context_, service_->options_.limits.max_call_seconds,
+                         &service_->abandoning_, queued_);
+    ComputeScheduler::Call call;
+    call.client = client_;
+    call.cores = service_->CoresFor(flops);
+    call.run = [this](int cores) { RunStep(cores); };
+    call.drop = [this](const absl::Status& status) {
       --service_->calls_in_flight_;
-      End(service_->QueueFullError(), spdlog::level::warn);
+      End(absl::IsDeadlineExceeded(status)
+              ? step_limits_->Why(absl::CancelledError("the client cancelled the stream"))
+              : status);
+    };
+    call.abandoned = [this] { return step_limits_->ShouldStop(); };
+    ++service_->calls_in_flight_;
+    if (const auto admission = service_->scheduler_.TrySubmit(std::move(call));
+        admission != ComputeScheduler::Admission::kAccepted) {
+      --service_->calls_in_flight_;
+      End(service_->AdmissionError(admission), spdlog::level::warn);
     }
   }
 
   void OnWriteDone(bool ok) override {
     if (!ok) return End(absl::CancelledError("the client went away"));
+    Read();
+  }
+
+  void OnDone() override {
+    if (registered_) service_->UnregisterStream(this);
+    Unref();
+  }
+
+  // The sweeper's side (Note [Stream lifetime]). Called with the registry locked: true if this
+  // stream waited for its client since before `idle_since` (or at all, when `all`) and is now
+  // the sweeper's to end; it then holds a reference for the sweeper.
+  bool ClaimIfWaiting(Clock::time_point idle_since, bool all) {
+    // Not while Read() is between setting the state and issuing the read; try_lock, as a
+    // reactor thread may hold read_mutex_ and want the registry (End -> CloseStream).
+    std::unique_lock<std::recursive_mutex> lock(read_mutex_, std::try_to_lock);
+    if (!lock.owns_lock() || state_.load() != kWaitingForClient) return false;
+    if (!all && waiting_since_.load() > idle_since) return false;
+    State expected = kWaitingForClient;
+    if (!state_.compare_exchange_strong(expected, kEnded)) return false;
+    ++refs_;
+    return true;
+  }
+  // Ends a stream claimed by ClaimIfWaiting and drops the sweeper's reference.
+  void EndClaimed(const absl::Status& status) {
+    End(status, spdlog::level::warn);
+    Unref();
+  }
+
+ private:
+  // The state and the read it announces change together under read_mutex_, so the sweeper
+  // never finishes a stream whose read is not issued yet (reads must not start after Finish).
+  // Recursive: should gRPC run OnReadDone inline inside StartRead, it may Read() again.
+  void Read() {
+    std::lock_guard<std::recursive_mutex> lock(read_mutex_);
+    waiting_since_ = Clock::now();
+    state_ = kWaitingForClient;
     StartRead(&request_);
   }
 
-  void OnDone() override { delete this; }
-
- private:
   void RunStep(int cores) {
-    const TimedCompute timed(context_, cores, queued_);
+    const TimedCompute timed(&*step_limits_, cores, queued_);
     response_.Clear();
     const absl::StatusOr<bool> answered = session_.Handle(&request_, timed.context(), &response_);
     service_->metrics_.RecordPhases(kStreamGradients, timed.times());
     --service_->calls_in_flight_;
-    if (!answered.ok()) return End(WithDeadline(answered.status(), context_));
-    if (!*answered) {
-      StartRead(&request_);
-      return;
-    }
+    if (!answered.ok()) return End(step_limits_->Why(answered.status()));
+    if (!*answered) return Read();
     response_bytes_ += response_.ByteSizeLong();
     StartWrite(&response_);
   }
 
   // Logs and counts the stream as one call and finishes it.
   void End(absl::Status status, spdlog::level::level_enum level = spdlog::level::info) {
+    state_ = kEnded;
     if (status.ok() && context_->IsCancelled()) {
       status = std::chrono::system_clock::now() > context_->deadline()
                    ? absl::DeadlineExceededError("the stream's deadline passed")
@@ -358,23 +546,102 @@ class GradientServiceImpl::StreamReactor final
                   session_.steps());
     // No longer open once its status is on the way (OnDone comes later, on another thread), so
     // a client that saw the status and opens a new stream finds the slot free.
-    if (counted_) --service_->open_streams_;
+    if (counted_) service_->CloseStream(client_);
     counted_ = false;
     Finish(ToGrpcStatus(status));
   }
 
+  void Unref() {
+    if (--refs_ == 0) delete this;
+  }
+
   GradientServiceImpl* const service_;
   grpc::CallbackServerContext* const context_;
+  const std::string client_;
   StreamSession session_;
   const Clock::time_point started_;
   const std::string request_id_;
-  bool counted_ = true;  // Whether this stream counts in open_streams_.
+  bool counted_ = true;     // Whether this stream counts among the open ones.
+  bool registered_ = true;  // Whether the sweeper knows it.
+  std::atomic<State> state_{kHandling};
+  std::atomic<Clock::time_point> waiting_since_{Clock::time_point()};
+  std::atomic<int> refs_{1};  // gRPC's (until OnDone), and the sweeper's while it ends it.
+  std::recursive_mutex read_mutex_;
   Clock::time_point queued_;
+  std::optional<CallLimits> step_limits_;  // The step being computed.
   size_t request_bytes_ = 0;
   size_t response_bytes_ = 0;
   v1::StreamGradientsRequest request_;
   v1::StreamGradientsResponse response_;
 };
+
+absl::Status GradientServiceImpl::OpenStream(const std::string& client) {
+  std::lock_guard<std::mutex> lock(streams_mutex_);
+  if (open_streams_.load() >= options_.limits.max_streams) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("server busy: ", options_.limits.max_streams,
+                     " streams are open (max_streams); retry with backoff or use unary calls"));
+  }
+  int64_t& mine = streams_by_client_[client];
+  if (mine >= options_.limits.max_streams_per_client) {
+    if (mine == 0) streams_by_client_.erase(client);
+    return absl::ResourceExhaustedError(
+        absl::StrCat("this client already has ", options_.limits.max_streams_per_client,
+                     " streams open (max_streams_per_client); close one, or use unary calls"));
+  }
+  ++mine;
+  ++open_streams_;
+  return absl::OkStatus();
+}
+
+void GradientServiceImpl::CloseStream(const std::string& client) {
+  std::lock_guard<std::mutex> lock(streams_mutex_);
+  --open_streams_;
+  if (const auto it = streams_by_client_.find(client);
+      it != streams_by_client_.end() && --it->second <= 0) {
+    streams_by_client_.erase(it);
+  }
+}
+
+void GradientServiceImpl::RegisterStream(StreamReactor* stream) {
+  std::lock_guard<std::mutex> lock(streams_mutex_);
+  streams_.insert(stream);
+}
+
+void GradientServiceImpl::UnregisterStream(StreamReactor* stream) {
+  std::lock_guard<std::mutex> lock(streams_mutex_);
+  streams_.erase(stream);
+}
+
+void GradientServiceImpl::SweepStreams() {
+  const auto idle = std::chrono::duration_cast<Clock::duration>(
+      std::chrono::duration<double>(options_.limits.stream_idle_seconds));
+  // Often enough that a stream ends within a few percent of its idle limit (and at once on
+  // shutdown), rarely enough to cost nothing.
+  const auto period = std::clamp<Clock::duration>(idle / 20, std::chrono::milliseconds(10),
+                                                  std::chrono::seconds(1));
+  std::unique_lock<std::mutex> lock(streams_mutex_);
+  while (!stop_sweeper_) {
+    // While shutting down, streams that finish a step are ended as soon as they wait again.
+    sweep_.wait_for(lock, refusing_ ? std::chrono::milliseconds(10) : period);
+    if (stop_sweeper_) break;
+    const bool all = refusing_.load();
+    const Clock::time_point idle_since = Clock::now() - idle;
+    std::vector<StreamReactor*> claimed;
+    for (StreamReactor* stream : streams_) {
+      if (stream->ClaimIfWaiting(idle_since, all)) claimed.push_back(stream);
+    }
+    lock.unlock();
+    for (StreamReactor* stream : claimed) {
+      stream->EndClaimed(all ? ShuttingDownError()
+                             : absl::DeadlineExceededError(absl::StrCat(
+                                   "the stream waited over stream_idle_seconds (",
+                                   fmt::format("{:g}", options_.limits.stream_idle_seconds),
+                                   " s) for its next message and was closed; open a new one")));
+    }
+    lock.lock();
+  }
+}
 
 grpc::ServerBidiReactor<v1::StreamGradientsRequest, v1::StreamGradientsResponse>*
 GradientServiceImpl::StreamGradients(grpc::CallbackServerContext* context) {

@@ -8,8 +8,13 @@
 #include <spdlog/spdlog.h>
 
 #include <atomic>
+#include <condition_variable>
+#include <map>
+#include <mutex>
+#include <set>
 #include <string>
 #include <string_view>
+#include <thread>
 
 #include "absl/status/status.h"
 #include "gradserve/v1/gradserve.grpc.pb.h"
@@ -37,11 +42,15 @@ struct ServiceOptions {
   // Calls estimated at fewer floating-point operations run on one core.
   double parallel_threshold_flops = 2e7;
   int max_queue = 64;  // Calls waiting for cores before RESOURCE_EXHAUSTED.
+  // Calls one client (IP address) may have waiting: half the queue by default, so one client
+  // cannot fill it (Note [Scheduling]).
+  int max_queue_per_client = 32;
 };
 
 class GradientServiceImpl final : public v1::GradientService::CallbackService {
  public:
   explicit GradientServiceImpl(const ServiceOptions& options);
+  ~GradientServiceImpl() override;
 
   grpc::ServerUnaryReactor* ComputeGradients(grpc::CallbackServerContext* context,
                                              const v1::ComputeGradientsRequest* request,
@@ -68,6 +77,17 @@ class GradientServiceImpl final : public v1::GradientService::CallbackService {
 
   // Calls received in full and not yet answered (waiting for cores or computing).
   int calls_in_flight() const { return calls_in_flight_.load(); }
+  // StreamGradients streams open now.
+  int open_streams() const { return open_streams_.load(); }
+
+  // Note [Shutdown]: from here on every new call and stream step gets UNAVAILABLE (which
+  // clients retry, elsewhere) and streams waiting for their client's next message are ended
+  // with UNAVAILABLE. Calls already accepted (waiting for cores or computing) go on.
+  // Thread-safe, idempotent.
+  void RefuseNewCalls();
+  // Then, when the grace is over: calls still waiting for cores are dropped and calls still
+  // computing stop at their next check (between layers), all with UNAVAILABLE. Thread-safe.
+  void AbandonCalls();
 
  private:
   // The methods in the order the proto declares them; indices into metrics_.
@@ -94,13 +114,35 @@ class GradientServiceImpl final : public v1::GradientService::CallbackService {
                   const CallTimes& times, spdlog::level::level_enum level = spdlog::level::info);
   // The cores a call of `flops` floating-point operations gets (Note [Scheduling]).
   int CoresFor(double flops) const;
-  // The error a call gets when the compute queue is full.
-  absl::Status QueueFullError() const;
+  // The error a call refused by the scheduler gets.
+  absl::Status AdmissionError(ComputeScheduler::Admission admission) const;
+  // The error a call gets before it is queued: UNAVAILABLE while shutting down,
+  // RESOURCE_EXHAUSTED over max_call_flops; OK to go on.
+  absl::Status CheckAdmissible(double flops) const;
+  // Stream bookkeeping (Note [Stream lifetime]): a stream's place among max_streams and its
+  // client's max_streams_per_client; false (and nothing counted) if either is full.
+  absl::Status OpenStream(const std::string& client);
+  void CloseStream(const std::string& client);
+  void RegisterStream(StreamReactor* stream);
+  void UnregisterStream(StreamReactor* stream);
+  // The sweeper: ends streams idle past stream_idle_seconds, and every waiting stream once
+  // RefuseNewCalls was called.
+  void SweepStreams();
 
   const ServiceOptions options_;
   std::atomic<int> calls_in_flight_{0};
   std::atomic<int> open_streams_{0};
+  std::atomic<bool> refusing_{false};
+  std::atomic<bool> abandoning_{false};
   Metrics metrics_;
+
+  std::mutex streams_mutex_;
+  std::condition_variable sweep_;
+  std::set<StreamReactor*> streams_;                  // Open streams.
+  std::map<std::string, int64_t> streams_by_client_;  // Open streams per client.
+  bool stop_sweeper_ = false;
+  std::thread sweeper_;
+
   // Last: its destructor runs queued calls, which use the members above.
   ComputeScheduler scheduler_;
 };

@@ -23,6 +23,17 @@ struct ServiceLimits {
   // stream only holds what its client actually sent).
   int64_t max_stream_bytes = int64_t{1} << 30;
   int64_t max_streams = 16;
+  // Streams one client (IP address) may hold open: max_streams is not one client's to take.
+  int64_t max_streams_per_client = 4;
+  // A stream that waits this long for its client's next message is ended (DEADLINE_EXCEEDED),
+  // freeing its place and state: idle streams cannot lock others out.
+  double stream_idle_seconds = 60;
+  // Largest estimated compute of one call (ComputeGradientsCost, CheckGradientsCost), refused
+  // with RESOURCE_EXHAUSTED before it is queued. 1e13 is about a minute on two cores.
+  double max_call_flops = 1e13;
+  // Longest a call may compute: the deadline of calls that bring none, and a cap on those that
+  // bring a later one (a stream's steps each). DEADLINE_EXCEEDED past it.
+  double max_call_seconds = 300;
 };
 
 }  // namespace gradserve::service

@@ -29,10 +29,27 @@ int AvailableCores() {
   return cores;
 }
 
-ComputeScheduler::ComputeScheduler(int cores, int max_queue)
-    : cores_(std::max(1, cores)), max_queue_(max_queue), free_cores_(cores_) {
-  workers_.reserve(cores_);
-  for (int i = 0; i < cores_; ++i) workers_.emplace_back([this] { WorkerLoop(); });
+std::string ClientKey(const std::string& peer) {
+  // "ipv4:1.2.3.4:5678" and "ipv6:[::1]:5678": drop the port, keep the address.
+  if (peer.rfind("ipv4:", 0) == 0 || peer.rfind("ipv6:", 0) == 0) {
+    const size_t colon = peer.rfind(':');
+    if (colon > 4) return peer.substr(0, colon);
+  }
+  return peer;
+}
+
+ComputeScheduler::ComputeScheduler(const Options& options)
+    : options_([&] {
+        Options o = options;
+        o.cores = std::max(1, o.cores);
+        o.max_queue = std::max(0, o.max_queue);
+        o.max_queue_per_client = std::clamp(o.max_queue_per_client, 0, o.max_queue);
+        return o;
+      }()),
+      free_cores_(options_.cores) {
+  workers_.reserve(options_.cores + 1);
+  for (int i = 0; i < options_.cores; ++i) workers_.emplace_back([this] { MainLoop(); });
+  if (options_.small_lane) workers_.emplace_back([this] { SmallLaneLoop(); });
 }
 
 ComputeScheduler::~ComputeScheduler() {
@@ -44,38 +61,207 @@ ComputeScheduler::~ComputeScheduler() {
   for (std::thread& worker : workers_) worker.join();
 }
 
-bool ComputeScheduler::TrySubmit(int cores_wanted, std::function<void(int)> task) {
+ComputeScheduler::Admission ComputeScheduler::TrySubmit(Call call) {
+  std::vector<Call> dropped;
+  Admission admission = Admission::kAccepted;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (stopping_ || static_cast<int>(queue_.size()) >= max_queue_) return false;
-    queue_.push_back({std::clamp(cores_wanted, 1, cores_), std::move(task)});
+    if (stopping_) return Admission::kStopping;
+    const auto client_queue = queues_.find(call.client);
+    const int client_queued =
+        client_queue == queues_.end() ? 0 : static_cast<int>(client_queue->second.calls.size());
+    // Calls nobody waits for any more give their places back before anyone is refused.
+    if (queued_ >= options_.max_queue || client_queued >= options_.max_queue_per_client) {
+      RemoveAbandoned(&dropped);
+    }
+    const auto again = queues_.find(call.client);
+    const int now_queued =
+        again == queues_.end() ? 0 : static_cast<int>(again->second.calls.size());
+    if (queued_ >= options_.max_queue) {
+      admission = Admission::kQueueFull;
+    } else if (now_queued >= options_.max_queue_per_client) {
+      admission = Admission::kClientQueueFull;
+    } else {
+      call.cores = std::clamp(call.cores, 1, options_.cores);
+      Queue& queue = queues_[call.client];
+      if (queue.calls.empty()) turn_.push_back(call.client);
+      queue.calls.push_back(std::move(call));
+      ++queued_;
+    }
+  }
+  Drop(&dropped, absl::DeadlineExceededError(
+                     "the call was abandoned (deadline passed or cancelled) while it waited "
+                     "for cores"));
+  if (admission == Admission::kAccepted) changed_.notify_all();
+  return admission;
+}
+
+int ComputeScheduler::DropQueued(const absl::Status& status) {
+  std::vector<Call> dropped;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& [client, queue] : queues_) {
+      for (Call& call : queue.calls) dropped.push_back(std::move(call));
+    }
+    queues_.clear();
+    turn_.clear();
+    queued_ = 0;
   }
   changed_.notify_all();
-  return true;
+  const int count = static_cast<int>(dropped.size());
+  Drop(&dropped, status);
+  return count;
 }
 
 int ComputeScheduler::queued() const {
   std::lock_guard<std::mutex> lock(mutex_);
-  return static_cast<int>(queue_.size());
+  return queued_;
 }
 
-void ComputeScheduler::WorkerLoop() {
+void ComputeScheduler::Drop(std::vector<Call>* calls, const absl::Status& status) {
+  for (Call& call : *calls) {
+    if (call.drop) call.drop(status);
+  }
+  calls->clear();
+}
+
+void ComputeScheduler::RunOrDrop(Call& call) {
+  if (call.abandoned && call.abandoned()) {
+    if (call.drop) {
+      call.drop(absl::DeadlineExceededError(
+          "the call was abandoned (deadline passed or cancelled) while it waited for cores"));
+    }
+    return;
+  }
+  call.run(call.cores);
+}
+
+void ComputeScheduler::RemoveAbandoned(std::vector<Call>* dropped) {
+  for (auto it = queues_.begin(); it != queues_.end();) {
+    std::deque<Call>& calls = it->second.calls;
+    for (auto call = calls.begin(); call != calls.end();) {
+      if (call->abandoned && call->abandoned()) {
+        dropped->push_back(std::move(*call));
+        call = calls.erase(call);
+        --queued_;
+      } else {
+        ++call;
+      }
+    }
+    if (calls.empty()) {
+      turn_.erase(std::find(turn_.begin(), turn_.end(), it->first));
+      it = queues_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+void ComputeScheduler::EraseClientIfEmpty(const std::string& client) {
+  const auto it = queues_.find(client);
+  if (it == queues_.end() || !it->second.calls.empty()) return;
+  queues_.erase(it);
+  turn_.erase(std::find(turn_.begin(), turn_.end(), client));
+}
+
+ComputeScheduler::Call* ComputeScheduler::NextInTurn() {
+  if (turn_.empty()) return nullptr;
+  return &queues_.at(turn_.front()).calls.front();
+}
+
+ComputeScheduler::Call ComputeScheduler::TakeNextInTurn() {
+  const std::string client = turn_.front();
+  turn_.pop_front();
+  std::deque<Call>& calls = queues_.at(client).calls;
+  Call call = std::move(calls.front());
+  calls.pop_front();
+  --queued_;
+  if (calls.empty()) {
+    queues_.erase(client);
+  } else {
+    turn_.push_back(client);
+  }
+  return call;
+}
+
+bool ComputeScheduler::SmallLaneHasWork() const {
+  if (small_lane_busy_ || queued_ == 0) return false;
+  // Only while a multi-core call runs or waits for cores: otherwise the main lane starts small
+  // calls as soon as a core frees, and a third thread would only slow the other two down.
+  const Call& next = queues_.at(turn_.front()).calls.front();
+  const bool multi_core_waits = next.cores > 1 && next.cores > free_cores_;
+  if (multi_core_running_ == 0 && !multi_core_waits) return false;
+  if (next.cores == 1 && free_cores_ >= 1) return false;  // The main lane takes it now.
+  for (const std::string& client : turn_) {
+    for (const Call& call : queues_.at(client).calls) {
+      if (call.cores == 1) return true;
+    }
+  }
+  return false;
+}
+
+ComputeScheduler::Call ComputeScheduler::TakeForSmallLane() {
+  for (auto client = turn_.begin(); client != turn_.end(); ++client) {
+    std::deque<Call>& calls = queues_.at(*client).calls;
+    for (auto it = calls.begin(); it != calls.end(); ++it) {
+      if (it->cores != 1) continue;
+      Call call = std::move(*it);
+      calls.erase(it);
+      --queued_;
+      // This client had its turn: to the back of the order.
+      const std::string name = *client;
+      turn_.erase(client);
+      if (calls.empty()) {
+        queues_.erase(name);
+      } else {
+        turn_.push_back(name);
+      }
+      return call;
+    }
+  }
+  std::abort();  // REQUIRES: SmallLaneHasWork().
+}
+
+void ComputeScheduler::MainLoop() {
   std::unique_lock<std::mutex> lock(mutex_);
   for (;;) {
     changed_.wait(lock, [this] {
-      return (!queue_.empty() && queue_.front().cores <= free_cores_) ||
-             (stopping_ && queue_.empty());
+      const Call* next = NextInTurn();
+      return (next != nullptr && next->cores <= free_cores_) || (stopping_ && queued_ == 0);
     });
-    if (queue_.empty()) return;  // Stopping, and everything accepted has run.
-    Pending next = std::move(queue_.front());
-    queue_.pop_front();
-    free_cores_ -= next.cores;
+    if (queued_ == 0) return;  // Stopping, and everything accepted has run.
+    Call call = TakeNextInTurn();
+    const int cores = call.cores;
+    free_cores_ -= cores;
+    if (cores > 1) ++multi_core_running_;
     lock.unlock();
     // Another worker may be able to start the new head right away.
     changed_.notify_all();
-    next.task(next.cores);
+    RunOrDrop(call);
+    call = Call();  // Its captures (the request, the reactor) go before the cores come back.
     lock.lock();
-    free_cores_ += next.cores;
+    free_cores_ += cores;
+    if (cores > 1) --multi_core_running_;
+    changed_.notify_all();
+  }
+}
+
+void ComputeScheduler::SmallLaneLoop() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  for (;;) {
+    changed_.wait(lock, [this] { return SmallLaneHasWork() || stopping_; });
+    if (!SmallLaneHasWork()) {
+      if (stopping_) return;  // The main lane runs whatever is left.
+      continue;
+    }
+    Call call = TakeForSmallLane();
+    small_lane_busy_ = true;
+    lock.unlock();
+    changed_.notify_all();
+    RunOrDrop(call);
+    call = Call();
+    lock.lock();
+    small_lane_busy_ = false;
     changed_.notify_all();
   }
 }

@@ -1,15 +1,32 @@
-// Runs compute off gRPC's threads on a fixed set of cores without oversubscribing them.
+// Runs compute off gRPC's threads on a fixed set of cores, fairly between clients.
 //
 // Note [Scheduling]
 // Each call asks for a number of cores: one for a small call, all of them for a large one
-// (see ComputeGradientsCost). The scheduler has one worker thread per core and starts the
-// oldest waiting call as soon as enough cores are free, so small calls run side by side, one
-// core each (inter-request parallelism), and a large call gets every core to itself as an
-// OpenMP team (intra-request parallelism). Admission is first come, first served: a large call
-// at the head waits for the cores to drain rather than being overtaken forever. The number of
-// busy cores never exceeds the total, so OpenMP teams never fight each other for cores.
-// A call's thread count depends only on the call itself, never on the load, so its result is
-// bit-identical however busy the server is.
+// (see ComputeGradientsCost). The *main lane* has one worker thread per core and starts the
+// next call as soon as enough cores are free, so small calls run side by side, one core each
+// (inter-request parallelism), and a large call gets every core to itself as an OpenMP team
+// (intra-request parallelism). A call's thread count depends only on the call itself, never on
+// the load, so its result is bit-identical however busy the server is.
+//
+// Whose call is next: every client (the caller's IP address, see ClientKey) has its own queue,
+// and the main lane takes the clients' oldest calls in turn (round robin), so a client with 30
+// calls queued delays another client's call by at most one of its own. The call whose turn it
+// is waits for the cores it needs and is not overtaken on the main lane, so a large call is
+// never starved by a stream of small ones. One client may hold at most max_queue_per_client of
+// the max_queue waiting places.
+//
+// Note [Small-call lane]
+// Round robin alone does not help a small call stuck behind a large call that holds every core
+// for seconds (a CheckGradients with thousands of samples, a huge batch). Three ways out were
+// weighed: (1) the large call yields its cores between layers — but one layer of a large call
+// can take hundreds of milliseconds, and a team must be torn down and rebuilt at each yield;
+// (2) keep a core back for small calls — it halves every large call's speed on a 2-core
+// machine, all the time; (3) one extra worker, the *small lane*, that runs waiting one-core
+// calls while a multi-core call runs or waits for cores. (3) is what we do: the operating
+// system time-slices the small call against the team (at its ~ms granularity), so a small call
+// waits for other small calls only, while the large call loses at most one core's worth of
+// time, and only while small calls are actually waiting. Thread counts are unchanged, so
+// results stay bit-identical. At most cores + 1 threads compute at once.
 #ifndef GRADSERVE_SERVICE_SCHEDULER_H_
 #define GRADSERVE_SERVICE_SCHEDULER_H_
 
@@ -17,9 +34,13 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
+
+#include "absl/status/status.h"
 
 namespace gradserve::service {
 
@@ -27,38 +48,84 @@ namespace gradserve::service {
 // is set (a container limited to 2 CPUs on a 64-core node gets 2, not 64). At least 1.
 int AvailableCores();
 
+// Who a call is accounted to for fairness: the IP address of a gRPC peer string
+// ("ipv4:10.0.0.7:53122" -> "ipv4:10.0.0.7", "ipv6:[::1]:5000" -> "ipv6:[::1]"); other peers
+// (in-process, unix sockets) as given.
+std::string ClientKey(const std::string& peer);
+
 class ComputeScheduler {
  public:
-  // `cores` worker threads; at most `max_queue` calls wait for cores.
-  ComputeScheduler(int cores, int max_queue);
-  // Runs every call already accepted, then joins the workers.
+  struct Options {
+    int cores = 1;
+    int max_queue = 64;             // Calls waiting for cores, all clients together.
+    int max_queue_per_client = 32;  // Calls one client may have waiting.
+    bool small_lane = true;         // Note [Small-call lane].
+  };
+  // What happened to a call offered to TrySubmit.
+  enum class Admission { kAccepted, kQueueFull, kClientQueueFull, kStopping };
+
+  // A call: `run` is given the number of cores it holds; `drop` (optional) is called instead if
+  // the call is dropped unrun (DropQueued); `abandoned` (optional) says the caller no longer
+  // wants it (deadline passed, cancelled): such a call is dropped with DEADLINE_EXCEEDED instead
+  // of run, and frees its place in the queue when the queue is full.
+  struct Call {
+    std::string client;
+    int cores = 1;
+    std::function<void(int cores)> run;
+    std::function<void(const absl::Status&)> drop;
+    std::function<bool()> abandoned;
+  };
+
+  explicit ComputeScheduler(const Options& options);
+  // Runs every call still queued, then joins the workers.
   ~ComputeScheduler();
   ComputeScheduler(const ComputeScheduler&) = delete;
   ComputeScheduler& operator=(const ComputeScheduler&) = delete;
 
-  // Queues `task`, to be run with `cores_wanted` cores (clamped to [1, cores()]); the task is
-  // given the number of cores it holds. False (task dropped unrun) if the queue is full or the
-  // scheduler is shutting down. Thread-safe.
-  bool TrySubmit(int cores_wanted, std::function<void(int cores)> task);
+  // Queues `call` (its cores clamped to [1, cores()]). Anything but kAccepted: the call was not
+  // taken and none of its callbacks will be called. Thread-safe.
+  Admission TrySubmit(Call call);
 
-  int cores() const { return cores_; }
-  int max_queue() const { return max_queue_; }
+  // Drops every call still waiting, calling its `drop` with `status` (on this thread); calls
+  // already running are not affected. Returns how many were dropped. Thread-safe.
+  int DropQueued(const absl::Status& status);
+
+  int cores() const { return options_.cores; }
+  const Options& options() const { return options_; }
   // Calls waiting for cores right now.
   int queued() const;
 
  private:
-  struct Pending {
-    int cores;
-    std::function<void(int)> task;
+  struct Queue {
+    std::deque<Call> calls;
   };
-  void WorkerLoop();
+  void MainLoop();
+  void SmallLaneLoop();
+  // REQUIRES: mutex_ held. The call whose turn it is on the main lane, if any.
+  Call* NextInTurn();
+  // REQUIRES: mutex_ held. Removes the front call of the client whose turn it is and moves the
+  // client to the back of the turn order.
+  Call TakeNextInTurn();
+  // REQUIRES: mutex_ held. Whether the small lane may run a call now, and which: the oldest
+  // one-core call of the first client in turn order that has one.
+  bool SmallLaneHasWork() const;
+  Call TakeForSmallLane();
+  // REQUIRES: mutex_ held. Moves abandoned calls out of the queues into `dropped`.
+  void RemoveAbandoned(std::vector<Call>* dropped);
+  void EraseClientIfEmpty(const std::string& client);
+  static void Drop(std::vector<Call>* calls, const absl::Status& status);
+  // Runs `call` unless it was abandoned while it waited.
+  static void RunOrDrop(Call& call);
 
-  const int cores_;
-  const int max_queue_;
+  const Options options_;
   mutable std::mutex mutex_;
   std::condition_variable changed_;
-  std::deque<Pending> queue_;
+  std::map<std::string, Queue> queues_;  // Clients with calls waiting.
+  std::deque<std::string> turn_;         // Those clients, in turn order.
+  int queued_ = 0;
   int free_cores_;
+  int multi_core_running_ = 0;  // Main-lane calls holding more than one core.
+  bool small_lane_busy_ = false;
   bool stopping_ = false;
   std::vector<std::thread> workers_;
 };

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <fstream>
 #include <iterator>
+#include <thread>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -130,9 +131,36 @@ void GradServer::StartDraining() {
 }
 
 void GradServer::Shutdown(std::chrono::milliseconds grace) {
+  // Note [Shutdown]. gRPC's own Shutdown cancels calls that arrive on open connections after it
+  // began (the client sees CANCELLED and cannot tell whether to retry), so the service refuses
+  // new calls itself with UNAVAILABLE, which clients' retry policy sends to another replica,
+  // while the calls in flight get the grace. Only when they are done (or the grace is over) does
+  // gRPC shut down, by which time clients have seen the health change and the refusals.
   if (server_ == nullptr) return;
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point start = Clock::now();
+  const Clock::time_point end = start + grace;
+  // Calls still running when this much of the grace is left are abandoned (they end with
+  // UNAVAILABLE at their next check), so that their status is sent before gRPC cancels them.
+  const auto abandon_at =
+      end - std::min<Clock::duration>(std::chrono::milliseconds(250), grace / 2);
+  // Refusals keep going at least this long even when nothing is in flight: a client's call sent
+  // just before the refusals began still gets UNAVAILABLE, not gRPC's CANCELLED.
+  const auto refuse_until =
+      start + std::min<Clock::duration>(std::chrono::milliseconds(500), grace);
   StartDraining();
-  server_->Shutdown(std::chrono::system_clock::now() + grace);
+  service_->RefuseNewCalls();
+  while (Clock::now() < abandon_at &&
+         (Clock::now() < refuse_until || service_->calls_in_flight() > 0 ||
+          service_->open_streams() > 0)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  service_->AbandonCalls();
+  while (Clock::now() < end && (service_->calls_in_flight() > 0 || service_->open_streams() > 0)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  server_->Shutdown(std::chrono::system_clock::now() +
+                    std::max<Clock::duration>(Clock::duration::zero(), end - Clock::now()));
   server_->Wait();
   server_.reset();
   if (metrics_http_ != nullptr) metrics_http_->Stop();

@@ -45,9 +45,11 @@ v1::ComputeGradientsRequest SlowRequest() {
 }
 
 std::unique_ptr<service::GradServer> StartServer(
-    int threads = 2, int max_queue = service::ServiceOptions().max_queue) {
+    int threads = 2, int max_queue = service::ServiceOptions().max_queue,
+    double max_call_flops = service::ServiceLimits().max_call_flops) {
   spdlog::set_level(spdlog::level::warn);
   service::ServerOptions options;
+  options.service.limits.max_call_flops = max_call_flops;
   options.listen_address = "127.0.0.1:0";
   options.service.threads = threads;
   options.service.max_queue = max_queue;
@@ -142,7 +144,7 @@ TEST(Lifecycle, ClientCancelStopsTheComputation) {
 // A gradient check polls its deadline between perturbed forward passes: this one would take
 // hours (4096 samples of each tensor, two float64 forward passes of the slow request each).
 TEST(Lifecycle, GradientCheckPastItsDeadlineIsAbandoned) {
-  auto server = StartServer();
+  auto server = StartServer(2, service::ServiceOptions().max_queue, /*max_call_flops=*/1e18);
   ASSERT_NE(server, nullptr);
   auto stub = Connect(*server);
   v1::CheckGradientsRequest request;
@@ -192,8 +194,10 @@ TEST(Lifecycle, ShutdownLetsCallsInFlightFinishAndRefusesNewOnes) {
     v1::GetServerInfoResponse info;
     grpc::ClientContext context;
     context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-    EXPECT_FALSE(stub->GetServerInfo(&context, v1::GetServerInfoRequest(), &info).ok())
-        << "a new call was accepted during shutdown";
+    const grpc::Status refused = stub->GetServerInfo(&context, v1::GetServerInfoRequest(), &info);
+    // UNAVAILABLE, which clients' retry policy sends to another replica; not CANCELLED.
+    EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAVAILABLE)
+        << "a new call during shutdown: " << refused.error_message();
   }
   for (auto& call : in_flight) {
     const grpc::Status status = call.get();
@@ -261,6 +265,164 @@ TEST(Lifecycle, DrainingReportsNotServingWhileStillAnswering) {
   v1::ComputeGradientsResponse response;
   grpc::ClientContext context;
   EXPECT_TRUE(stub->ComputeGradients(&context, testing::SeedRequest<float>(), &response).ok());
+}
+
+// The hardening issue's planner attack: 1024 Linear layers of widths up to 2^20, an empty
+// parameters entry per layer and a memory budget of one byte. The missing parameters are found
+// before the (costly) checkpoint planner runs: INVALID_ARGUMENT in milliseconds, where it took
+// 4-10 s of planning before. The deadline is ~1000x what the call needs.
+v1::ComputeGradientsRequest PlannerAttack() {
+  v1::ComputeGradientsRequest request;
+  int64_t in = 1;
+  for (int i = 0; i < 1024; ++i) {
+    v1::Linear* linear = request.mutable_model()->add_layers()->mutable_linear();
+    const int64_t out = int64_t{1} << (20 - i % 21);
+    linear->set_in_features(in);
+    linear->set_out_features(out);
+    in = out;
+    request.add_parameters();
+  }
+  request.mutable_model()->mutable_loss()->mutable_mse();
+  testing::SetTensor<float>(request.mutable_inputs(), {1.0f}, {1, 1});
+  auto* checkpointing = request.mutable_options()->mutable_checkpointing();
+  checkpointing->set_mode(v1::Checkpointing::MODE_MEMORY_BUDGET);
+  checkpointing->set_memory_budget_bytes(1);
+  return request;
+}
+
+TEST(Lifecycle, MalformedRequestIsRefusedBeforeCheckpointPlanning) {
+  auto server = StartServer(2, service::ServiceOptions().max_queue, /*max_call_flops=*/1e30);
+  ASSERT_NE(server, nullptr);
+  auto stub = Connect(*server);
+  v1::ComputeGradientsResponse response;
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(3));
+  const grpc::Status status = stub->ComputeGradients(&context, PlannerAttack(), &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  EXPECT_THAT(status.error_message(), ::testing::HasSubstr("parameters[0].weight"));
+}
+
+// At the default max_call_flops the same request is refused before it is even queued.
+TEST(Lifecycle, CallOverMaxCallFlopsIsRefusedBeforeQueuing) {
+  auto server = StartServer();
+  ASSERT_NE(server, nullptr);
+  auto stub = Connect(*server);
+  for (const bool check : {false, true}) {
+    grpc::ClientContext context;
+    grpc::Status status;
+    if (check) {
+      // 4096 samples of each tensor of the slow request: hours of compute.
+      v1::CheckGradientsRequest request;
+      *request.mutable_request() = SlowRequest();
+      request.set_samples_per_tensor(4096);
+      v1::CheckGradientsResponse response;
+      status = stub->CheckGradients(&context, request, &response);
+    } else {
+      v1::ComputeGradientsResponse response;
+      status = stub->ComputeGradients(&context, PlannerAttack(), &response);
+    }
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << status.error_message();
+    EXPECT_THAT(status.error_message(), ::testing::HasSubstr("max_call_flops"));
+  }
+  EXPECT_EQ(server->Stats().methods[0].calls_by_code[grpc::StatusCode::RESOURCE_EXHAUSTED], 1u);
+  v1::ComputeGradientsResponse response;
+  grpc::ClientContext context;
+  EXPECT_TRUE(stub->ComputeGradients(&context, testing::SeedRequest<float>(), &response).ok());
+}
+
+// A call without a deadline is bounded by max_call_seconds: DEADLINE_EXCEEDED naming it, and
+// the computation stops (calls_in_flight drops to 0) instead of running for hours.
+TEST(Lifecycle, CallWithoutDeadlineStopsAtMaxCallSeconds) {
+  spdlog::set_level(spdlog::level::warn);
+  service::ServerOptions options;
+  options.listen_address = "127.0.0.1:0";
+  options.service.threads = 2;
+  options.service.limits.max_call_flops = 1e30;
+  options.service.limits.max_call_seconds = 0.5;
+  auto server = service::GradServer::Start(options);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = Connect(**server);
+  v1::CheckGradientsRequest request;
+  *request.mutable_request() = SlowRequest();
+  request.set_samples_per_tensor(4096);  // Hours of compute.
+  v1::CheckGradientsResponse response;
+  grpc::ClientContext context;  // No deadline.
+  const grpc::Status status = stub->CheckGradients(&context, request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << status.error_message();
+  EXPECT_THAT(status.error_message(), ::testing::HasSubstr("max_call_seconds"));
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while ((*server)->calls_in_flight() > 0 && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_EQ((*server)->calls_in_flight(), 0);
+}
+
+// Shutdown loses nothing and keeps to its grace: with one call computing for hours and three
+// waiting behind it on one core, every caller gets an answer, UNAVAILABLE (retryable) for
+// those the grace could not fit; none gets CANCELLED, and Shutdown returns soon after the
+// grace although hours of work were queued.
+TEST(Lifecycle, ShutdownGraceBoundsTheExitAndEveryCallGetsUnavailable) {
+  auto server = StartServer(/*threads=*/1, service::ServiceOptions().max_queue, 1e30);
+  ASSERT_NE(server, nullptr);
+  auto stub = Connect(*server);
+  v1::CheckGradientsRequest request;
+  *request.mutable_request() = SlowRequest();
+  request.set_samples_per_tensor(4096);
+  std::vector<std::future<grpc::Status>> calls;
+  for (int i = 0; i < 4; ++i) {
+    calls.push_back(std::async(std::launch::async, [&] {
+      v1::CheckGradientsResponse response;
+      grpc::ClientContext context;
+      context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(600));
+      return stub->CheckGradients(&context, request, &response);
+    }));
+  }
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (server->calls_in_flight() < 4 && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_EQ(server->calls_in_flight(), 4);
+  const auto start = std::chrono::steady_clock::now();
+  server->Shutdown(std::chrono::milliseconds(500));
+  // The grace, then at most one layer of the call computing (milliseconds): 20 s is slack for
+  // sanitizers on a loaded machine, not a performance bound; before, this took hours.
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20));
+  for (auto& call : calls) {
+    const grpc::Status status = call.get();
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+  }
+}
+
+// A call made after the drain on a connection that is already open gets UNAVAILABLE (gRPC's
+// own shutdown would cancel it: CANCELLED, which a client cannot tell from its own cancel).
+TEST(Lifecycle, CallAfterTheDrainOnAnOpenConnectionGetsUnavailable) {
+  auto server = StartServer();
+  ASSERT_NE(server, nullptr);
+  auto stub = Connect(*server);
+  {
+    v1::ComputeGradientsResponse response;
+    grpc::ClientContext context;
+    ASSERT_TRUE(stub->ComputeGradients(&context, testing::SeedRequest<float>(), &response).ok());
+  }
+  // A slow call in flight keeps the shutdown in its grace.
+  auto slow = std::async(std::launch::async, [&] {
+    v1::ComputeGradientsResponse response;
+    grpc::ClientContext context;
+    return stub->ComputeGradients(&context, SlowRequest(), &response);
+  });
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (server->calls_in_flight() < 1 && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  std::thread shutdown([&] { server->Shutdown(std::chrono::seconds(60)); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  v1::ComputeGradientsResponse response;
+  grpc::ClientContext context;
+  const grpc::Status status =
+      stub->ComputeGradients(&context, testing::SeedRequest<float>(), &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+  EXPECT_TRUE(slow.get().ok());
+  shutdown.join();
 }
 
 }  // namespace

@@ -1,35 +1,95 @@
-// ComputeScheduler: cores are never oversubscribed, calls start first come first served, a full
-// queue refuses at once, and shutdown runs what was accepted.
+// ComputeScheduler: cores are never oversubscribed beyond the small-call lane, clients take
+// turns, one client cannot fill the queue, a full queue refuses at once, calls nobody waits for
+// are dropped unrun, and shutdown runs or drops what was accepted.
 #include "server/service/scheduler.h"
 
 #include <gtest/gtest.h>
 
 #include <atomic>
 #include <chrono>
+#include <mutex>
 #include <random>
 #include <thread>
 
 namespace gradserve::service {
 namespace {
 
-TEST(ComputeScheduler, NeverHoldsMoreCoresThanItHas) {
+using Admission = ComputeScheduler::Admission;
+using std::chrono::milliseconds;
+
+ComputeScheduler::Options Opts(int cores, int max_queue, int per_client = 1 << 20,
+                               bool small_lane = true) {
+  return {.cores = cores,
+          .max_queue = max_queue,
+          .max_queue_per_client = per_client,
+          .small_lane = small_lane};
+}
+
+ComputeScheduler::Call MakeCall(std::string client, int cores, std::function<void(int)> run) {
+  ComputeScheduler::Call call;
+  call.client = std::move(client);
+  call.cores = cores;
+  call.run = std::move(run);
+  return call;
+}
+
+// A task that blocks until released, and can tell whether it started.
+struct Gate {
+  std::atomic<bool> open{false};
+  std::atomic<int> started{0};
+  std::function<void(int)> Blocker() {
+    return [this](int) {
+      ++started;
+      while (!open) std::this_thread::sleep_for(milliseconds(1));
+    };
+  }
+  void WaitStarted(int n) {
+    while (started < n) std::this_thread::sleep_for(milliseconds(1));
+  }
+};
+
+// Records the order calls ran in.
+struct Order {
+  std::mutex mutex;
+  std::vector<int> ids;
+  std::function<void(int)> Record(int id) {
+    return [this, id](int) {
+      std::lock_guard<std::mutex> lock(mutex);
+      ids.push_back(id);
+    };
+  }
+  std::vector<int> WaitFor(size_t n) {
+    for (;;) {
+      {
+        std::lock_guard<std::mutex> lock(mutex);
+        if (ids.size() >= n) return ids;
+      }
+      std::this_thread::sleep_for(milliseconds(1));
+    }
+  }
+};
+
+TEST(ComputeScheduler, NeverHoldsMoreCoresThanItHasWithoutTheSmallLane) {
   constexpr int kCores = 3;
   std::atomic<int> busy{0}, most_busy{0}, ran{0}, wrong_grant{0};
   {
-    ComputeScheduler scheduler(kCores, /*max_queue=*/1000);
+    ComputeScheduler scheduler(Opts(kCores, 1000, 1000, /*small_lane=*/false));
     std::mt19937 rng(1);
     for (int i = 0; i < 300; ++i) {
       const int wanted = std::uniform_int_distribution<int>(1, kCores + 1)(rng);
-      ASSERT_TRUE(scheduler.TrySubmit(wanted, [&, wanted](int cores) {
-        if (cores != std::min(wanted, kCores)) ++wrong_grant;
-        const int now = busy += cores;
-        int seen = most_busy.load();
-        while (now > seen && !most_busy.compare_exchange_weak(seen, now)) {
-        }
-        std::this_thread::sleep_for(std::chrono::microseconds(200));
-        busy -= cores;
-        ++ran;
-      }));
+      ASSERT_EQ(scheduler.TrySubmit(
+                    MakeCall("c", wanted,
+                             [&, wanted](int cores) {
+                               if (cores != std::min(wanted, kCores)) ++wrong_grant;
+                               const int now = busy += cores;
+                               int seen = most_busy.load();
+                               while (now > seen && !most_busy.compare_exchange_weak(seen, now)) {
+                               }
+                               std::this_thread::sleep_for(std::chrono::microseconds(200));
+                               busy -= cores;
+                               ++ran;
+                             })),
+                Admission::kAccepted);
     }
   }  // The destructor runs everything accepted.
   EXPECT_EQ(ran, 300);
@@ -38,52 +98,196 @@ TEST(ComputeScheduler, NeverHoldsMoreCoresThanItHas) {
   EXPECT_GE(most_busy, 2);  // Small calls did run side by side.
 }
 
-TEST(ComputeScheduler, FullQueueRefusesAtOnceAndRecovers) {
-  ComputeScheduler scheduler(1, /*max_queue=*/2);
-  std::atomic<bool> release{false};
-  std::atomic<int> ran{0};
-  auto blocker = [&](int) {
-    while (!release) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    ++ran;
-  };
-  ASSERT_TRUE(scheduler.TrySubmit(1, blocker));
-  while (scheduler.queued() != 0) std::this_thread::yield();  // The worker took it.
-  EXPECT_TRUE(scheduler.TrySubmit(1, blocker));
-  EXPECT_TRUE(scheduler.TrySubmit(1, blocker));
-  EXPECT_FALSE(scheduler.TrySubmit(1, blocker));  // Two waiting: full.
-  release = true;
-  while (ran < 3) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  EXPECT_TRUE(scheduler.TrySubmit(1, [&](int) { ++ran; }));
-  while (ran < 4) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+// Runs `n` calls of random widths up to `max_wanted` from three clients and returns the most
+// cores that were busy at once.
+int MostCoresBusy(int cores, int max_wanted, int n) {
+  std::atomic<int> busy{0}, most_busy{0}, ran{0};
+  {
+    ComputeScheduler scheduler(Opts(cores, 1000));
+    std::mt19937 rng(2);
+    for (int i = 0; i < n; ++i) {
+      const int wanted = std::uniform_int_distribution<int>(1, max_wanted)(rng);
+      EXPECT_EQ(scheduler.TrySubmit(
+                    MakeCall(std::to_string(i % 3), wanted,
+                             [&](int granted) {
+                               const int now = busy += granted;
+                               int seen = most_busy.load();
+                               while (now > seen && !most_busy.compare_exchange_weak(seen, now)) {
+                               }
+                               std::this_thread::sleep_for(std::chrono::microseconds(300));
+                               busy -= granted;
+                               ++ran;
+                             })),
+                Admission::kAccepted);
+    }
+  }
+  EXPECT_EQ(ran, n);
+  return most_busy;
 }
 
-TEST(ComputeScheduler, LargeCallAtTheHeadIsNotOvertaken) {
-  ComputeScheduler scheduler(2, /*max_queue=*/10);
-  std::atomic<bool> release{false};
-  std::vector<int> order;
-  std::mutex order_mutex;
-  auto record = [&](int id) {
-    std::lock_guard<std::mutex> lock(order_mutex);
-    order.push_back(id);
+TEST(ComputeScheduler, TheSmallLaneAddsAtMostOneCore) {
+  EXPECT_LE(MostCoresBusy(/*cores=*/2, /*max_wanted=*/2, 300), 3);
+}
+
+TEST(ComputeScheduler, OneCoreCallsAloneNeverUseTheSmallLane) {
+  EXPECT_LE(MostCoresBusy(/*cores=*/2, /*max_wanted=*/1, 300), 2);
+}
+
+TEST(ComputeScheduler, FullQueueRefusesAtOnceAndRecovers) {
+  ComputeScheduler scheduler(Opts(1, /*max_queue=*/2, 2, /*small_lane=*/false));
+  Gate gate;
+  std::atomic<int> ran{0};
+  auto blocker = [&](int cores) {
+    gate.Blocker()(cores);
+    ++ran;
   };
-  ASSERT_TRUE(scheduler.TrySubmit(1, [&](int) {
-    while (!release) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    record(0);
-  }));
-  while (scheduler.queued() != 0) std::this_thread::yield();
-  ASSERT_TRUE(scheduler.TrySubmit(2, [&](int) { record(1); }));  // Needs both cores.
-  ASSERT_TRUE(scheduler.TrySubmit(1, [&](int) { record(2); }));  // Could fit now, must wait.
-  std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  {
-    std::lock_guard<std::mutex> lock(order_mutex);
-    EXPECT_TRUE(order.empty());
+  ASSERT_EQ(scheduler.TrySubmit(MakeCall("a", 1, blocker)), Admission::kAccepted);
+  gate.WaitStarted(1);
+  EXPECT_EQ(scheduler.TrySubmit(MakeCall("a", 1, blocker)), Admission::kAccepted);
+  EXPECT_EQ(scheduler.TrySubmit(MakeCall("b", 1, blocker)), Admission::kAccepted);
+  EXPECT_EQ(scheduler.TrySubmit(MakeCall("c", 1, blocker)), Admission::kQueueFull);
+  gate.open = true;
+  while (ran < 3) std::this_thread::sleep_for(milliseconds(1));
+  EXPECT_EQ(scheduler.TrySubmit(MakeCall("c", 1, [&](int) { ++ran; })), Admission::kAccepted);
+  while (ran < 4) std::this_thread::sleep_for(milliseconds(1));
+}
+
+TEST(ComputeScheduler, OneClientCannotFillTheQueue) {
+  ComputeScheduler scheduler(Opts(1, /*max_queue=*/8, /*per_client=*/3));
+  Gate gate;
+  ASSERT_EQ(scheduler.TrySubmit(MakeCall("hog", 1, gate.Blocker())), Admission::kAccepted);
+  gate.WaitStarted(1);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(scheduler.TrySubmit(MakeCall("hog", 1, [](int) {})), Admission::kAccepted);
   }
-  release = true;
-  while (true) {
-    std::lock_guard<std::mutex> lock(order_mutex);
-    if (order.size() == 3) break;
+  EXPECT_EQ(scheduler.TrySubmit(MakeCall("hog", 1, [](int) {})), Admission::kClientQueueFull);
+  EXPECT_EQ(scheduler.TrySubmit(MakeCall("other", 1, [](int) {})), Admission::kAccepted);
+  EXPECT_EQ(scheduler.queued(), 4);
+  gate.open = true;
+}
+
+TEST(ComputeScheduler, ClientsTakeTurns) {
+  ComputeScheduler scheduler(Opts(1, 100, 100, /*small_lane=*/false));
+  Gate gate;
+  Order order;
+  ASSERT_EQ(scheduler.TrySubmit(MakeCall("a", 1, gate.Blocker())), Admission::kAccepted);
+  gate.WaitStarted(1);
+  for (int i = 1; i <= 4; ++i) scheduler.TrySubmit(MakeCall("a", 1, order.Record(i)));
+  scheduler.TrySubmit(MakeCall("b", 1, order.Record(100)));
+  scheduler.TrySubmit(MakeCall("b", 1, order.Record(101)));
+  gate.open = true;
+  // First come first served would run 1 2 3 4 100 101: a and b alternate instead.
+  EXPECT_EQ(order.WaitFor(6), (std::vector<int>{1, 100, 2, 101, 3, 4}));
+}
+
+TEST(ComputeScheduler, LargeCallWhoseTurnItIsIsNotOvertakenOnTheMainLane) {
+  ComputeScheduler scheduler(Opts(2, 10, 10, /*small_lane=*/false));
+  Gate gate;
+  Order order;
+  ASSERT_EQ(scheduler.TrySubmit(MakeCall("a", 1, gate.Blocker())), Admission::kAccepted);
+  gate.WaitStarted(1);
+  ASSERT_EQ(scheduler.TrySubmit(MakeCall("a", 2, order.Record(1))), Admission::kAccepted);
+  ASSERT_EQ(scheduler.TrySubmit(MakeCall("a", 1, order.Record(2))), Admission::kAccepted);
+  std::this_thread::sleep_for(milliseconds(20));
+  EXPECT_TRUE(order.WaitFor(0).empty());  // One core is free, yet the small call waits.
+  gate.open = true;
+  EXPECT_EQ(order.WaitFor(2), (std::vector<int>{1, 2}));
+}
+
+TEST(ComputeScheduler, SmallCallRunsBesideALargeCallHoldingEveryCore) {
+  ComputeScheduler scheduler(Opts(2, 10));
+  Gate gate;
+  std::atomic<bool> small_ran{false};
+  ASSERT_EQ(scheduler.TrySubmit(MakeCall("big", 2, gate.Blocker())), Admission::kAccepted);
+  gate.WaitStarted(1);
+  // Another large call waits for the cores; the small one must not wait behind both.
+  ASSERT_EQ(scheduler.TrySubmit(MakeCall("big", 2, [](int) {})), Admission::kAccepted);
+  ASSERT_EQ(scheduler.TrySubmit(MakeCall("small", 1,
+                                         [&](int cores) {
+                                           EXPECT_EQ(cores, 1);
+                                           small_ran = true;
+                                         })),
+            Admission::kAccepted);
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!small_ran && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(milliseconds(1));
   }
-  EXPECT_EQ(order, (std::vector<int>{0, 1, 2}));
+  EXPECT_TRUE(small_ran) << "the small call waited for the large one to finish";
+  EXPECT_EQ(gate.started, 1);  // The large call still runs.
+  gate.open = true;
+}
+
+TEST(ComputeScheduler, AbandonedCallsAreDroppedUnrunAndGiveTheirPlacesBack) {
+  ComputeScheduler scheduler(Opts(1, /*max_queue=*/2, 2, /*small_lane=*/false));
+  Gate gate;
+  ASSERT_EQ(scheduler.TrySubmit(MakeCall("a", 1, gate.Blocker())), Admission::kAccepted);
+  gate.WaitStarted(1);
+  std::atomic<bool> gone{false};
+  std::atomic<int> ran{0}, dropped{0};
+  for (int i = 0; i < 2; ++i) {
+    ComputeScheduler::Call call = MakeCall("a", 1, [&](int) { ++ran; });
+    call.abandoned = [&] { return gone.load(); };
+    call.drop = [&](const absl::Status& status) {
+      EXPECT_TRUE(absl::IsDeadlineExceeded(status)) << status;
+      ++dropped;
+    };
+    ASSERT_EQ(scheduler.TrySubmit(std::move(call)), Admission::kAccepted);
+  }
+  EXPECT_EQ(scheduler.TrySubmit(MakeCall("b", 1, [&](int) { ++ran; })), Admission::kQueueFull);
+  gone = true;  // Their callers gave up: the places are free again.
+  EXPECT_EQ(scheduler.TrySubmit(MakeCall("b", 1, [&](int) { ++ran; })), Admission::kAccepted);
+  EXPECT_EQ(dropped, 2);
+  gate.open = true;
+  while (ran < 1) std::this_thread::sleep_for(milliseconds(1));
+  EXPECT_EQ(ran, 1);
+}
+
+TEST(ComputeScheduler, CallAbandonedWhileWaitingIsDroppedInsteadOfRun) {
+  ComputeScheduler scheduler(Opts(1, 4, 4, /*small_lane=*/false));
+  Gate gate;
+  ASSERT_EQ(scheduler.TrySubmit(MakeCall("a", 1, gate.Blocker())), Admission::kAccepted);
+  gate.WaitStarted(1);
+  std::atomic<bool> ran{false}, dropped{false}, gone{false};
+  ComputeScheduler::Call call = MakeCall("a", 1, [&](int) { ran = true; });
+  call.abandoned = [&] { return gone.load(); };
+  call.drop = [&](const absl::Status&) { dropped = true; };
+  ASSERT_EQ(scheduler.TrySubmit(std::move(call)), Admission::kAccepted);
+  gone = true;
+  gate.open = true;
+  while (!dropped && !ran) std::this_thread::sleep_for(milliseconds(1));
+  EXPECT_TRUE(dropped);
+  EXPECT_FALSE(ran);
+}
+
+TEST(ComputeScheduler, DropQueuedDropsEveryWaitingCallAndRefusesNone) {
+  ComputeScheduler scheduler(Opts(1, 10));
+  Gate gate;
+  ASSERT_EQ(scheduler.TrySubmit(MakeCall("a", 1, gate.Blocker())), Admission::kAccepted);
+  gate.WaitStarted(1);
+  std::atomic<int> ran{0}, dropped{0};
+  for (int i = 0; i < 5; ++i) {
+    ComputeScheduler::Call call = MakeCall(std::to_string(i % 2), 1, [&](int) { ++ran; });
+    call.drop = [&](const absl::Status& status) {
+      EXPECT_TRUE(absl::IsUnavailable(status));
+      ++dropped;
+    };
+    ASSERT_EQ(scheduler.TrySubmit(std::move(call)), Admission::kAccepted);
+  }
+  EXPECT_EQ(scheduler.DropQueued(absl::UnavailableError("shutting down")), 5);
+  EXPECT_EQ(dropped, 5);
+  EXPECT_EQ(scheduler.queued(), 0);
+  gate.open = true;
+  EXPECT_EQ(scheduler.TrySubmit(MakeCall("a", 1, [&](int) { ++ran; })), Admission::kAccepted);
+  while (ran < 1) std::this_thread::sleep_for(milliseconds(1));
+  EXPECT_EQ(ran, 1);
+}
+
+TEST(ClientKey, IsThePeersAddressWithoutItsPort) {
+  EXPECT_EQ(ClientKey("ipv4:10.0.0.7:53122"), "ipv4:10.0.0.7");
+  EXPECT_EQ(ClientKey("ipv6:[::1]:5000"), "ipv6:[::1]");
+  EXPECT_EQ(ClientKey("ipv4:127.0.0.1:1"), ClientKey("ipv4:127.0.0.1:2"));
+  EXPECT_NE(ClientKey("ipv4:127.0.0.1:1"), ClientKey("ipv4:127.0.0.2:1"));
+  EXPECT_EQ(ClientKey("unix:/tmp/socket"), "unix:/tmp/socket");
 }
 
 TEST(AvailableCores, IsPositiveAndAtMostTheMachine) {

@@ -765,3 +765,86 @@ TEST(StreamProtocol, HeldBytesCountParametersAndStagedChunks) {
 
 }  // namespace
 }  // namespace gradserve
+
+namespace gradserve {
+namespace {
+
+// Streams on a shared server: idle ones are closed, one client cannot hold them all, and
+// shutdown ends the ones waiting for their client with UNAVAILABLE, which clients may retry.
+class StreamHardeningTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    spdlog::set_level(spdlog::level::warn);
+    service::ServerOptions options;
+    options.listen_address = "127.0.0.1:0";
+    options.service.threads = 2;
+    options.service.limits.max_streams = 8;
+    options.service.limits.max_streams_per_client = 2;
+    options.service.limits.stream_idle_seconds = 0.3;
+    auto server = service::GradServer::Start(options);
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = *std::move(server);
+    stub_ = v1::GradientService::NewStub(server_->InProcessChannel());
+  }
+
+  using Stream = grpc::ClientReaderWriter<v1::StreamGradientsRequest, v1::StreamGradientsResponse>;
+  std::unique_ptr<Stream> Open(grpc::ClientContext* context) {
+    context->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+    auto stream = stub_->StreamGradients(context);
+    stream->Write(SetupMessage(Classifier(true, v1::REDUCTION_MEAN), v1::DTYPE_FLOAT32));
+    return stream;
+  }
+  void WaitForOpenStreams(int n) {
+    for (int tries = 0; tries < 1000 && server_->Stats().open_streams != n; ++tries) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
+
+  std::unique_ptr<service::GradServer> server_;
+  std::unique_ptr<v1::GradientService::Stub> stub_;
+};
+
+TEST_F(StreamHardeningTest, StreamIdlePastStreamIdleSecondsIsClosed) {
+  grpc::ClientContext context;
+  auto stream = Open(&context);
+  v1::StreamGradientsResponse answer;
+  EXPECT_FALSE(stream->Read(&answer));  // Blocks until the server closes the idle stream.
+  const grpc::Status status = stream->Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_THAT(status.error_message(), HasSubstr("stream_idle_seconds"));
+  WaitForOpenStreams(0);
+  EXPECT_EQ(server_->Stats().open_streams, 0);
+}
+
+TEST_F(StreamHardeningTest, OneClientCannotHoldEveryStream) {
+  grpc::ClientContext first, second, third;
+  auto a = Open(&first);
+  auto b = Open(&second);
+  WaitForOpenStreams(2);
+  ASSERT_EQ(server_->Stats().open_streams, 2);
+  auto c = Open(&third);
+  const grpc::Status refused = c->Finish();
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(refused.error_message(), HasSubstr("max_streams_per_client"));
+  for (auto* stream : {a.get(), b.get()}) {
+    ASSERT_TRUE(stream->WritesDone());
+    EXPECT_TRUE(stream->Finish().ok());
+  }
+}
+
+TEST_F(StreamHardeningTest, ShutdownEndsWaitingStreamsWithUnavailable) {
+  grpc::ClientContext context;
+  auto stream = Open(&context);
+  WaitForOpenStreams(1);
+  ASSERT_EQ(server_->Stats().open_streams, 1);
+  const auto start = std::chrono::steady_clock::now();
+  std::thread shutdown([&] { server_->Shutdown(std::chrono::seconds(60)); });
+  const grpc::Status status = stream->Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+  shutdown.join();
+  // The grace only bounds the wait: with nothing left in flight, shutdown does not use it.
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
+}
+
+}  // namespace
+}  // namespace gradserve
