@@ -19,6 +19,7 @@
 #define GRADSERVE_ENGINE_CHECKPOINT_H_
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "server/engine/model.h"
@@ -34,6 +35,15 @@ struct CheckpointOptions {
   // Without dx, layers below the first Linear layer get no backward pass, so nothing needs
   // keeping for them.
   bool computes_input_gradient = true;
+  // kMemoryBudget: polled between planning steps (at most ~1 ms apart); returning true abandons
+  // planning with CANCELLED. Empty: never stop.
+  std::function<bool()> should_stop = nullptr;
+  // kMemoryBudget: the work (in planner steps, see Note [Bounded budget planning]) above which the
+  // planner gives up the exact optimum for a bounded approximation. The default keeps planning
+  // well under 100 ms for any model; tests lower it to exercise the bounded path.
+  int64_t planner_work_limit = kDefaultPlannerWorkLimit;
+
+  static constexpr int64_t kDefaultPlannerWorkLimit = int64_t{1} << 24;
 };
 
 // The lowest layer whose backward pass runs: 0 with dx, else the first Linear layer (0 if none).
@@ -59,6 +69,8 @@ struct CheckpointPlan {
   // leanest one and min_peak_bytes is its peak.
   bool budget_met = true;
   int64_t min_peak_bytes = 0;
+  // kMemoryBudget: the planner steps spent (deterministic; see Note [Bounded budget planning]).
+  int64_t planner_work = 0;
 
   int num_segments() const { return static_cast<int>(segment_starts.size()); }
   int segment_end(int s, int num_layers) const {
@@ -67,7 +79,12 @@ struct CheckpointPlan {
 };
 
 // Builds the plan for a batch of `batch` rows of element_bytes-sized values. INVALID_ARGUMENT
-// names "options.checkpointing.*" for a bad every_k or budget.
+// names "options.checkpointing.*" for a bad every_k or budget; CANCELLED if options.should_stop
+// fired. kMemoryBudget returns, among the plans that fit the budget, one recomputing no more
+// layers than any uniform (EVERY_K, SQRT) plan that fits, and the fewest of all plans when the
+// model is small enough for the exact search; if nothing fits, the leanest plan, with
+// budget_met = false and min_peak_bytes its peak. Its cost is bounded whatever the model and
+// budget (Note [Bounded budget planning]).
 absl::StatusOr<CheckpointPlan> PlanCheckpoints(const Model& model, int64_t batch,
                                                int64_t element_bytes,
                                                const CheckpointOptions& options);
