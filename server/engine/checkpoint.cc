@@ -80,18 +80,21 @@ struct BudgetProblem {
         element_bytes(element_bytes),
         lowest(lowest),
         bytes(ActivationBytes(model, batch, element_bytes)),
+        reads_input_(model.num_layers(), false),
+        reads_output_(model.num_layers(), false),
         interior_before(model.num_layers() + 1, 0) {
+    // Looked up in the search's innermost loops: a table, not a call per lookup.
+    for (int i = lowest; i < model.num_layers(); ++i) {
+      reads_input_[i] = BackwardReadsInput(model.layer(i).kind);
+      reads_output_[i] = BackwardReadsOutput(model.layer(i).kind);
+    }
     for (int k = 1; k < model.num_layers(); ++k) {
       interior_before[k + 1] =
           interior_before[k] + (reads_output(k - 1) || reads_input(k) ? bytes[k] : 0);
     }
   }
-  bool reads_output(int layer) const {
-    return layer >= lowest && BackwardReadsOutput(model.layer(layer).kind);
-  }
-  bool reads_input(int layer) const {
-    return layer >= lowest && BackwardReadsInput(model.layer(layer).kind);
-  }
+  bool reads_output(int layer) const { return reads_output_[layer]; }
+  bool reads_input(int layer) const { return reads_input_[layer]; }
   // The bytes of the interior activations a_k, p < k < q, segment [p, q) keeps or recomputes.
   int64_t interior(int p, int q) const { return interior_before[q] - interior_before[p + 1]; }
 
@@ -100,7 +103,8 @@ struct BudgetProblem {
   const int64_t element_bytes;
   const int lowest;
   const std::vector<int64_t> bytes;
-  std::vector<int64_t> interior_before;  // [k]: interior bytes of a_1 .. a_{k-1}.
+  std::vector<char> reads_input_, reads_output_;  // Per layer, false below lowest.
+  std::vector<int64_t> interior_before;           // [k]: interior bytes of a_1 .. a_{k-1}.
 };
 
 struct Segments {
