@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <array>
+#include <cassert>
+#include <functional>
 #include <limits>
 #include <optional>
 
@@ -46,6 +48,77 @@ std::pair<int64_t, int64_t> PredictPeak(const CheckpointPlan& plan, const Model&
   return {peak, recomputed};
 }
 
+constexpr int64_t kInfinite = std::numeric_limits<int64_t>::max();
+// The most DP states (24 bytes each) one budget search allocates: 12 MiB.
+constexpr int64_t kMaxBudgetStates = int64_t{1} << 19;
+
+// The work one PlanCheckpoints call has done and the caller's stop signal; see
+// Note [Bounded budget planning].
+class PlanningMeter {
+ public:
+  explicit PlanningMeter(const std::function<bool()>& should_stop) : should_stop_(should_stop) {}
+  void Add(int64_t steps) { work_ += steps; }
+  // Polls the caller; once it has said stop, stays stopped.
+  bool Stop() {
+    if (!stopped_ && should_stop_ && should_stop_()) stopped_ = true;
+    return stopped_;
+  }
+  bool stopped() const { return stopped_; }
+  int64_t work() const { return work_; }
+
+ private:
+  const std::function<bool()>& should_stop_;
+  int64_t work_ = 0;
+  bool stopped_ = false;
+};
+
+// What every budget search over one model shares.
+struct BudgetProblem {
+  BudgetProblem(const Model& model, int64_t batch, int64_t element_bytes, int lowest)
+      : model(model),
+        batch(batch),
+        element_bytes(element_bytes),
+        lowest(lowest),
+        bytes(ActivationBytes(model, batch, element_bytes)),
+        reads_input_(model.num_layers(), false),
+        reads_output_(model.num_layers(), false),
+        interior_before(model.num_layers() + 1, 0) {
+    // Looked up in the search's innermost loops: a table, not a call per lookup.
+    for (int i = lowest; i < model.num_layers(); ++i) {
+      reads_input_[i] = BackwardReadsInput(model.layer(i).kind);
+      reads_output_[i] = BackwardReadsOutput(model.layer(i).kind);
+    }
+    for (int k = 1; k < model.num_layers(); ++k) {
+      interior_before[k + 1] =
+          interior_before[k] + (reads_output(k - 1) || reads_input(k) ? bytes[k] : 0);
+    }
+  }
+  bool reads_output(int layer) const { return reads_output_[layer]; }
+  bool reads_input(int layer) const { return reads_input_[layer]; }
+  // The bytes of the interior activations a_k, p < k < q, segment [p, q) keeps or recomputes.
+  int64_t interior(int p, int q) const { return interior_before[q] - interior_before[p + 1]; }
+
+  const Model& model;
+  const int64_t batch;
+  const int64_t element_bytes;
+  const int lowest;
+  const std::vector<int64_t> bytes;
+  std::vector<char> reads_input_, reads_output_;  // Per layer, false below lowest.
+  std::vector<int64_t> interior_before;           // [k]: interior bytes of a_1 .. a_{k-1}.
+};
+
+struct Segments {
+  std::vector<int> starts;
+  std::vector<bool> recomputed;
+};
+
+struct BudgetSearch {
+  std::optional<Segments> segments;  // nullopt: nothing fits (or the caller stopped us).
+  // The least peak above the budget that the search turned down (or a lower bound on it): no
+  // plan peaks in (budget, least_rejected). See Note [Bounded budget planning].
+  int64_t least_rejected = kInfinite;
+};
+
 // Segment choice for a memory budget by dynamic programming over segment boundaries, exact for
 // the schedule PredictPeak replays.
 //
@@ -60,50 +133,65 @@ std::pair<int64_t, int64_t> PredictPeak(const CheckpointPlan& plan, const Model&
 // into the rest of the pass. Carrying fewer bytes never hurts later segments, and later costs do
 // not depend on them, so keeping the minimum per state is exact; the chosen plan is re-checked
 // with the replay all the same.
-std::optional<std::pair<std::vector<int>, std::vector<bool>>> PlanForBudget(
-    const Model& model, const std::vector<int64_t>& bytes, int64_t budget, int lowest) {
+//
+// The cost axis c in [0, L] is cut into `cost_buckets` buckets of equal width, each keeping only
+// its entry with the least prefix: one bucket per cost is the exact search, a single bucket the
+// cost-free feasibility test (Note [Bounded budget planning]).
+BudgetSearch PlanForBudget(const BudgetProblem& problem, int64_t budget, int cost_buckets,
+                           PlanningMeter& meter) {
+  const Model& model = problem.model;
+  const std::vector<int64_t>& bytes = problem.bytes;
   const int num_layers = model.num_layers();
-  constexpr int64_t kInfinite = std::numeric_limits<int64_t>::max();
-  struct Parent {
-    int from = -1;
+  const int width = (num_layers + cost_buckets) / cost_buckets;  // ceil((L + 1) / buckets)
+  const int buckets = (num_layers + width) / width;
+  struct Entry {
+    int64_t prefix = kInfinite;  // min_prefix.
+    int cost = 0;
+    int from = -1;  // The state this one was reached from: (from, from_recomputed, from_bucket).
+    int from_bucket = 0;
     bool from_recomputed = false;
-    int from_cost = -1;
   };
-  auto reads_output = [&](int layer) {
-    return layer >= lowest && BackwardReadsOutput(model.layer(layer).kind);
+  // [p][next][bucket]; p == num_layers is the end (next unused, always false).
+  std::vector<Entry> states(static_cast<size_t>(num_layers + 1) * 2 * buckets);
+  auto at = [&](int p, int next) {
+    return states.data() + (static_cast<size_t>(p) * 2 + next) * buckets;
   };
-  auto reads_input = [&](int layer) {
-    return layer >= lowest && BackwardReadsInput(model.layer(layer).kind);
+  meter.Add(static_cast<int64_t>(states.size()));
+  BudgetSearch search;
+  auto reject = [&](int64_t peak) {
+    search.least_rejected = std::min(search.least_rejected, peak);
   };
-  // [p][next][c]; p == num_layers is the end (next unused, always false).
-  std::vector<std::vector<std::vector<int64_t>>> min_prefix(
-      num_layers + 1,
-      std::vector<std::vector<int64_t>>(2, std::vector<int64_t>(num_layers + 1, kInfinite)));
-  std::vector<std::vector<std::vector<Parent>>> parent(
-      num_layers + 1, std::vector<std::vector<Parent>>(2, std::vector<Parent>(num_layers + 1)));
-  min_prefix[0][0][0] = 0;
-  min_prefix[0][1][0] = 0;
+  at(0, 0)[0].prefix = 0;
+  at(0, 1)[0].prefix = 0;
+  std::vector<int> frontier;
+  frontier.reserve(buckets);
   for (int p = 0; p < num_layers; ++p) {
+    if (meter.Stop()) return {};
     for (int recomputed = 0; recomputed < 2; ++recomputed) {
       // Only states that carry fewer bytes than every cheaper one at p can lead anywhere better.
-      const std::vector<int64_t>& at_p = min_prefix[p][recomputed];
-      std::vector<int> frontier;
-      for (int c = 0; c <= num_layers; ++c) {
-        if (at_p[c] < (frontier.empty() ? kInfinite : at_p[frontier.back()])) frontier.push_back(c);
+      const Entry* at_p = at(p, recomputed);
+      frontier.clear();
+      for (int b = 0; b < buckets; ++b) {
+        if (at_p[b].prefix < (frontier.empty() ? kInfinite : at_p[frontier.back()].prefix)) {
+          frontier.push_back(b);
+        }
       }
+      meter.Add(buckets);
       if (frontier.empty()) continue;
-      const int64_t least_at_p = at_p[frontier.back()];
+      const int64_t least_at_p = at_p[frontier.back()].prefix;
       // Interior activations a_k, p < k < q, of the segment [p, q): kept by a stored segment,
       // recomputed (the last at last_interior) by a recomputed one.
-      int64_t interior_bytes = 0;
       int last_interior = p;
       for (int q = p + 1; q <= num_layers; ++q) {
-        if (q - 1 > p && (reads_output(q - 2) || reads_input(q - 1))) {
-          interior_bytes += bytes[q - 1];
+        if (q - 1 > p && (problem.reads_output(q - 2) || problem.reads_input(q - 1))) {
           last_interior = q - 1;
         }
-        if (least_at_p + interior_bytes > budget) break;
-        const bool reads_end = reads_output(q - 1);
+        const int64_t interior_bytes = problem.interior(p, q);
+        if (least_at_p + interior_bytes > budget) {
+          reject(least_at_p + interior_bytes);  // Longer segments only add interior bytes.
+          break;
+        }
+        const bool reads_end = problem.reads_output(q - 1);
         for (int next = 0; next < 2; ++next) {
           if (q == num_layers && (recomputed || next)) continue;  // The last segment is stored.
           // Beyond the carried prefix: what the forward pass keeps for [p, q) (for the rest of
@@ -115,52 +203,75 @@ std::optional<std::pair<std::vector<int>, std::vector<bool>>> PlanForBudget(
           int recompute_end = last_interior;
           if (q == num_layers) {
             if (reads_end) kept += bytes[q];
-          } else if (next || reads_input(q) || (!recomputed && reads_end)) {
+          } else if (next || problem.reads_input(q) || (!recomputed && reads_end)) {
             (reads_end ? kept : carried_to_next) += bytes[q];
           } else if (reads_end) {  // Only a recomputed segment gets here.
             recomputed_bytes += bytes[q];
             recompute_end = q;
           }
           const int64_t live = kept + recomputed_bytes;
-          if (least_at_p + live > budget) continue;
+          if (least_at_p + live > budget) {
+            reject(least_at_p + live);
+            continue;
+          }
           const int added_cost = recomputed ? recompute_end - p : 0;
           kept += carried_to_next;
-          for (int c : frontier) {
-            const int64_t prefix = at_p[c];
-            if (c + added_cost > num_layers || prefix + live > budget) continue;
-            int64_t& target = min_prefix[q][next][c + added_cost];
-            if (prefix + kept < target) {
-              target = prefix + kept;
-              parent[q][next][c + added_cost] = {p, recomputed == 1, c};
+          meter.Add(static_cast<int64_t>(frontier.size()));
+          Entry* targets = at(q, next);
+          for (int b : frontier) {
+            const Entry& from = at_p[b];
+            const int cost = from.cost + added_cost;
+            if (cost > num_layers || from.prefix + live > budget) continue;
+            const int64_t prefix = from.prefix + kept;
+            Entry& target = targets[cost / width];
+            if (prefix < target.prefix || (prefix == target.prefix && cost < target.cost)) {
+              target = {prefix, cost, p, b, recomputed == 1};
             }
           }
         }
       }
     }
   }
-  int best_cost = -1;
-  for (int c = 0; c <= num_layers; ++c) {
-    if (min_prefix[num_layers][0][c] != kInfinite) {
-      best_cost = c;
-      break;
+  const Entry* at_end = at(num_layers, 0);
+  int best = -1;
+  for (int b = 0; b < buckets; ++b) {
+    if (at_end[b].prefix != kInfinite && (best < 0 || at_end[b].cost < at_end[best].cost)) {
+      best = b;
     }
   }
-  if (best_cost < 0) return std::nullopt;
-  std::vector<int> starts;
-  std::vector<bool> recomputed;
-  for (int q = num_layers, next = 0, c = best_cost; q > 0;) {
-    const Parent& from = parent[q][next][c];
-    starts.push_back(from.from);
-    recomputed.push_back(from.from_recomputed);
-    q = from.from;
-    next = from.from_recomputed;
-    c = from.from_cost;
+  if (best < 0) return search;
+  Segments segments;
+  for (int q = num_layers, next = 0, b = best; q > 0;) {
+    const Entry& entry = at(q, next)[b];
+    segments.starts.push_back(entry.from);
+    segments.recomputed.push_back(entry.from_recomputed);
+    q = entry.from;
+    next = entry.from_recomputed;
+    b = entry.from_bucket;
   }
-  std::reverse(starts.begin(), starts.end());
-  std::reverse(recomputed.begin(), recomputed.end());
-  return std::make_pair(std::move(starts), std::move(recomputed));
+  std::reverse(segments.starts.begin(), segments.starts.end());
+  std::reverse(segments.recomputed.begin(), segments.recomputed.end());
+  search.segments = std::move(segments);
+  return search;
 }
 
+// How many cost buckets PlanForBudget can afford at `budget` within work_limit steps: one per
+// cost (exact) if it can. Bounds its transitions by ignoring the carried prefix: from p, the
+// segments [p, q) whose interior alone fits the budget.
+int AffordableCostBuckets(const BudgetProblem& problem, int64_t budget, int64_t work_limit) {
+  const int num_layers = problem.model.num_layers();
+  int64_t transitions = 0;
+  for (int p = 0, q = 1; p < num_layers; ++p) {
+    q = std::max(q, p + 1);
+    while (q < num_layers && problem.interior(p, q + 1) <= budget) ++q;
+    transitions += 4 * (q - p);  // (recomputed, next) for q' in (p, q].
+  }
+  // Per bucket: the transitions, plus allocating and scanning the states.
+  const int64_t per_bucket = transitions + 4 * static_cast<int64_t>(num_layers + 1);
+  const int64_t by_memory = kMaxBudgetStates / (2 * static_cast<int64_t>(num_layers + 1));
+  return static_cast<int>(
+      std::clamp<int64_t>(std::min(work_limit / per_bucket, by_memory), 1, num_layers + 1));
+}
 CheckpointPlan UniformPlan(const Model& model, int64_t batch, int64_t element_bytes,
                            CheckpointMode mode, int64_t every_k, int lowest) {
   std::vector<int> starts;
@@ -174,13 +285,13 @@ CheckpointPlan UniformPlan(const Model& model, int64_t batch, int64_t element_by
 }
 
 // The plan with the least recomputation (then the least memory) among the budget DP's and every
-// uniform segmentation's that fit `budget`; nullopt if none fits.
-std::optional<CheckpointPlan> BestPlanWithin(const Model& model, int64_t batch,
-                                             int64_t element_bytes,
-                                             const std::vector<int64_t>& bytes, int64_t budget,
-                                             int lowest) {
+// uniform segmentation's that fit `budget`; nullopt if none fits or the caller stopped us.
+std::optional<CheckpointPlan> BestPlanWithin(const BudgetProblem& problem, int64_t budget,
+                                             int64_t work_limit, PlanningMeter& meter) {
+  const Model& model = problem.model;
   std::optional<CheckpointPlan> best;
   auto consider = [&](CheckpointPlan plan) {
+    meter.Add(model.num_layers());
     if (plan.predicted_peak_bytes > budget) return;
     if (!best || plan.predicted_recomputed_layers < best->predicted_recomputed_layers ||
         (plan.predicted_recomputed_layers == best->predicted_recomputed_layers &&
@@ -188,14 +299,68 @@ std::optional<CheckpointPlan> BestPlanWithin(const Model& model, int64_t batch,
       best = std::move(plan);
     }
   };
-  if (auto segments = PlanForBudget(model, bytes, budget, lowest)) {
-    consider(MakeCheckpointPlan(model, batch, element_bytes, CheckpointMode::kMemoryBudget,
-                                std::move(segments->first), std::move(segments->second), lowest));
-  }
+  const int buckets = AffordableCostBuckets(problem, budget, work_limit);
+  BudgetSearch search = PlanForBudget(problem, budget, buckets, meter);
+  // Every bucket count finds a plan whenever one fits (Note [Bounded budget planning]).
+  if (!search.segments) return std::nullopt;
+  consider(MakeCheckpointPlan(model, problem.batch, problem.element_bytes,
+                              CheckpointMode::kMemoryBudget, std::move(search.segments->starts),
+                              std::move(search.segments->recomputed), problem.lowest));
   for (int k = 1; k <= model.num_layers(); ++k) {
-    consider(UniformPlan(model, batch, element_bytes, CheckpointMode::kMemoryBudget, k, lowest));
+    if (meter.Stop()) return std::nullopt;
+    consider(UniformPlan(model, problem.batch, problem.element_bytes, CheckpointMode::kMemoryBudget,
+                         k, problem.lowest));
   }
   return best;
+}
+
+// Among the plans that fit `budget`, the least recomputation; if none fits, the leanest plan.
+absl::StatusOr<CheckpointPlan> PlanForMemoryBudget(const BudgetProblem& problem, int64_t budget,
+                                                   int64_t unconstrained_peak,
+                                                   const CheckpointOptions& options) {
+  const Model& model = problem.model;
+  PlanningMeter meter(options.should_stop);
+  auto cancelled = [] { return absl::CancelledError("checkpoint planning was stopped"); };
+  // Whether anything fits at all is the cheap question; ask it first.
+  BudgetSearch feasible = PlanForBudget(problem, budget, /*cost_buckets=*/1, meter);
+  if (meter.stopped()) return cancelled();
+  int64_t target = budget;
+  if (!feasible.segments) {
+    // Nothing fits: find the leanest peak. Feasibility is monotone in the budget, and a failed
+    // search also rules out every peak below its least_rejected.
+    int64_t infeasible =
+        std::max(budget, std::min(feasible.least_rejected, unconstrained_peak) - 1);
+    int64_t leanest = unconstrained_peak;
+    while (leanest - infeasible > 1) {
+      if (meter.Stop()) return cancelled();
+      const int64_t mid = infeasible + (leanest - infeasible) / 2;
+      BudgetSearch search = PlanForBudget(problem, mid, /*cost_buckets=*/1, meter);
+      if (meter.stopped()) return cancelled();
+      if (search.segments) {
+        const int64_t peak =
+            MakeCheckpointPlan(model, problem.batch, problem.element_bytes,
+                               CheckpointMode::kMemoryBudget, std::move(search.segments->starts),
+                               std::move(search.segments->recomputed), problem.lowest)
+                .predicted_peak_bytes;
+        meter.Add(model.num_layers());
+        assert(peak <= mid);  // The search is exact for the replay.
+        leanest = std::min(peak, mid);
+      } else {
+        infeasible = std::max(mid, search.least_rejected - 1);
+      }
+    }
+    target = leanest;
+  }
+  std::optional<CheckpointPlan> plan =
+      BestPlanWithin(problem, target, options.planner_work_limit, meter);
+  if (meter.stopped()) return cancelled();
+  assert(plan.has_value());
+  if (!feasible.segments) {
+    plan->budget_met = false;
+    plan->min_peak_bytes = plan->predicted_peak_bytes;
+  }
+  plan->planner_work = meter.work();
+  return *std::move(plan);
 }
 
 }  // namespace
@@ -309,25 +474,8 @@ absl::StatusOr<CheckpointPlan> PlanCheckpoints(const Model& model, int64_t batch
       CheckpointPlan unconstrained = MakeCheckpointPlan(
           model, batch, element_bytes, CheckpointMode::kMemoryBudget, {0}, {false}, lowest);
       if (unconstrained.predicted_peak_bytes <= budget) return unconstrained;
-      const std::vector<int64_t> bytes = ActivationBytes(model, batch, element_bytes);
-      if (auto plan = BestPlanWithin(model, batch, element_bytes, bytes, budget, lowest))
-        return *plan;
-      // Nothing fits: find the leanest plan (feasibility is monotone in the budget).
-      int64_t infeasible = budget;
-      int64_t feasible = unconstrained.predicted_peak_bytes;
-      while (feasible - infeasible > 1) {
-        const int64_t mid = infeasible + (feasible - infeasible) / 2;
-        if (BestPlanWithin(model, batch, element_bytes, bytes, mid, lowest)) {
-          feasible = mid;
-        } else {
-          infeasible = mid;
-        }
-      }
-      CheckpointPlan leanest =
-          *BestPlanWithin(model, batch, element_bytes, bytes, feasible, lowest);
-      leanest.budget_met = false;
-      leanest.min_peak_bytes = leanest.predicted_peak_bytes;
-      return leanest;
+      return PlanForMemoryBudget(BudgetProblem(model, batch, element_bytes, lowest), budget,
+                                 unconstrained.predicted_peak_bytes, options);
     }
   }
   return absl::InvalidArgumentError("options.checkpointing.mode: unknown mode");

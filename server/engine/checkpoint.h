@@ -15,6 +15,36 @@
 // Cached bytes count activations the engine allocates to keep; a_0, the caller's input, is read
 // in place and costs nothing. Transient buffers (the two activations in flight during a
 // forward pass, the two gradient buffers) are workspace, not cache.
+//
+// Note [Bounded budget planning]
+// PlanCheckpoints runs on request threads, so a MEMORY_BUDGET plan must cost a bounded amount of
+// CPU whatever the model (up to the service's 1024 layers) and budget. The exact search (the
+// dynamic programme over states (p, next, c) in checkpoint.cc) costs O(L^2) transitions times a
+// frontier of up to L + 1 costs: over a billion steps for 1024 layers at a mid budget.
+//  * Feasibility first. With the cost axis collapsed to a single bucket the same programme keeps
+//    only the least carried prefix per (p, next), which is all feasibility depends on: it is an
+//    exact, O(L^2)-at-worst test of "does any plan peak within B?". More generally, whatever the
+//    bucketing, the entry with the least prefix of every state survives (it wins its bucket), so
+//    every bucketed search finds a plan whenever one fits.
+//  * The leanest peak, when nothing fits, is the least B passing that test. The test is monotone
+//    in B; a passing search's plan peaks at some P <= B, so P becomes the new upper bound; a
+//    failing one records the least peak it turned down, R (a lower bound on every peak it could
+//    not reach), and no plan peaks in (B, R): any such plan's segments would each have passed the
+//    check from a state carrying no more than the plan does. So bisection jumps past whole ranges,
+//    and ~30 cheap searches replace the ~50 full planning rounds (each O(L^3) plus L uniform
+//    plans) it used to take.
+//  * The least recomputation, once the target peak is known, comes from one search whose cost
+//    axis is cut into as many equal-width buckets as options.planner_work_limit affords (the
+//    transitions are bounded up front by the segments whose interior alone fits the budget).
+//    One bucket per cost is the exact search, chosen whenever affordable (every model the tests
+//    compare exhaustively, 128-layer models at any budget). Coarser buckets keep the least prefix
+//    per bucket, rounding costs up, so the plan may recompute more than the optimum; every uniform
+//    plan (EVERY_K for each k, SQRT among them) is compared too, so the result never recomputes
+//    more than any uniform plan that fits.
+//  * Work is counted deterministically (CheckpointPlan::planner_work: states allocated and
+//    scanned, transitions times frontier entries, layers replayed), so the choice between exact
+//    and bucketed never depends on the clock, and tests bound work, not time. should_stop is
+//    polled once per DP row (p) and per uniform plan: a row costs at most 4 L frontier steps.
 #ifndef GRADSERVE_ENGINE_CHECKPOINT_H_
 #define GRADSERVE_ENGINE_CHECKPOINT_H_
 
@@ -35,8 +65,15 @@ struct CheckpointOptions {
   // Without dx, layers below the first Linear layer get no backward pass, so nothing needs
   // keeping for them.
   bool computes_input_gradient = true;
-  // Polled while planning; true makes PlanCheckpoints return CANCELLED.
-  std::function<bool()> should_stop;
+  // kMemoryBudget: polled between planning steps (at most ~1 ms apart); returning true abandons
+  // planning with CANCELLED. Empty: never stop.
+  std::function<bool()> should_stop = nullptr;
+  // kMemoryBudget: the work (in planner steps, see Note [Bounded budget planning]) above which the
+  // planner gives up the exact optimum for a bounded approximation. The default keeps planning
+  // well under 100 ms for any model; tests lower it to exercise the bounded path.
+  int64_t planner_work_limit = kDefaultPlannerWorkLimit;
+
+  static constexpr int64_t kDefaultPlannerWorkLimit = int64_t{1} << 23;
 };
 
 // The lowest layer whose backward pass runs: 0 with dx, else the first Linear layer (0 if none).
@@ -62,6 +99,8 @@ struct CheckpointPlan {
   // leanest one and min_peak_bytes is its peak.
   bool budget_met = true;
   int64_t min_peak_bytes = 0;
+  // kMemoryBudget: the planner steps spent (deterministic; see Note [Bounded budget planning]).
+  int64_t planner_work = 0;
 
   int num_segments() const { return static_cast<int>(segment_starts.size()); }
   int segment_end(int s, int num_layers) const {
@@ -70,7 +109,12 @@ struct CheckpointPlan {
 };
 
 // Builds the plan for a batch of `batch` rows of element_bytes-sized values. INVALID_ARGUMENT
-// names "options.checkpointing.*" for a bad every_k or budget.
+// names "options.checkpointing.*" for a bad every_k or budget; CANCELLED if options.should_stop
+// fired. kMemoryBudget returns, among the plans that fit the budget, one recomputing no more
+// layers than any uniform (EVERY_K, SQRT) plan that fits, and the fewest of all plans when the
+// model is small enough for the exact search; if nothing fits, the leanest plan, with
+// budget_met = false and min_peak_bytes its peak. Its cost is bounded whatever the model and
+// budget (Note [Bounded budget planning]).
 absl::StatusOr<CheckpointPlan> PlanCheckpoints(const Model& model, int64_t batch,
                                                int64_t element_bytes,
                                                const CheckpointOptions& options);

@@ -7,7 +7,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -609,6 +611,267 @@ TEST(MemoryBudgetPlanner, RecomputesTheFewestLayersOfAnyPlanThatFits) {
       EXPECT_TRUE(plan->budget_met);
       EXPECT_LE(plan->predicted_peak_bytes, budget);
       EXPECT_EQ(plan->predicted_recomputed_layers, fewest);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The planner's cost is bounded, and it can be stopped.
+
+// The attacker's model: 1024 Linear layers whose widths cycle through 2^20 >> (i % 21).
+Model AdversarialModel() {
+  ModelSpec spec;
+  for (int i = 0; i < 1024; ++i) {
+    spec.layers.push_back(Linear(int64_t{1} << 20 >> (i % 21), int64_t{1} << 20 >> ((i + 1) % 21)));
+  }
+  absl::StatusOr<Model> model = Model::Create(spec, int64_t{1} << 20);
+  EXPECT_TRUE(model.ok()) << model.status();
+  return *std::move(model);
+}
+
+// The exact search spends more than a billion steps on this model at a mid budget (and the old
+// planner ran it ~40 times when nothing fit); the bounded one stays within this many.
+constexpr int64_t kAdversarialWorkBound = int64_t{1} << 25;
+
+TEST(MemoryBudgetPlanner, BoundsItsWorkOnTheAdversarialModel) {
+  const Model model = AdversarialModel();
+  const int64_t none_peak = NoCheckpointPeakBytes(model, 1, 4);
+  absl::StatusOr<CheckpointPlan> sqrt = PlanCheckpoints(model, 1, 4, kSqrtMode);
+  ASSERT_TRUE(sqrt.ok()) << sqrt.status();
+  for (int64_t budget : {int64_t{1}, none_peak / 64, none_peak / 16, sqrt->predicted_peak_bytes,
+                         none_peak / 2, none_peak - 1}) {
+    SCOPED_TRACE(Describe(Budget(budget)));
+    absl::StatusOr<CheckpointPlan> plan = PlanCheckpoints(model, 1, 4, Budget(budget));
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    EXPECT_LE(plan->planner_work, kAdversarialWorkBound);
+    EXPECT_GT(plan->planner_work, 0);
+    if (budget == 1) {
+      EXPECT_FALSE(plan->budget_met);
+      EXPECT_EQ(plan->min_peak_bytes, plan->predicted_peak_bytes);
+    }
+    if (plan->budget_met) {
+      EXPECT_LE(plan->predicted_peak_bytes, budget);
+    }
+    if (budget >= sqrt->predicted_peak_bytes) {
+      EXPECT_TRUE(plan->budget_met);
+      EXPECT_LE(plan->predicted_recomputed_layers, sqrt->predicted_recomputed_layers);
+    }
+    // The plan is what the replay of its segments predicts.
+    const CheckpointPlan replay = MakeCheckpointPlan(
+        model, 1, 4, CheckpointMode::kMemoryBudget, plan->segment_starts, plan->segment_recomputed);
+    EXPECT_EQ(plan->predicted_peak_bytes, replay.predicted_peak_bytes);
+    EXPECT_EQ(plan->predicted_recomputed_layers, replay.predicted_recomputed_layers);
+  }
+}
+
+TEST(MemoryBudgetPlanner, ALeanerBudgetThanPossibleStillMeetsTheLeanestPeak) {
+  const Model model = AdversarialModel();
+  absl::StatusOr<CheckpointPlan> hopeless = PlanCheckpoints(model, 1, 4, Budget(1));
+  ASSERT_TRUE(hopeless.ok()) << hopeless.status();
+  const int64_t least = hopeless->min_peak_bytes;
+  absl::StatusOr<CheckpointPlan> at_least = PlanCheckpoints(model, 1, 4, Budget(least));
+  ASSERT_TRUE(at_least.ok()) << at_least.status();
+  EXPECT_TRUE(at_least->budget_met);
+  absl::StatusOr<CheckpointPlan> below = PlanCheckpoints(model, 1, 4, Budget(least - 1));
+  ASSERT_TRUE(below.ok()) << below.status();
+  EXPECT_FALSE(below->budget_met);
+  EXPECT_EQ(below->min_peak_bytes, least);
+}
+
+TEST(MemoryBudgetPlanner, PollsShouldStopRegularlyAndStopsWhenAsked) {
+  const Model model = AdversarialModel();
+  const int64_t none_peak = NoCheckpointPeakBytes(model, 1, 4);
+  for (int64_t budget : {int64_t{1}, none_peak / 2}) {
+    SCOPED_TRACE(Describe(Budget(budget)));
+    CheckpointOptions options = Budget(budget);
+    int64_t polls = 0;
+    options.should_stop = [&polls] {
+      ++polls;
+      return false;
+    };
+    absl::StatusOr<CheckpointPlan> plan = PlanCheckpoints(model, 1, 4, options);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    // At least once per layer of every search, so never more than ~a DP row apart.
+    EXPECT_GE(polls, model.num_layers());
+    EXPECT_LE(plan->planner_work / polls, int64_t{1} << 16) << polls << " polls";
+    const int64_t all_polls = polls;
+    for (int64_t stop_after : {int64_t{0}, int64_t{1}, all_polls / 2, all_polls - 1}) {
+      SCOPED_TRACE(stop_after);
+      int64_t seen = 0;
+      options.should_stop = [&seen, stop_after] { return seen++ >= stop_after; };
+      absl::StatusOr<CheckpointPlan> stopped = PlanCheckpoints(model, 1, 4, options);
+      ASSERT_FALSE(stopped.ok());
+      EXPECT_EQ(stopped.status().code(), absl::StatusCode::kCancelled) << stopped.status();
+      EXPECT_EQ(seen, stop_after + 1);  // Stops at the first true, polls no further.
+    }
+  }
+}
+
+// EVERY_K for every k, as the planner must match or beat them.
+std::vector<CheckpointPlan> UniformPlans(const Model& model, int64_t batch, int64_t element_bytes) {
+  std::vector<CheckpointPlan> plans;
+  for (int k = 1; k <= model.num_layers(); ++k) {
+    absl::StatusOr<CheckpointPlan> plan = PlanCheckpoints(model, batch, element_bytes, EveryK(k));
+    EXPECT_TRUE(plan.ok()) << plan.status();
+    if (plan.ok()) plans.push_back(*std::move(plan));
+  }
+  return plans;
+}
+
+// The memory-budget search as it was before its cost was bounded (an unbucketed dynamic
+// programme, plus every uniform plan): the oracle for the bounded planner on small models.
+std::optional<CheckpointPlan> ReferenceBestPlanWithin(const Model& model, int64_t batch,
+                                                      int64_t element_bytes, int64_t budget) {
+  const int num_layers = model.num_layers();
+  std::vector<int64_t> bytes(num_layers + 1, 0);
+  for (int k = 1; k <= num_layers; ++k) bytes[k] = batch * model.width(k) * element_bytes;
+  constexpr int64_t kInfinite = std::numeric_limits<int64_t>::max();
+  struct Parent {
+    int from = -1;
+    bool from_recomputed = false;
+    int from_cost = -1;
+  };
+  auto reads_output = [&](int layer) { return BackwardReadsOutput(model.layer(layer).kind); };
+  auto reads_input = [&](int layer) { return BackwardReadsInput(model.layer(layer).kind); };
+  std::vector<std::vector<std::vector<int64_t>>> min_prefix(
+      num_layers + 1,
+      std::vector<std::vector<int64_t>>(2, std::vector<int64_t>(num_layers + 1, kInfinite)));
+  std::vector<std::vector<std::vector<Parent>>> parent(
+      num_layers + 1, std::vector<std::vector<Parent>>(2, std::vector<Parent>(num_layers + 1)));
+  min_prefix[0][0][0] = 0;
+  min_prefix[0][1][0] = 0;
+  for (int p = 0; p < num_layers; ++p) {
+    for (int recomputed = 0; recomputed < 2; ++recomputed) {
+      const std::vector<int64_t>& at_p = min_prefix[p][recomputed];
+      int64_t interior_bytes = 0;
+      int last_interior = p;
+      for (int q = p + 1; q <= num_layers; ++q) {
+        if (q - 1 > p && (reads_output(q - 2) || reads_input(q - 1))) {
+          interior_bytes += bytes[q - 1];
+          last_interior = q - 1;
+        }
+        const bool reads_end = reads_output(q - 1);
+        for (int next = 0; next < 2; ++next) {
+          if (q == num_layers && (recomputed || next)) continue;
+          int64_t kept = recomputed ? 0 : interior_bytes;
+          int64_t recomputed_bytes = recomputed ? interior_bytes : 0;
+          int64_t carried_to_next = 0;
+          int recompute_end = last_interior;
+          if (q == num_layers) {
+            if (reads_end) kept += bytes[q];
+          } else if (next || reads_input(q) || (!recomputed && reads_end)) {
+            (reads_end ? kept : carried_to_next) += bytes[q];
+          } else if (reads_end) {
+            recomputed_bytes += bytes[q];
+            recompute_end = q;
+          }
+          const int64_t live = kept + recomputed_bytes;
+          const int added_cost = recomputed ? recompute_end - p : 0;
+          kept += carried_to_next;
+          for (int c = 0; c + added_cost <= num_layers; ++c) {
+            if (at_p[c] == kInfinite || at_p[c] + live > budget) continue;
+            int64_t& target = min_prefix[q][next][c + added_cost];
+            if (at_p[c] + kept < target) {
+              target = at_p[c] + kept;
+              parent[q][next][c + added_cost] = {p, recomputed == 1, c};
+            }
+          }
+        }
+      }
+    }
+  }
+  std::optional<CheckpointPlan> best;
+  auto consider = [&](CheckpointPlan plan) {
+    if (plan.predicted_peak_bytes > budget) return;
+    if (!best || plan.predicted_recomputed_layers < best->predicted_recomputed_layers) {
+      best = std::move(plan);
+    }
+  };
+  for (int c = 0; c <= num_layers; ++c) {
+    if (min_prefix[num_layers][0][c] == kInfinite) continue;
+    std::vector<int> starts;
+    std::vector<bool> recomputed;
+    for (int q = num_layers, next = 0, cost = c; q > 0;) {
+      const Parent& from = parent[q][next][cost];
+      starts.insert(starts.begin(), from.from);
+      recomputed.insert(recomputed.begin(), from.from_recomputed);
+      q = from.from;
+      next = from.from_recomputed;
+      cost = from.from_cost;
+    }
+    consider(MakeCheckpointPlan(model, batch, element_bytes, CheckpointMode::kMemoryBudget,
+                                std::move(starts), std::move(recomputed)));
+    break;
+  }
+  for (const CheckpointPlan& uniform : UniformPlans(model, batch, element_bytes)) {
+    consider(uniform);
+  }
+  return best;
+}
+
+TEST(MemoryBudgetPlanner, MatchesTheExactSearchOnSmallModelsAndBeatsUniformPlansWhenBounded) {
+  using K = LayerKind;
+  const LayerKind kinds[] = {K::kLinear, K::kReLU, K::kTanh, K::kSigmoid, K::kIdentity};
+  std::mt19937_64 rng(4242);
+  constexpr int64_t kRows = 3, kElement = 4;
+  for (int trial = 0; trial < 40; ++trial) {
+    const int num_layers = std::uniform_int_distribution<int>(1, 40)(rng);
+    ModelSpec spec;
+    int64_t width = std::uniform_int_distribution<int64_t>(1, 64)(rng);
+    const int64_t input_features = width;
+    for (int i = 0; i < num_layers; ++i) {
+      const LayerKind kind = kinds[std::uniform_int_distribution<int>(0, 4)(rng)];
+      if (kind == K::kLinear) {
+        const int64_t out = std::uniform_int_distribution<int64_t>(1, 64)(rng);
+        spec.layers.push_back(Linear(width, out));
+        width = out;
+      } else {
+        spec.layers.push_back(Activation(kind));
+      }
+    }
+    absl::StatusOr<Model> model = Model::Create(spec, input_features);
+    ASSERT_TRUE(model.ok()) << model.status();
+    SCOPED_TRACE("trial " + std::to_string(trial) + ", " + std::to_string(num_layers) + " layers");
+    const std::vector<CheckpointPlan> uniform = UniformPlans(*model, kRows, kElement);
+    const int64_t none_peak = NoCheckpointPeakBytes(*model, kRows, kElement);
+    absl::StatusOr<CheckpointPlan> hopeless = PlanCheckpoints(*model, kRows, kElement, Budget(1));
+    ASSERT_TRUE(hopeless.ok()) << hopeless.status();
+    const int64_t least = hopeless->budget_met ? 1 : hopeless->min_peak_bytes;
+    for (int b = 0; b < 12; ++b) {
+      const int64_t budget = std::max<int64_t>(
+          1, std::uniform_int_distribution<int64_t>(least - least / 4, none_peak + 1)(rng));
+      SCOPED_TRACE(Describe(Budget(budget)));
+      const std::optional<CheckpointPlan> reference =
+          ReferenceBestPlanWithin(*model, kRows, kElement, budget);
+      absl::StatusOr<CheckpointPlan> exact =
+          PlanCheckpoints(*model, kRows, kElement, Budget(budget));
+      // A work limit of 1 forces the coarsest search: one cost bucket.
+      CheckpointOptions bounded_options = Budget(budget);
+      bounded_options.planner_work_limit = 1;
+      absl::StatusOr<CheckpointPlan> bounded =
+          PlanCheckpoints(*model, kRows, kElement, bounded_options);
+      ASSERT_TRUE(exact.ok()) << exact.status();
+      ASSERT_TRUE(bounded.ok()) << bounded.status();
+      for (const CheckpointPlan* plan : {&*exact, &*bounded}) {
+        EXPECT_EQ(plan->budget_met, reference.has_value());
+        if (plan->budget_met) {
+          EXPECT_LE(plan->predicted_peak_bytes, budget);
+        } else {
+          EXPECT_EQ(plan->min_peak_bytes, least);
+          EXPECT_EQ(plan->predicted_peak_bytes, least);
+        }
+        for (const CheckpointPlan& every_k : uniform) {
+          if (every_k.predicted_peak_bytes <= std::max(budget, least)) {
+            EXPECT_LE(plan->predicted_recomputed_layers, every_k.predicted_recomputed_layers)
+                << "EVERY_K(" << every_k.segment_starts.size() << " segments) recomputes less";
+          }
+        }
+      }
+      if (reference) {
+        // Small models are always within the exact search's means.
+        EXPECT_EQ(exact->predicted_recomputed_layers, reference->predicted_recomputed_layers);
+        EXPECT_GE(bounded->predicted_recomputed_layers, reference->predicted_recomputed_layers);
+      }
     }
   }
 }
