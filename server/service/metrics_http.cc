@@ -1,62 +1,31 @@
 #include "server/service/metrics_http.h"
 
 #include <httplib.h>
+#include <sys/socket.h>
 
-#include <charconv>
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
+#include "server/service/listen_address.h"
 
 namespace gradserve::service {
-namespace {
-
-struct HostPort {
-  std::string host;
-  int port = 0;
-};
-
-absl::StatusOr<HostPort> ParseAddress(const std::string& address) {
-  const auto invalid = [&address] {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "metrics address \"", address, "\": expected HOST:PORT, [IPV6]:PORT, :PORT or PORT"));
-  };
-  HostPort out;
-  std::string port;
-  const size_t colon = address.rfind(':');
-  if (colon == std::string::npos) {
-    out.host = "127.0.0.1";
-    port = address;
-  } else {
-    out.host = address.substr(0, colon);
-    port = address.substr(colon + 1);
-    if (out.host.size() >= 2 && out.host.front() == '[' && out.host.back() == ']') {
-      out.host = out.host.substr(1, out.host.size() - 2);
-    } else if (out.host.find(':') != std::string::npos) {
-      return invalid();  // An IPv6 address needs its brackets.
-    }
-    if (out.host.empty()) out.host = "127.0.0.1";
-  }
-  const auto [end, error] = std::from_chars(port.data(), port.data() + port.size(), out.port);
-  if (port.empty() || error != std::errc() || end != port.data() + port.size() || out.port < 0 ||
-      out.port > 65535) {
-    return invalid();
-  }
-  return out;
-}
-
-}  // namespace
-
 MetricsHttpServer::MetricsHttpServer() = default;
 
 absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
     const std::string& address, std::function<std::string()> render) {
-  absl::StatusOr<HostPort> host_port = ParseAddress(address);
+  absl::StatusOr<HostPort> host_port = ParseListenAddress(address, "metrics address");
   if (!host_port.ok()) return host_port.status();
   std::unique_ptr<MetricsHttpServer> server(new MetricsHttpServer());
   server->http_ = std::make_unique<httplib::Server>();
   httplib::Server& http = *server->http_;
   // Scrapes are rare and quick: two threads, not one per core.
   http.new_task_queue = [] { return new httplib::ThreadPool(2); };
+  // httplib's default sets SO_REUSEPORT, with which a second server on this port would start
+  // and take half of the scrapes; SO_REUSEADDR only lets a restart bind over TIME_WAIT.
+  http.set_socket_options([](socket_t sock) {
+    const int yes = 1;
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+  });
   http.Get("/metrics",
            [render = std::move(render)](const httplib::Request&, httplib::Response& response) {
              response.set_content(render(), kPrometheusContentType);
@@ -77,9 +46,11 @@ absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
     server->port_ = host_port->port;
   }
   if (server->port_ == 0) {
+    if (std::string why = DescribeBindFailure(*host_port); !why.empty()) {
+      return absl::UnavailableError(absl::StrCat("could not listen for metrics: ", why));
+    }
     return absl::UnavailableError(
-        absl::StrCat("could not listen for metrics on ", address,
-                     " (address in use, or not an address of this machine?)"));
+        absl::StrCat("could not listen for metrics on ", host_port->ToString()));
   }
   MetricsHttpServer* self = server.get();
   server->listener_ = std::thread([self] {

@@ -24,9 +24,10 @@ class MetricsHttpServer {
  public:
   // Binds `address` and serves GET /metrics with the text `render` returns, called once per
   // scrape on an HTTP thread (so it must be thread-safe); every other path or method gets 404.
-  // `address` is HOST:PORT, [IPV6]:PORT, :PORT or PORT; without a host it binds 127.0.0.1, and
-  // port 0 picks a free one (see port()). INVALID_ARGUMENT for an address that does not parse,
-  // UNAVAILABLE if it cannot be bound.
+  // `address` is HOST:PORT, [IPV6]:PORT, :PORT or PORT (see ParseListenAddress); without a host
+  // it binds 127.0.0.1, and port 0 picks a free one (see port()). The port is not shared (no
+  // SO_REUSEPORT). INVALID_ARGUMENT for an address that does not parse, UNAVAILABLE (naming the
+  // address and the cause) if it cannot be bound.
   static absl::StatusOr<std::unique_ptr<MetricsHttpServer>> Start(
       const std::string& address, std::function<std::string()> render);
   // Stops.
