@@ -1,5 +1,6 @@
 // gradserve: flags, logging, server start, and a clean exit on SIGINT/SIGTERM.
 #include <grpc/grpc.h>
+#include <grpc/support/log.h>
 #include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
@@ -8,8 +9,10 @@
 #include <thread>
 
 #include "absl/status/status.h"
+#include "absl/strings/str_replace.h"
 #include "server/engine/gemm.h"
 #include "server/service/auth.h"
+#include "server/service/listen_address.h"
 #include "server/service/server.h"
 
 namespace {
@@ -40,6 +43,26 @@ absl::Status ResolveSecurity(const std::string& token_file,
   return absl::OkStatus();
 }
 
+// Parses the address `flag` gave and rewrites it in full (HOST:PORT), as the start-up lines
+// then show it.
+absl::Status ResolveAddress(const char* flag, std::string* address) {
+  absl::StatusOr<gradserve::service::HostPort> parsed =
+      gradserve::service::ParseListenAddress(*address, flag);
+  if (!parsed.ok()) return parsed.status();
+  *address = parsed->ToString();
+  return absl::OkStatus();
+}
+
+// gRPC's own log lines go to spdlog at debug level, one line each. Every gRPC failure an
+// operator must act on reaches us as a status (a port that cannot be bound, a certificate gRPC
+// refuses, a failed call) and is logged once, in our words, naming the address or call; gRPC's
+// lines are its internals' view of the same failure (an error tree over many lines on stderr)
+// and would bury that line. --log-level debug shows them, with GRPC_VERBOSITY choosing which.
+void LogGrpcThroughSpdlog(gpr_log_func_args* args) {
+  spdlog::debug("grpc {}:{}: {}", args->file, args->line,
+                absl::StrReplaceAll(args->message, {{"\n", " "}, {"\r", ""}}));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -54,7 +77,8 @@ int main(int argc, char** argv) {
 
   CLI::App app{"gradserve: neural-network gradients over gRPC (gradserve.v1.GradientService)"};
   app.add_option("--listen", options.listen_address,
-                 "host:port to listen on; 0.0.0.0:PORT for every interface")
+                 "address for gRPC: HOST:PORT, [IPV6]:PORT, or PORT / :PORT for 127.0.0.1:PORT; "
+                 "0.0.0.0:PORT for every interface; a port in use is an error")
       ->capture_default_str();
   app.add_option("--threads", options.service.threads,
                  "cores for compute: a large call uses all of them as one OpenMP team, small "
@@ -109,13 +133,19 @@ int main(int argc, char** argv) {
                  "file holding the bearer token every GradientService call must carry (trailing "
                  "newline ignored; default: $GRADSERVE_AUTH_TOKEN if set; health stays open)");
   app.add_option("--metrics-listen", options.metrics_listen_address,
-                 "host:port of a Prometheus endpoint, GET /metrics over plain HTTP, no token "
-                 "(a bare port binds 127.0.0.1; default: none)");
+                 "address of a Prometheus endpoint, GET /metrics over plain HTTP, no token, in "
+                 "the forms of --listen (a bare port binds 127.0.0.1; default: none)");
   CLI11_PARSE(app, argc, argv);
 
   spdlog::set_level(spdlog::level::from_str(log_level));
+  gpr_set_log_function(LogGrpcThroughSpdlog);
   // Configuration errors exit 2 before anything starts.
-  if (absl::Status status = ResolveSecurity(auth_token_file, &options.security); !status.ok()) {
+  absl::Status status = ResolveSecurity(auth_token_file, &options.security);
+  if (status.ok()) status = ResolveAddress("--listen", &options.listen_address);
+  if (status.ok() && !options.metrics_listen_address.empty()) {
+    status = ResolveAddress("--metrics-listen", &options.metrics_listen_address);
+  }
+  if (!status.ok()) {
     spdlog::critical("{}", std::string(status.message()));
     return 2;
   }
@@ -133,7 +163,8 @@ int main(int argc, char** argv) {
   auto server = gradserve::service::GradServer::Start(options);
   if (!server.ok()) {
     spdlog::critical("{}", std::string(server.status().message()));
-    // INVALID_ARGUMENT: a certificate or key file that cannot be used, like the errors above.
+    // INVALID_ARGUMENT: a certificate or key file that cannot be used, like the errors above;
+    // UNAVAILABLE: an address that cannot be bound (a port in use, say).
     return absl::IsInvalidArgument(server.status()) ? 2 : 1;
   }
   spdlog::info(

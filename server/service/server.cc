@@ -12,6 +12,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "server/service/listen_address.h"
 
 namespace gradserve::service {
 namespace {
@@ -72,6 +73,8 @@ absl::StatusOr<std::unique_ptr<GradServer>> GradServer::Start(const ServerOption
   // Debian links with --as-needed: without this call the reflection library is dropped.
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
 
+  absl::StatusOr<HostPort> listen = ParseListenAddress(options.listen_address, "listen address");
+  if (!listen.ok()) return listen.status();
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
       ServerCredentials(options.security);
   if (!credentials.ok()) return credentials.status();
@@ -86,18 +89,24 @@ absl::StatusOr<std::unique_ptr<GradServer>> GradServer::Start(const ServerOption
       [service](const char* method) { service->RecordUnauthenticated(method); });
   server->max_message_bytes_ = options.service.limits.max_message_bytes;
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen_address, *credentials, &server->port_);
+  // Without SO_REUSEPORT a second server on a busy port fails to bind, instead of starting and
+  // silently taking half of the calls (Linux spreads connections over every SO_REUSEPORT
+  // listener of the same user).
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  builder.AddListeningPort(listen->ToString(), *credentials, &server->port_);
   builder.SetMaxReceiveMessageSize(ClampToInt(server->max_message_bytes_));
   builder.SetMaxSendMessageSize(ClampToInt(server->max_message_bytes_));
   builder.RegisterService(server->authenticated_service_.get());
   server->server_ = builder.BuildAndStart();
   if (server->server_ == nullptr || server->port_ == 0) {
+    // gRPC says only that no port could be added: find out whether the address is the cause.
+    if (std::string why = DescribeBindFailure(*listen); !why.empty()) {
+      return absl::UnavailableError(absl::StrCat("could not listen for gRPC calls: ", why));
+    }
     const bool tls = !options.security.tls_cert_file.empty();
-    return absl::UnavailableError(absl::StrCat(
-        "could not listen on ", options.listen_address,
-        tls ? " (address in use, not an address of this machine, or a TLS certificate and key "
-              "gRPC cannot use together?)"
-            : " (address in use, or not an address of this machine?)"));
+    return absl::UnavailableError(
+        absl::StrCat("could not listen on ", listen->ToString(),
+                     tls ? " (a TLS certificate and key gRPC cannot use together?)" : ""));
   }
   if (!options.metrics_listen_address.empty()) {
     absl::StatusOr<std::unique_ptr<MetricsHttpServer>> metrics = MetricsHttpServer::Start(

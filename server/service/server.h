@@ -31,13 +31,14 @@ struct SecurityOptions {
 };
 
 struct ServerOptions {
-  // host:port; port 0 picks a free one (see GradServer::port()). Loopback by default: serving
-  // every interface (0.0.0.0:PORT) is an explicit choice.
+  // HOST:PORT, [IPV6]:PORT, :PORT or PORT (see ParseListenAddress); without a host it binds
+  // 127.0.0.1, and port 0 picks a free one (see GradServer::port()). Loopback by default:
+  // serving every interface (0.0.0.0:PORT) is an explicit choice.
   std::string listen_address = "127.0.0.1:50051";
   SecurityOptions security;
   ServiceOptions service;
-  // host:port of the Prometheus endpoint (GET /metrics over plain HTTP); empty: none (the
-  // default). A bare :PORT or PORT binds 127.0.0.1; port 0 picks a free one (see
+  // Address of the Prometheus endpoint (GET /metrics over plain HTTP), in the same forms as
+  // listen_address; empty: none (the default). Port 0 picks a free one (see
   // GradServer::metrics_port()). Not behind the bearer token or TLS: bind it where only the
   // scraper can reach it.
   std::string metrics_listen_address;
@@ -46,9 +47,10 @@ struct ServerOptions {
 class GradServer {
  public:
   // Binds and starts serving. INVALID_ARGUMENT if the security options do not fit together, a
-  // certificate or key file cannot be read or holds no PEM block, or the metrics address does
-  // not parse; UNAVAILABLE if an address cannot be bound (or gRPC rejects the certificate and
-  // key).
+  // certificate or key file cannot be read or holds no PEM block, or an address does not parse;
+  // UNAVAILABLE, naming the address and the cause, if an address cannot be bound (neither
+  // listener shares its port: a port another process listens on fails here), or if gRPC
+  // rejects the certificate and key.
   static absl::StatusOr<std::unique_ptr<GradServer>> Start(const ServerOptions& options);
   ~GradServer();
 

@@ -7,16 +7,25 @@
 #include <gtest/gtest-spi.h>
 #include <gtest/gtest.h>
 #include <httplib.h>
+#include <netinet/in.h>
+#include <poll.h>
 #include <spdlog/spdlog.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <regex>
 #include <sstream>
 #include <string>
+#include <thread>
 
 #include "gradserve/v1/gradserve.grpc.pb.h"
+#include "server/service/metrics_http.h"
 #include "server/service/server.h"
 #include "tests/service/test_requests.h"
 
@@ -443,6 +452,111 @@ TEST(MetricsEndpoint, RejectsBadAddresses) {
     auto server = service::GradServer::Start(options);
     EXPECT_EQ(server.status().code(), absl::StatusCode::kInvalidArgument) << address;
   }
+}
+
+// Raw TCP connections to 127.0.0.1:`port` that send a request one byte every 200 ms, never
+// finishing it (an endless header), on a thread of their own; each notes when the server
+// closed it.
+class Tricklers {
+ public:
+  using Clock = std::chrono::steady_clock;
+
+  Tricklers(int port, int count) : start_(Clock::now()), closed_at_(count) {
+    for (std::atomic<double>& closed_at : closed_at_) closed_at = -1;
+    for (int i = 0; i < count; ++i) {
+      const int fd = socket(AF_INET, SOCK_STREAM, 0);
+      sockaddr_in address{};
+      address.sin_family = AF_INET;
+      address.sin_port = htons(static_cast<uint16_t>(port));
+      address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      EXPECT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)), 0)
+          << std::strerror(errno);
+      fds_.push_back(fd);
+    }
+    thread_ = std::thread([this] { Run(); });
+  }
+  ~Tricklers() {
+    stop_ = true;
+    thread_.join();
+    for (int fd : fds_) close(fd);
+  }
+
+  // Seconds from the first connection until the server closed connection `i`; -1 if open.
+  double ClosedAfter(int i) const { return closed_at_[i]; }
+
+ private:
+  void Run() {
+    static constexpr char kRequest[] = "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ";
+    for (size_t sent = 0; !stop_; ++sent) {
+      const char byte = sent < sizeof(kRequest) - 1 ? kRequest[sent] : 'a';
+      for (size_t i = 0; i < fds_.size(); ++i) {
+        if (closed_at_[i] >= 0) continue;
+        // Closed by the server: a send fails or a read finds the end (after any answer).
+        bool closed = send(fds_[i], &byte, 1, MSG_NOSIGNAL) != 1;
+        char buffer[4096];
+        ssize_t n;
+        while (!closed && (n = recv(fds_[i], buffer, sizeof(buffer), MSG_DONTWAIT)) != -1) {
+          closed = n == 0;
+        }
+        if (!closed && errno != EAGAIN && errno != EWOULDBLOCK) closed = true;
+        if (closed) {
+          closed_at_[i] = std::chrono::duration<double>(Clock::now() - start_).count();
+        }
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+  }
+
+  const Clock::time_point start_;
+  std::vector<int> fds_;
+  std::vector<std::atomic<double>> closed_at_;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+// Slow clients must not starve scrapes: 16 connections trickling their request hold 16 of the
+// endpoint's threads, and the scrape must still be answered at once. Before the fix the pool
+// had 2 threads and no per-request deadline, so 2 such connections held both threads for as
+// long as they kept trickling, and the scrape was never answered (it timed out after the 5 s
+// client read timeout below). Now it takes milliseconds; the 2.5 s bound leaves room for a
+// loaded machine while still failing the old code, which never answers.
+TEST_F(MetricsTest, SlowClientsDoNotStarveScrapes) {
+  Tricklers tricklers(server_->metrics_port(), 16);
+  // Let the server take the 16 connections up before the scrape queues behind them.
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  httplib::Client client("127.0.0.1", server_->metrics_port());
+  client.set_connection_timeout(5);
+  client.set_read_timeout(5);
+  const auto start = std::chrono::steady_clock::now();
+  httplib::Result result = client.Get("/metrics");
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  ASSERT_TRUE(result) << httplib::to_string(result.error()) << " after " << seconds << " s";
+  std::printf("scrape with 16 slow connections open: %.1f ms\n", seconds * 1e3);
+  EXPECT_EQ(result->status, 200);
+  EXPECT_LT(seconds, 2.5);
+  // The tricklers were still being served (not refused) all along.
+  for (int i = 0; i < 16; ++i) EXPECT_EQ(tricklers.ClosedAfter(i), -1) << i;
+}
+
+// A connection trickling its request is closed once the request deadline (5 s from when a
+// thread took it up) has passed, instead of holding its thread for as long as it trickles
+// (the old code never closed it: its read timeout applied to each byte, not the request).
+// The server's clock starts after ours (it accepts the connection we made), so the close comes
+// at 5 s or later: 4.5 s is a safe lower bound. The upper bound, 8 s, is the deadline plus
+// 200 ms for the trickler to notice and 2.8 s of slack for a loaded machine.
+TEST(MetricsEndpoint, ClosesARequestStillTricklingAtItsDeadline) {
+  auto server = service::MetricsHttpServer::Start("127.0.0.1:0", [] { return std::string(); });
+  ASSERT_TRUE(server.ok()) << server.status();
+  Tricklers tricklers((*server)->port(), 1);
+  const auto start = std::chrono::steady_clock::now();
+  while (tricklers.ClosedAfter(0) < 0 &&
+         std::chrono::steady_clock::now() - start < std::chrono::seconds(8)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  std::printf("trickling request closed after %.2f s\n", tricklers.ClosedAfter(0));
+  EXPECT_GE(tricklers.ClosedAfter(0), 4.5);
+  EXPECT_LE(tricklers.ClosedAfter(0), 8.0);
 }
 
 TEST(PrometheusText, FormatsCountersAndHistograms) {
