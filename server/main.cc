@@ -13,6 +13,7 @@
 #include "server/engine/gemm.h"
 #include "server/service/auth.h"
 #include "server/service/listen_address.h"
+#include "server/service/memory.h"
 #include "server/service/server.h"
 
 namespace {
@@ -66,10 +67,12 @@ void LogGrpcThroughSpdlog(gpr_log_func_args* args) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  gradserve::service::ConfigureAllocator();
   using gradserve::service::ServerOptions;
   ServerOptions options;
   auto& limits = options.service.limits;
   options.service.threads = gradserve::service::AvailableCores();
+  limits.max_memory_bytes = gradserve::service::DefaultMaxMemoryBytes();
   std::string log_level = "info";
   double grace_seconds = 10;
   double drain_seconds = 0;
@@ -112,6 +115,34 @@ int main(int argc, char** argv) {
   app.add_option("--max-streams", limits.max_streams, "StreamGradients streams open at once")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 20));
+  app.add_option("--max-queue-per-client", options.service.max_queue_per_client,
+                 "calls one client (IP address) may have waiting for cores")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1 << 20));
+  app.add_option("--max-streams-per-client", limits.max_streams_per_client,
+                 "StreamGradients streams one client (IP address) may hold open")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 20));
+  app.add_option("--stream-idle-seconds", limits.stream_idle_seconds,
+                 "a stream waiting this long for its client's next message is closed")
+      ->capture_default_str()
+      ->check(CLI::Range(0.01, 1e6));
+  app.add_option("--max-call-flops", limits.max_call_flops,
+                 "largest estimated compute of one call (6*batch*in*out per Linear layer; "
+                 "CheckGradients adds its samples' forward passes); larger calls are refused")
+      ->capture_default_str()
+      ->check(CLI::Range(1.0, 1e30));
+  app.add_option("--max-call-seconds", limits.max_call_seconds,
+                 "longest a call (or stream step) may take, queue included: the deadline of "
+                 "calls without one, and a cap on later ones")
+      ->capture_default_str()
+      ->check(CLI::Range(0.001, 1e7));
+  app.add_option("--max-memory-bytes", limits.max_memory_bytes,
+                 "memory all calls together may hold: requests, answers until taken, "
+                 "activations, streams' state (default: half the container's memory limit or "
+                 "of the machine's memory)")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1} << 20, int64_t{1} << 50));
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error, critical or off")
       ->capture_default_str()
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "critical", "off"}));
@@ -173,6 +204,12 @@ int main(int argc, char** argv) {
       GRADSERVE_VERSION, options.listen_address, (*server)->port(), options.service.threads,
       options.service.parallel_threshold_flops, limits.max_message_bytes,
       gradserve::engine::GemmKernel());
+  spdlog::info(
+      "limits: memory {} bytes for all calls, {:g} flops and {:g} s a call, {} waiting calls "
+      "({} a client), {} streams ({} a client, closed after {:g} s idle)",
+      limits.max_memory_bytes, limits.max_call_flops, limits.max_call_seconds,
+      options.service.max_queue, options.service.max_queue_per_client, limits.max_streams,
+      limits.max_streams_per_client, limits.stream_idle_seconds);
 
   if ((*server)->metrics_port() != 0) {
     spdlog::info("Prometheus metrics on http://{}/metrics (port {})",

@@ -208,6 +208,9 @@ absl::Status ComputeGradients(const v1::ComputeGradientsRequest& request,
                                                      " bytes, over max_message_bytes (",
                                                      limits.max_message_bytes, ")"));
   }
+  if (context.reserve_memory) {
+    RETURN_IF_ERROR(context.reserve_memory(prepared->activation_bytes));
+  }
   if (prepared->dtype == v1::DTYPE_FLOAT32) return Run<float>(*prepared, context, response);
   return Run<double>(*prepared, context, response);
 }
@@ -224,6 +227,9 @@ absl::Status CheckGradients(const v1::CheckGradientsRequest& request, const Serv
     context.phase_times->decode = Seconds(Clock::now() - decode_start);
   }
   if (!prepared.ok()) return prepared.status();
+  if (context.reserve_memory) {
+    RETURN_IF_ERROR(context.reserve_memory((*prepared)->activation_bytes));
+  }
   if ((*prepared)->dtype == v1::DTYPE_FLOAT32) {
     return RunCheck<float>(**prepared, options, context.phase_times, response);
   }
@@ -248,6 +254,37 @@ double CheckGradientsCost(const v1::CheckGradientsRequest& request) {
   const int tensors = 2 * request.request().parameters_size() + 1;
   // One analytic pass, then two forward passes (a third of a full pass each) per sample.
   return ComputeGradientsCost(request.request()) * (1 + 2.0 * samples * tensors / 3);
+}
+
+int64_t ResponseBytesBound(const v1::ComputeGradientsRequest& request,
+                           const ServiceLimits& limits) {
+  // The gradients are as large as the parameters; the output and dx as large as the batch
+  // times the widths claimed (not yet validated: the bound is clamped below).
+  double bytes = 65536 + 256.0 * request.model().layers_size();
+  for (const v1::LinearParameters& p : request.parameters()) {
+    bytes += static_cast<double>(p.weight().data().size()) + p.bias().data().size();
+  }
+  const double element = 8;
+  const double batch =
+      request.inputs().shape_size() > 0 ? std::max<double>(0, request.inputs().shape(0)) : 0;
+  if (request.options().return_input_gradient()) bytes += request.inputs().data().size();
+  if (request.options().return_output()) {
+    double out = 0;
+    for (const v1::Layer& layer : request.model().layers()) {
+      if (layer.has_linear()) out = std::max<double>(0, layer.linear().out_features());
+    }
+    if (out == 0 && request.inputs().shape_size() > 1) {
+      out = std::max<double>(0, request.inputs().shape(1));
+    }
+    bytes += element * batch * out;
+  }
+  return static_cast<int64_t>(std::min<double>(bytes, limits.max_message_bytes));
+}
+
+int64_t ResponseBytesBound(const v1::CheckGradientsRequest& request, const ServiceLimits& limits) {
+  // One TensorCheck per parameter tensor and dx.
+  return std::min<int64_t>(65536 + 128 * (2 * int64_t{request.request().parameters_size()} + 1),
+                           limits.max_message_bytes);
 }
 
 void GetServerInfo(const ServiceLimits& limits, int threads, v1::GetServerInfoResponse* response) {
@@ -276,6 +313,7 @@ void GetServerInfo(const ServiceLimits& limits, int threads, v1::GetServerInfoRe
   out->set_stream_idle_seconds(limits.stream_idle_seconds);
   out->set_max_call_flops(limits.max_call_flops);
   out->set_max_call_seconds(limits.max_call_seconds);
+  out->set_max_memory_bytes(limits.max_memory_bytes);
   response->set_threads(threads);
   response->set_gemm_kernel(engine::GemmKernel());
   for (auto mode : {v1::Checkpointing::MODE_NONE, v1::Checkpointing::MODE_EVERY_K,

@@ -29,6 +29,9 @@ struct ComputeContext {
   std::function<bool()> should_stop;
   // If set, receives the call's phase durations.
   PhaseTimes* phase_times = nullptr;
+  // If set, called once the plan knows the activations and workspace the computation needs
+  // (Note [Memory budget]); an error is the call's answer. Held until the call ends.
+  std::function<absl::Status(int64_t bytes)> reserve_memory;
 };
 
 // Validates and computes; on error `response` is left in an unspecified state.
@@ -47,6 +50,12 @@ void GetServerInfo(const ServiceLimits& limits, int threads, v1::GetServerInfoRe
 // [Scheduling]); a malformed request gets some estimate and then fails validation quickly.
 double ComputeGradientsCost(const v1::ComputeGradientsRequest& request);
 double CheckGradientsCost(const v1::CheckGradientsRequest& request);
+
+// An upper bound of the answer's size from the request as sent (before validation), at most
+// max_message_bytes (a larger answer is refused before any compute): what a call reserves
+// for its answer (Note [Memory budget]).
+int64_t ResponseBytesBound(const v1::ComputeGradientsRequest& request, const ServiceLimits& limits);
+int64_t ResponseBytesBound(const v1::CheckGradientsRequest& request, const ServiceLimits& limits);
 
 }  // namespace gradserve::service
 

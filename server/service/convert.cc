@@ -419,12 +419,10 @@ absl::StatusOr<engine::ModelSpec> ToModelSpec(const v1::Model& model, const Serv
   return spec;
 }
 
-absl::StatusOr<std::unique_ptr<PreparedRequest>> PrepareRequest(
-    const v1::ComputeGradientsRequest& request, const ServiceLimits& limits,
-    bool needs_input_gradient, std::function<bool()> should_stop) {
-  if (!request.has_model()) return Invalid("model", "required");
-  ASSIGN_OR_RETURN(engine::ModelSpec spec, ToModelSpec(request.model(), limits));
+namespace {
 
+// inputs: present, floating, rank 2, within the limits and as long as its shape says.
+absl::Status CheckInputs(const v1::ComputeGradientsRequest& request, const ServiceLimits& limits) {
   if (!request.has_inputs()) return Invalid("inputs", "required ([batch, in_features])");
   const v1::Tensor& inputs = request.inputs();
   const v1::DType float_dtypes[] = {v1::DTYPE_FLOAT32, v1::DTYPE_FLOAT64};
@@ -444,7 +442,26 @@ absl::StatusOr<std::unique_ptr<PreparedRequest>> PrepareRequest(
       CheckDimension(inputs.shape(1), limits.max_features, "inputs.shape[1]", "max_features"));
   const int64_t input_shape[] = {inputs.shape(0), inputs.shape(1)};
   RETURN_IF_ERROR(CheckTensor(inputs, "inputs", float_dtypes, "", input_shape, limits).status());
+  return absl::OkStatus();
+}
 
+}  // namespace
+
+absl::Status CheckClaimedSizes(const v1::ComputeGradientsRequest& request,
+                               const ServiceLimits& limits) {
+  if (!request.has_model()) return Invalid("model", "required");
+  RETURN_IF_ERROR(ToModelSpec(request.model(), limits).status());
+  return CheckInputs(request, limits);
+}
+
+absl::StatusOr<std::unique_ptr<PreparedRequest>> PrepareRequest(
+    const v1::ComputeGradientsRequest& request, const ServiceLimits& limits,
+    bool needs_input_gradient, std::function<bool()> should_stop) {
+  if (!request.has_model()) return Invalid("model", "required");
+  ASSIGN_OR_RETURN(engine::ModelSpec spec, ToModelSpec(request.model(), limits));
+
+  RETURN_IF_ERROR(CheckInputs(request, limits));
+  const v1::Tensor& inputs = request.inputs();
   auto prepared = std::make_unique<PreparedRequest>();
   prepared->dtype = inputs.dtype();
   ASSIGN_OR_RETURN(prepared->model, engine::Model::Create(std::move(spec), inputs.shape(1)));
@@ -485,6 +502,7 @@ absl::StatusOr<std::unique_ptr<PreparedRequest>> PrepareRequest(
                    engine::PlanCheckpoints(model, batch, element_bytes, checkpointing));
   const int64_t needed = prepared->plan.predicted_peak_bytes + workspace;
   if (needed > limits.max_activation_bytes) return over_activation_limit(needed);
+  prepared->activation_bytes = needed;
   return prepared;
 }
 

@@ -41,6 +41,8 @@ struct PreparedRequest {
   std::variant<TypedViews<float>, TypedViews<double>> views;
   bool return_input_gradient = false;
   bool return_output = false;
+  // Activations and workspace the plan needs (checked against max_activation_bytes).
+  int64_t activation_bytes = 0;
   // Storage for anything that could not be viewed in place.
   std::vector<int64_t> widened_class_targets;
   std::vector<std::unique_ptr<uint64_t[]>> aligned_copies;
@@ -55,6 +57,12 @@ struct PreparedRequest {
 absl::StatusOr<std::unique_ptr<PreparedRequest>> PrepareRequest(
     const v1::ComputeGradientsRequest& request, const ServiceLimits& limits,
     bool needs_input_gradient = false, std::function<bool()> should_stop = nullptr);
+
+// The checks of PrepareRequest that cost O(layers): the model's layers and the inputs' shape
+// against the limits. Run before a call is queued when its claimed sizes look too large, so the
+// caller learns which size is at fault.
+absl::Status CheckClaimedSizes(const v1::ComputeGradientsRequest& request,
+                               const ServiceLimits& limits);
 
 // The engine's description of a model, from the API's; validates kinds and enum values.
 absl::StatusOr<engine::ModelSpec> ToModelSpec(const v1::Model& model, const ServiceLimits& limits);

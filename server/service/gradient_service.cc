@@ -10,7 +10,9 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "server/engine/types.h"
 #include "server/service/compute.h"
+#include "server/service/convert.h"
 #include "server/service/stream.h"
 
 namespace gradserve::service {
@@ -69,6 +71,7 @@ GradientServiceImpl::GradientServiceImpl(const ServiceOptions& options)
     : options_(options),
       metrics_(
           {"ComputeGradients", "CheckGradients", "GetServerInfo", "GetStats", "StreamGradients"}),
+      memory_(options.limits.max_memory_bytes),
       scheduler_(ComputeScheduler::Options{.cores = options.threads,
                                            .max_queue = options.max_queue,
                                            .max_queue_per_client = options.max_queue_per_client}) {
@@ -143,8 +146,10 @@ absl::Status GradientServiceImpl::AdmissionError(ComputeScheduler::Admission adm
   return ShuttingDownError();
 }
 
-absl::Status GradientServiceImpl::CheckAdmissible(double flops) const {
+absl::Status GradientServiceImpl::CheckAdmissible(double flops,
+                                                  const absl::Status& claimed_sizes) const {
   if (refusing_) return ShuttingDownError();
+  RETURN_IF_ERROR(claimed_sizes);
   if (flops > options_.limits.max_call_flops) {
     return absl::ResourceExhaustedError(
         absl::StrCat("this call is estimated at ", fmt::format("{:.3g}", flops),
@@ -227,6 +232,9 @@ class TimedCompute {
   TimedCompute& operator=(const TimedCompute&) = delete;
 
   const ComputeContext& context() const { return context_; }
+  void set_reserve_memory(std::function<absl::Status(int64_t)> reserve) {
+    context_.reserve_memory = std::move(reserve);
+  }
   // The queue wait and the phases the computation reached.
   CallTimes times() const {
     CallTimes times = times_;
@@ -244,13 +252,37 @@ class TimedCompute {
 
 }  // namespace
 
+// A unary call's reactor: like the default one, plus the call's memory reservation, held until
+// gRPC is done with the call (the client took the answer, or the call ended otherwise).
+class GradientServiceImpl::UnaryCall final : public grpc::ServerUnaryReactor {
+ public:
+  explicit UnaryCall(MemoryBudget* memory) : memory_(memory) {}
+  // Adds to what this call holds; RESOURCE_EXHAUSTED (nothing added) if it does not fit.
+  absl::Status Reserve(int64_t bytes, const char* what) {
+    RETURN_IF_ERROR(memory_->Reserve(bytes, what));
+    reserved_ += bytes;
+    return absl::OkStatus();
+  }
+  void OnDone() override {
+    memory_->Release(reserved_);
+    // The request and the answer are freed after this returns; what glibc keeps of them is
+    // trimmed after the next large call (ConfigureAllocator maps large buffers anyway).
+    if (reserved_ >= kTrimAfterBytes) ReturnFreeMemory();
+    delete this;
+  }
+
+ private:
+  static constexpr int64_t kTrimAfterBytes = int64_t{64} << 20;
+  MemoryBudget* const memory_;
+  std::atomic<int64_t> reserved_{0};
+};
+
 template <typename Request, typename Response, typename Compute>
-grpc::ServerUnaryReactor* GradientServiceImpl::Dispatch(Method method,
-                                                        grpc::CallbackServerContext* context,
-                                                        const Request* request, Response* response,
-                                                        double flops, Compute compute) {
+grpc::ServerUnaryReactor* GradientServiceImpl::Dispatch(
+    Method method, grpc::CallbackServerContext* context, const Request* request, Response* response,
+    double flops, const absl::Status& claimed_sizes, Compute compute) {
   const Clock::time_point received = Clock::now();
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  auto* reactor = new UnaryCall(&memory_);
   std::string request_id = AssignRequestId(context);
   auto refuse = [&](const absl::Status& status) {
     CallTimes times;
@@ -259,7 +291,16 @@ grpc::ServerUnaryReactor* GradientServiceImpl::Dispatch(Method method,
                spdlog::level::warn);  // Overload, limits, shutdown: say so louder.
     return reactor;
   };
-  if (absl::Status admissible = CheckAdmissible(flops); !admissible.ok()) return refuse(admissible);
+  if (absl::Status admissible = CheckAdmissible(flops, claimed_sizes); !admissible.ok()) {
+    return refuse(admissible);
+  }
+  // The request is already here; the answer will be (Note [Memory budget]).
+  if (absl::Status fits = reactor->Reserve(static_cast<int64_t>(request->ByteSizeLong()) +
+                                               ResponseBytesBound(*request, options_.limits),
+                                           "this call's request and answer");
+      !fits.ok()) {
+    return refuse(fits);
+  }
 
   auto limits = std::make_shared<const CallLimits>(context, options_.limits.max_call_seconds,
                                                    &abandoning_, received);
@@ -268,7 +309,10 @@ grpc::ServerUnaryReactor* GradientServiceImpl::Dispatch(Method method,
   call.cores = CoresFor(flops);
   call.run = [this, method, context, request, response, reactor, received, compute, request_id,
               limits](int cores) {
-    const TimedCompute timed(limits.get(), cores, received);
+    TimedCompute timed(limits.get(), cores, received);
+    timed.set_reserve_memory([reactor](int64_t bytes) {
+      return reactor->Reserve(bytes, "this call's activations and workspace");
+    });
     const absl::Status status = limits->Why(compute(*request, timed.context(), response));
     CallTimes times = timed.times();
     // Sizes before the total: ByteSizeLong walks the whole response.
@@ -303,7 +347,11 @@ grpc::ServerUnaryReactor* GradientServiceImpl::Dispatch(Method method,
 grpc::ServerUnaryReactor* GradientServiceImpl::ComputeGradients(
     grpc::CallbackServerContext* context, const v1::ComputeGradientsRequest* request,
     v1::ComputeGradientsResponse* response) {
-  return Dispatch(kComputeGradients, context, request, response, ComputeGradientsCost(*request),
+  const double flops = ComputeGradientsCost(*request);
+  return Dispatch(kComputeGradients, context, request, response, flops,
+                  flops > options_.limits.max_call_flops
+                      ? CheckClaimedSizes(*request, options_.limits)
+                      : absl::OkStatus(),
                   [this](const v1::ComputeGradientsRequest& r, const ComputeContext& c,
                          v1::ComputeGradientsResponse* out) {
                     return service::ComputeGradients(r, options_.limits, c, out);
@@ -313,7 +361,16 @@ grpc::ServerUnaryReactor* GradientServiceImpl::ComputeGradients(
 grpc::ServerUnaryReactor* GradientServiceImpl::CheckGradients(
     grpc::CallbackServerContext* context, const v1::CheckGradientsRequest* request,
     v1::CheckGradientsResponse* response) {
-  return Dispatch(kCheckGradients, context, request, response, CheckGradientsCost(*request),
+  const double flops = CheckGradientsCost(*request);
+  absl::Status claimed_sizes;
+  if (flops > options_.limits.max_call_flops) {
+    claimed_sizes = CheckClaimedSizes(request->request(), options_.limits);
+    if (!claimed_sizes.ok()) {
+      claimed_sizes =
+          absl::Status(claimed_sizes.code(), absl::StrCat("request.", claimed_sizes.message()));
+    }
+  }
+  return Dispatch(kCheckGradients, context, request, response, flops, claimed_sizes,
                   [this](const v1::CheckGradientsRequest& r, const ComputeContext& c,
                          v1::CheckGradientsResponse* out) {
                     return service::CheckGradients(r, options_.limits, c, out);
@@ -357,6 +414,7 @@ MetricsSnapshot GradientServiceImpl::Stats() const {
   snapshot.calls_in_flight = calls_in_flight_.load();
   snapshot.queue_length = scheduler_.queued();
   snapshot.open_streams = open_streams_.load();
+  snapshot.memory_in_use_bytes = memory_.in_use();
   return snapshot;
 }
 
@@ -394,6 +452,7 @@ grpc::ServerUnaryReactor* GradientServiceImpl::GetStats(grpc::CallbackServerCont
   response->set_calls_in_flight(snapshot.calls_in_flight);
   response->set_queue_length(snapshot.queue_length);
   response->set_open_streams(snapshot.open_streams);
+  response->set_memory_in_use_bytes(snapshot.memory_in_use_bytes);
   response->set_process_start_time_seconds(snapshot.process_start_time_seconds);
   response->set_uptime_seconds(snapshot.uptime_seconds);
   CallTimes times;
@@ -449,6 +508,7 @@ class GradientServiceImpl::StreamReactor final
     if (!request_.has_step()) {
       absl::StatusOr<bool> answered = session_.Handle(&request_, ComputeContext(), &response_);
       if (!answered.ok()) return End(answered.status());
+      if (absl::Status held = HoldSessionMemory(); !held.ok()) return End(held);
       return Read();
     }
     const double flops = session_.Cost(request_);
@@ -484,6 +544,8 @@ class GradientServiceImpl::StreamReactor final
 
   void OnDone() override {
     if (registered_) service_->UnregisterStream(this);
+    service_->memory_.Release(session_reserved_);
+    session_reserved_ = 0;
     Unref();
   }
 
@@ -518,13 +580,33 @@ class GradientServiceImpl::StreamReactor final
     StartRead(&request_);
   }
 
+  // Keeps this stream's reservation equal to what its session holds (Note [Memory budget]).
+  absl::Status HoldSessionMemory() {
+    const int64_t held = session_.held_bytes();
+    if (held > session_reserved_) {
+      RETURN_IF_ERROR(service_->memory_.Reserve(held - session_reserved_, "this stream's state"));
+    } else {
+      service_->memory_.Release(session_reserved_ - held);
+    }
+    session_reserved_ = held;
+    return absl::OkStatus();
+  }
+
   void RunStep(int cores) {
-    const TimedCompute timed(&*step_limits_, cores, queued_);
+    TimedCompute timed(&*step_limits_, cores, queued_);
+    int64_t step_reserved = 0;
+    timed.set_reserve_memory([this, &step_reserved](int64_t bytes) {
+      RETURN_IF_ERROR(service_->memory_.Reserve(bytes, "this step's activations and workspace"));
+      step_reserved += bytes;
+      return absl::OkStatus();
+    });
     response_.Clear();
     const absl::StatusOr<bool> answered = session_.Handle(&request_, timed.context(), &response_);
+    service_->memory_.Release(step_reserved);
     service_->metrics_.RecordPhases(kStreamGradients, timed.times());
     --service_->calls_in_flight_;
     if (!answered.ok()) return End(step_limits_->Why(answered.status()));
+    if (absl::Status held = HoldSessionMemory(); !held.ok()) return End(held);
     if (!*answered) return Read();
     response_bytes_ += response_.ByteSizeLong();
     StartWrite(&response_);
@@ -571,6 +653,7 @@ class GradientServiceImpl::StreamReactor final
   std::optional<CallLimits> step_limits_;  // The step being computed.
   size_t request_bytes_ = 0;
   size_t response_bytes_ = 0;
+  int64_t session_reserved_ = 0;  // Held against the service's memory budget.
   v1::StreamGradientsRequest request_;
   v1::StreamGradientsResponse response_;
 };

@@ -19,6 +19,7 @@
 #include "absl/status/status.h"
 #include "gradserve/v1/gradserve.grpc.pb.h"
 #include "server/service/limits.h"
+#include "server/service/memory.h"
 #include "server/service/metrics.h"
 #include "server/service/scheduler.h"
 
@@ -79,6 +80,8 @@ class GradientServiceImpl final : public v1::GradientService::CallbackService {
   int calls_in_flight() const { return calls_in_flight_.load(); }
   // StreamGradients streams open now.
   int open_streams() const { return open_streams_.load(); }
+  // Bytes calls in flight hold against max_memory_bytes (Note [Memory budget]).
+  int64_t memory_in_use() const { return memory_.in_use(); }
 
   // Note [Shutdown]: from here on every new call and stream step gets UNAVAILABLE (which
   // clients retry, elsewhere) and streams waiting for their client's next message are ended
@@ -93,13 +96,14 @@ class GradientServiceImpl final : public v1::GradientService::CallbackService {
   // The methods in the order the proto declares them; indices into metrics_.
   enum Method { kComputeGradients, kCheckGradients, kGetServerInfo, kGetStats, kStreamGradients };
   class StreamReactor;
+  class UnaryCall;
 
   // Runs `compute` on the scheduler with the cores `flops` deserves and finishes the call with
   // its status.
   template <typename Request, typename Response, typename Compute>
   grpc::ServerUnaryReactor* Dispatch(Method method, grpc::CallbackServerContext* context,
                                      const Request* request, Response* response, double flops,
-                                     Compute compute);
+                                     const absl::Status& claimed_sizes, Compute compute);
   // The call's request id (the client's if valid, else a new one), echoed to the client in the
   // initial metadata.
   static std::string AssignRequestId(grpc::CallbackServerContext* context);
@@ -116,9 +120,11 @@ class GradientServiceImpl final : public v1::GradientService::CallbackService {
   int CoresFor(double flops) const;
   // The error a call refused by the scheduler gets.
   absl::Status AdmissionError(ComputeScheduler::Admission admission) const;
-  // The error a call gets before it is queued: UNAVAILABLE while shutting down,
-  // RESOURCE_EXHAUSTED over max_call_flops; OK to go on.
-  absl::Status CheckAdmissible(double flops) const;
+  // The error a call gets before it is queued: UNAVAILABLE while shutting down, then
+  // `claimed_sizes` (the sizes the request claims, checked when it looks over max_call_flops),
+  // then RESOURCE_EXHAUSTED over max_call_flops; OK to go on.
+  absl::Status CheckAdmissible(double flops,
+                               const absl::Status& claimed_sizes = absl::OkStatus()) const;
   // Stream bookkeeping (Note [Stream lifetime]): a stream's place among max_streams and its
   // client's max_streams_per_client; false (and nothing counted) if either is full.
   absl::Status OpenStream(const std::string& client);
@@ -135,6 +141,7 @@ class GradientServiceImpl final : public v1::GradientService::CallbackService {
   std::atomic<bool> refusing_{false};
   std::atomic<bool> abandoning_{false};
   Metrics metrics_;
+  MemoryBudget memory_;
 
   std::mutex streams_mutex_;
   std::condition_variable sweep_;

@@ -34,6 +34,9 @@ struct ServiceLimits {
   // Longest a call may compute: the deadline of calls that bring none, and a cap on those that
   // bring a later one (a stream's steps each). DEADLINE_EXCEEDED past it.
   double max_call_seconds = 300;
+  // Memory all calls together may hold: requests, answers until the client took them,
+  // activations (Note [Memory budget]). main() sets DefaultMaxMemoryBytes().
+  int64_t max_memory_bytes = int64_t{4} << 30;
 };
 
 }  // namespace gradserve::service

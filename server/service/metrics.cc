@@ -230,6 +230,11 @@ std::string PrometheusText(const MetricsSnapshot& snapshot) {
                   "# TYPE gradserve_open_streams gauge\n"
                   "gradserve_open_streams ",
                   snapshot.open_streams, "\n",
+                  "# HELP gradserve_memory_in_use_bytes Bytes calls in flight hold against "
+                  "max_memory_bytes.\n"
+                  "# TYPE gradserve_memory_in_use_bytes gauge\n"
+                  "gradserve_memory_in_use_bytes ",
+                  snapshot.memory_in_use_bytes, "\n",
                   "# HELP gradserve_process_start_time_seconds Start time of the process since "
                   "the Unix epoch in seconds.\n"
                   "# TYPE gradserve_process_start_time_seconds gauge\n"

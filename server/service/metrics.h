@@ -107,6 +107,7 @@ struct MetricsSnapshot {
   int calls_in_flight = 0;
   int queue_length = 0;
   int open_streams = 0;
+  int64_t memory_in_use_bytes = 0;
   double process_start_time_seconds = 0;  // Unix time.
   double uptime_seconds = 0;
 };

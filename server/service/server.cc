@@ -2,6 +2,7 @@
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/resource_quota.h>
 
 #include <cerrno>
 #include <climits>
@@ -93,6 +94,18 @@ absl::StatusOr<std::unique_ptr<GradServer>> GradServer::Start(const ServerOption
   // silently taking half of the calls (Linux spreads connections over every SO_REUSEPORT
   // listener of the same user).
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  // What gRPC buffers before a handler runs (requests arriving, answers not yet read) is
+  // bounded by its quota; the service accounts for the rest (Note [Memory budget]).
+  grpc::ResourceQuota quota("gradserve");
+  quota.Resize(static_cast<size_t>(options.service.limits.max_memory_bytes / 4));
+  builder.SetResourceQuota(quota);
+  const ConnectionOptions& connections = options.connections;
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, connections.max_concurrent_streams);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, connections.keepalive_ms);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, connections.keepalive_timeout_ms);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS, connections.max_idle_ms);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, connections.max_age_ms);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, connections.max_age_grace_ms);
   builder.AddListeningPort(listen->ToString(), *credentials, &server->port_);
   builder.SetMaxReceiveMessageSize(ClampToInt(server->max_message_bytes_));
   builder.SetMaxSendMessageSize(ClampToInt(server->max_message_bytes_));

@@ -30,6 +30,23 @@ struct SecurityOptions {
   std::string auth_token;
 };
 
+// How long connections live and what each may carry.
+struct ConnectionOptions {
+  // Calls (HTTP/2 streams) open at once on one connection; more wait in the client.
+  int max_concurrent_streams = 64;
+  // The server pings an idle connection this often and drops it if no answer comes in time:
+  // clients that vanished without closing free what they held.
+  int keepalive_ms = 60'000;
+  int keepalive_timeout_ms = 20'000;
+  // A connection without calls for this long is closed (GOAWAY; clients reconnect as needed).
+  int max_idle_ms = 10 * 60'000;
+  // Every connection is closed after this long, with max_age_grace_ms for its calls to end: a
+  // client that never reads its answers holds them no longer, and clients re-resolve and
+  // rebalance across replicas (Kubernetes scale-out).
+  int max_age_ms = 30 * 60'000;
+  int max_age_grace_ms = 5 * 60'000;
+};
+
 struct ServerOptions {
   // HOST:PORT, [IPV6]:PORT, :PORT or PORT (see ParseListenAddress); without a host it binds
   // 127.0.0.1, and port 0 picks a free one (see GradServer::port()). Loopback by default:
@@ -37,6 +54,7 @@ struct ServerOptions {
   std::string listen_address = "127.0.0.1:50051";
   SecurityOptions security;
   ServiceOptions service;
+  ConnectionOptions connections;
   // Address of the Prometheus endpoint (GET /metrics over plain HTTP), in the same forms as
   // listen_address; empty: none (the default). Port 0 picks a free one (see
   // GradServer::metrics_port()). Not behind the bearer token or TLS: bind it where only the

@@ -198,19 +198,21 @@ def main() -> int:
           f"GetServerInfo answered while draining, {time.monotonic() - sigterm:.3f} s after "
           f"SIGTERM: OK (got {outcome(code, info)})")
 
-    # The end of the drain delay is when the server stops accepting: a new connection is then
-    # refused. Each attempt uses a new channel, so it cannot ride an already open connection.
+    # The end of the drain delay is when the server stops accepting calls: a new one is then
+    # refused with UNAVAILABLE (the server's own refusal while the calls in flight finish, or
+    # a refused connection once gRPC has shut down). Each attempt uses a new channel.
     refused_at = None
     while time.monotonic() - sigterm < drain + 10:
         with gc.connect(args.target) as probe:
-            code, status = code_of(lambda: gc.health(probe, "", timeout=2))
+            code, status = code_of(lambda: gc.stub(probe).GetServerInfo(
+                gc.pb.GetServerInfoRequest(), timeout=2))
         if code == grpc.StatusCode.UNAVAILABLE:
             refused_at = time.monotonic() - sigterm
             break
         time.sleep(0.02)  # Polling interval only.
     if refused_at is None:
-        return fail(f"new connections still accepted {drain + 10:.0f} s after SIGTERM "
-                    f"(last health: {code.name} {status})")
+        return fail(f"new calls still accepted {drain + 10:.0f} s after SIGTERM "
+                    f"(last: {code.name})")
     with gc.connect(args.target) as late:
         code, details = code_of(
             lambda: gc.stub(late).ComputeGradients(request, timeout=call_timeout))
@@ -221,7 +223,7 @@ def main() -> int:
     except ProcessLookupError:
         server_alive = False
     check(refused_at >= drain,
-          f"new connections refused from {refused_at:.3f} s after SIGTERM, not before the "
+          f"new calls refused from {refused_at:.3f} s after SIGTERM, not before the "
           f"drain delay ({drain} s)")
     check(code == grpc.StatusCode.UNAVAILABLE,
           f"a new ComputeGradients after the drain delay: UNAVAILABLE "

@@ -206,7 +206,11 @@ TEST_F(ServiceTest, ServerInfoStatesLimitsAndCapabilities) {
   const google::protobuf::Reflection* reflection = info.limits().GetReflection();
   const google::protobuf::Descriptor* limits = v1::Limits::descriptor();
   for (int f = 0; f < limits->field_count(); ++f) {
-    EXPECT_GT(reflection->GetInt64(info.limits(), limits->field(f)), 0) << limits->field(f)->name();
+    const google::protobuf::FieldDescriptor* field = limits->field(f);
+    const double value = field->cpp_type() == google::protobuf::FieldDescriptor::CPPTYPE_DOUBLE
+                             ? reflection->GetDouble(info.limits(), field)
+                             : static_cast<double>(reflection->GetInt64(info.limits(), field));
+    EXPECT_GT(value, 0) << field->name();
   }
   EXPECT_EQ(info.threads(), 2);
   EXPECT_THAT(info.layers(),

@@ -48,10 +48,12 @@ source "${source_dir}/tests/e2e/server_lib.sh"
 max_batch=4096
 max_message_bytes=$((8 << 20))
 # Room for every client's call in the queue and every client's stream: RESOURCE_EXHAUSTED
-# then only ever comes from the limits the mix exceeds on purpose.
+# then only ever comes from the limits the mix exceeds on purpose. The simulated clients all
+# share 127.0.0.1, one address to the server, so its per-client shares are lifted too.
 start_server "${server}" "${threads[@]}" --max-batch "${max_batch}" \
   --max-message-bytes "${max_message_bytes}" --max-queue $((clients * 2)) \
-  --max-streams $((clients * 2)) --shutdown-grace 10
+  --max-streams $((clients * 2)) --shutdown-grace 10 \
+  --max-streams-per-client $((clients * 2)) --max-queue-per-client $((clients * 2))
 
 driver_rc=0
 /usr/bin/python3 "${here}/soak_driver.py" --target "127.0.0.1:${port}" --server-pid "${server_pid}" \

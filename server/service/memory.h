@@ -1,0 +1,58 @@
+// Memory the service accounts for, and memory it gives back.
+//
+// Note [Memory budget]
+// gRPC hands a handler a request it has already received in full, and keeps a response until
+// the client has read it; neither is bounded by per-call limits alone (64 queued calls of
+// 256 MiB, or six clients that never read their 240 MiB answers, exceed any container). So every
+// GradientService call reserves, against one budget (max_memory_bytes), what it will hold: its
+// request and an upper bound of its answer when it arrives (refused with RESOURCE_EXHAUSTED if
+// that does not fit, and the request is freed at once), then its activations and workspace once
+// the plan knows them. The reservation is released when gRPC is done with the call (OnDone):
+// after the client took the answer, or the call was cancelled. What gRPC buffers before a
+// handler runs is bounded by its ResourceQuota, set to a quarter of the same budget. So the
+// resident memory stays below about: the process at start + 1.25 * max_memory_bytes.
+#ifndef GRADSERVE_SERVICE_MEMORY_H_
+#define GRADSERVE_SERVICE_MEMORY_H_
+
+#include <atomic>
+#include <cstdint>
+
+#include "absl/status/status.h"
+
+namespace gradserve::service {
+
+// Half the memory this process may use: the cgroup memory limit if one is set (a container),
+// else the machine's physical memory.
+int64_t DefaultMaxMemoryBytes();
+
+// Makes glibc's malloc give large freed blocks back to the system: buffers of 4 MiB and more
+// are mapped and unmapped one by one instead of the heap growing to the largest call ever seen.
+// Call once at start, before other threads allocate.
+void ConfigureAllocator();
+
+// Returns the free memory glibc holds in its heaps to the system (malloc_trim). Costs a pass
+// over the heaps: call it after calls that held a lot, not after every call.
+void ReturnFreeMemory();
+
+class MemoryBudget {
+ public:
+  explicit MemoryBudget(int64_t limit) : limit_(limit) {}
+  MemoryBudget(const MemoryBudget&) = delete;
+  MemoryBudget& operator=(const MemoryBudget&) = delete;
+
+  // Reserves `bytes` if they fit; else RESOURCE_EXHAUSTED saying what `what` needed and what is
+  // held. Thread-safe.
+  absl::Status Reserve(int64_t bytes, const char* what);
+  void Release(int64_t bytes) { in_use_ -= bytes; }
+
+  int64_t in_use() const { return in_use_.load(); }
+  int64_t limit() const { return limit_; }
+
+ private:
+  const int64_t limit_;
+  std::atomic<int64_t> in_use_{0};
+};
+
+}  // namespace gradserve::service
+
+#endif  // GRADSERVE_SERVICE_MEMORY_H_
