@@ -110,13 +110,13 @@ def heavy_check_request():
 
 
 def flood_request(mib=200):
-    """Attack 3: a ~200 MiB ComputeGradients (Linear(1,1), inputs [rows, 1] float32)."""
+    """Attack 3: a ~200 MiB ComputeGradients: Linear(1,1) with inputs [rows, 1] float32 (the
+    targets stay [1, 1]: the request is invalid, but a server without the token must refuse it
+    before it looks at anything)."""
     rows = mib * MIB // 4
     request = mlp_request([1, 1], 1, np.float32, np.random.default_rng(3))
     request.inputs.CopyFrom(pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[rows, 1],
                                       data=np.ones(rows, "<f4").tobytes()))
-    request.targets.CopyFrom(pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[rows, 1],
-                                       data=np.zeros(rows, "<f4").tobytes()))
     return request
 
 
@@ -560,7 +560,7 @@ class Server:
         t0 = time.monotonic()
         self.proc.send_signal(signal.SIGTERM)
         try:
-            rc = self.proc.wait(timeout=wait if wait is not None else self.grace + self.drain + 30)
+            rc = self.proc.wait(timeout=wait if wait is not None else self.grace + self.drain + 10)
             return time.monotonic() - t0, rc
         except subprocess.TimeoutExpired:
             self.kill()
@@ -816,7 +816,7 @@ def run_row(args, name, attacks, opts, work):
             row["rss_mib"]["idle_after"] = s[0] / 1024 if s else None
             row["rss_mib"]["settle_seconds"] = args.settle_seconds
             row["server_alive"] = server.proc.poll() is None
-            exit_s, rc = server.stop(wait=3)
+            exit_s, rc = server.stop(wait=1)  # the sigterm row times a clean exit
             row["stop"] = {"exit_seconds": round(exit_s, 3), "exit_code": rc}
         sampler.stop_event.set()
     except Exception as e:  # noqa: BLE001 - one broken row must not lose the others
@@ -1038,7 +1038,7 @@ def rolling_main(args):
     total = sum(codes.values())
     lost = total - codes.get("OK", 0)
     result = {"meta": {"date": started, "restarts_requested": args.restarts,
-                       "server_flags": flags, "target": target,
+                       "server_flags": servers[0].flags, "target": target,
                        "service_config_file": os.path.relpath(
                            os.path.normpath(gc.SERVICE_CONFIG_FILE), REPO),
                        "elapsed_seconds": round(elapsed, 1)},
@@ -1052,7 +1052,7 @@ def rolling_main(args):
     md = "\n".join([
         "# gradserve rolling restarts (`bench/abuse.sh --rolling N`)", "",
         f"- {started} UTC; 3 replicas on 127.0.0.1 ports {', '.join(map(str, ports))}, flags "
-        f"`{' '.join(flags)}`; one replica at a time gets SIGTERM and is restarted on its port, "
+        f"`{' '.join(servers[0].flags)}`; one replica at a time gets SIGTERM and is restarted on its port, "
         f"{args.gap:g} s between restarts; run took {elapsed:.0f} s",
         f"- client: 4 threads, closed loop, the innocent call with a 5 s deadline, on one channel "
         f"`{target}` with the service config `{result['meta']['service_config_file']}` "
