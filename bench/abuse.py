@@ -288,6 +288,9 @@ def unary_loop(tally, call, payload, end, timeout, metadata=None, pause_on_unava
             tally.add("CANCELLED")
         except grpc.RpcError as e:
             tally.add(e.code().name)
+            with tally.lock:  # the server's first message per code says which limit hit
+                tally.extra.setdefault("first_details", {}).setdefault(
+                    e.code().name, (e.details() or "")[:200])
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 time.sleep(pause_on_unavailable)
 
