@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs every Debian 12 package gradserve needs to build, test and run.
 #   deploy/install-deps.sh            build + test dependencies (the default)
-#   deploy/install-deps.sh --bench    also the benchmark peers (PyTorch, matplotlib)
+#   deploy/install-deps.sh --bench    also the benchmark peers (PyTorch, matplotlib) and
+#                                     python3-h2 (bench/abuse.sh)
 # Idempotent: packages already present are skipped, so the README commands can call it every
 # time. Needs root (or sudo) only when something is missing.
 set -euo pipefail
@@ -24,8 +25,9 @@ packages=(
 for arg in "$@"; do
   case "$arg" in
     # libopenblas0-pthread: without it Debian's numpy and torch use the reference BLAS.
+    # python3-h2: bench/abuse.sh speaks raw HTTP/2 for its slow-reader attack.
     --bench) packages+=(python3-torch python3-matplotlib python3-threadpoolctl
-                        libopenblas0-pthread) ;;
+                        libopenblas0-pthread python3-h2) ;;
     *) echo "install-deps.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done

@@ -5,6 +5,8 @@
 * ``connect``: a channel whose message limits match the server's (gRPC's default is 4 MiB),
   optionally over TLS or mutual TLS, sending a bearer token with every call.
 * ``health``: the standard ``grpc.health.v1`` check ("SERVING", "NOT_SERVING", ...).
+* ``service_config``: the retry/round_robin service config shared with the C++ client
+  (``client/service_config.json``), for ``connect(..., options=[("grpc.service_config", ...)])``.
 * ``TrainingStream``: a training loop on one ``StreamGradients`` stream (model sent once,
   then a batch with parameters or an update per step; micro-batching; automatic chunking).
 
@@ -47,7 +49,7 @@ except ImportError as error:  # pragma: no cover - only hit before generate.sh h
 
 __all__ = [
     "pb", "pb_grpc", "connect", "read_token_file", "health", "stub", "to_tensor", "from_tensor",
-    "gradients",
+    "gradients", "service_config", "SERVICE_CONFIG_FILE",
     "checkpointing", "loss", "request_from_sequential",
 ]
 
@@ -242,6 +244,24 @@ def connect(target: str, max_message_bytes: int = 256 << 20,
     else:
         channel = grpc.insecure_channel(target, options=channel_options)
     return channel if bearer is None else grpc.intercept_channel(channel, _BearerToken(bearer))
+
+
+# The client-side service config every gradserve client should use against several replicas:
+# round_robin over every address the target resolves to, and up to 5 attempts (0.1 s, 0.2 s, ...
+# backoff, at most 1 s) for calls that fail UNAVAILABLE, e.g. on a replica that is shutting down.
+# ONE file, client/service_config.json, so the C++ client can read or embed the same text.
+SERVICE_CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
+                                   "service_config.json")
+
+
+def service_config(path: Optional[str] = None) -> str:
+    """The JSON text of ``client/service_config.json`` (or ``path``), validated as JSON, for the
+    ``grpc.service_config`` channel option. Retries are on by default in gRPC >= 1.40."""
+    import json
+
+    text = _read_file(path or SERVICE_CONFIG_FILE, "service config").decode("utf-8")
+    json.loads(text)  # A typo should fail here, not silently disable the policy.
+    return text
 
 
 # grpc.health.v1 by hand: HealthCheckRequest is one string field (1: service) and
