@@ -516,6 +516,21 @@ def attack_main(args):
 
 # --- the driver ----------------------------------------------------------------------------------
 
+def free_dual_stack_port():
+    """A port free on both 127.0.0.1 and [::1] right now."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as v4:
+            v4.bind(("127.0.0.1", 0))
+            port = v4.getsockname()[1]
+            try:
+                with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as v6:
+                    v6.bind(("::1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no port free on both 127.0.0.1 and [::1]")
+
+
 class Server:
     """One gradserve on a free loopback port (--listen 127.0.0.1:0, the port read back from its
     start-up line), its log in a temporary file; its pid appended to the pidfile."""
@@ -526,7 +541,12 @@ class Server:
             self.flags += ["--shutdown-grace", "5"]
         self.grace = float(flag_value(self.flags, "--shutdown-grace"))
         self.drain = float(flag_value(self.flags, "--drain-delay") or 0)
-        argv = [binary, "--listen", f"127.0.0.1:{port}"] + self.flags
+        # The attackers connect over IPv4, the innocent client over IPv6 loopback: two client
+        # addresses to the server, as two hosts would be (its per-client shares key on them).
+        if port == 0:
+            port = free_dual_stack_port()
+        argv = [binary, "--listen", f"127.0.0.1:{port}", "--also-listen", f"[::1]:{port}"]
+        argv += self.flags
         if metrics:
             argv += ["--metrics-listen", "127.0.0.1:0"]
         self.log = tempfile.NamedTemporaryFile("w+", prefix="gradserve-abuse-", suffix=".log",
@@ -555,6 +575,7 @@ class Server:
             raise RuntimeError("gradserve did not report its port within 15 s (keep "
                                "--log-level at info or below):\n" + open(self.log.name).read())
         self.target = f"127.0.0.1:{self.port}"
+        self.innocent_target = f"[::1]:{self.port}"
 
     def stop(self, wait=None):
         """SIGTERM; SIGKILL if not gone after `wait` s. Returns (seconds to exit, exit code)."""
@@ -750,7 +771,7 @@ def run_row(args, name, attacks, opts, work):
         sampler.start()
         log = os.path.join(work, f"{name}.innocent.jsonl")
         budget = args.warmup + args.idle_seconds + args.attack_seconds + 40
-        innocent = start_innocent(server.target, log, token, budget,
+        innocent = start_innocent(server.innocent_target, log, token, budget,
                                   scrape_port=server.metrics_port)
         time.sleep(args.warmup)
         idle0 = time.time()
@@ -767,7 +788,7 @@ def run_row(args, name, attacks, opts, work):
                                  token=None, **extra) for a in attacks]
         if name == "idle-streams":
             time.sleep(min(2.0, seconds / 2))
-            row["innocent_stream"] = innocent_stream_check(server.target, token)
+            row["innocent_stream"] = innocent_stream_check(server.innocent_target, token)
             time.sleep(max(0.0, t0 + seconds - time.time()))
         else:
             time.sleep(seconds)
@@ -1110,6 +1131,12 @@ def main():
     p.add_argument("--metrics-port", type=int)
     args = parser.parse_args(argv)
     args.server_flags = server_flags
+    # The server as it runs in a container whose memory limit is the RSS budget, where its
+    # --max-memory-bytes defaults to 40% of that limit (this machine has no such limit).
+    if (hasattr(args, "rss_budget_mib") and
+            not any(f.startswith("--max-memory-bytes") for f in server_flags)):
+        args.server_flags = server_flags + ["--max-memory-bytes",
+                                            str(int(args.rss_budget_mib * (1 << 20)) // 5 * 2)]
     if args.mode == "innocent":
         return innocent_main(args)
     if args.mode == "attack":

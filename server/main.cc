@@ -83,6 +83,9 @@ int main(int argc, char** argv) {
                  "address for gRPC: HOST:PORT, [IPV6]:PORT, or PORT / :PORT for 127.0.0.1:PORT; "
                  "0.0.0.0:PORT for every interface; a port in use is an error")
       ->capture_default_str();
+  app.add_option("--also-listen", options.also_listen_addresses,
+                 "another address to serve on, in the forms of --listen (repeatable), e.g. "
+                 "[::1]:50051 beside 127.0.0.1:50051");
   app.add_option("--threads", options.service.threads,
                  "cores for compute: a large call uses all of them as one OpenMP team, small "
                  "calls run side by side on one each (default: the cores this process may use, "
@@ -139,8 +142,8 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0.001, 1e7));
   app.add_option("--max-memory-bytes", limits.max_memory_bytes,
                  "memory all calls together may hold: requests, answers until taken, "
-                 "activations, streams' state (default: half the container's memory limit or "
-                 "of the machine's memory)")
+                 "activations, streams' state; gRPC's own buffers get as much again (default: 40% "
+                 "of the container's memory limit, or of the machine's memory)")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{1} << 20, int64_t{1} << 50));
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error, critical or off")
@@ -173,6 +176,9 @@ int main(int argc, char** argv) {
   // Configuration errors exit 2 before anything starts.
   absl::Status status = ResolveSecurity(auth_token_file, &options.security);
   if (status.ok()) status = ResolveAddress("--listen", &options.listen_address);
+  for (std::string& address : options.also_listen_addresses) {
+    if (status.ok()) status = ResolveAddress("--also-listen", &address);
+  }
   if (status.ok() && !options.metrics_listen_address.empty()) {
     status = ResolveAddress("--metrics-listen", &options.metrics_listen_address);
   }

@@ -220,6 +220,11 @@ def connect(target: str, max_message_bytes: int = 256 << 20,
                          "give cert_file and key_file together")
     if server_name_override is not None:
         channel_options.append(("grpc.ssl_target_name_override", server_name_override))
+    options = list(options)
+    # round_robin over every address the target resolves to, and calls refused with
+    # UNAVAILABLE (a replica shutting down) retried, on another replica: the shared policy.
+    if not any(name == "grpc.service_config" for name, _ in options):
+        channel_options.append(("grpc.service_config", service_config()))
     channel_options.extend(options)
 
     if token is not None and token_file is not None:

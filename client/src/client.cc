@@ -9,6 +9,7 @@
 #include <string_view>
 
 #include "grpc/health/v1/health.grpc.pb.h"
+#include "service_config.h"  // Generated from client/service_config.json.
 
 namespace gradserve::client {
 namespace {
@@ -144,7 +145,9 @@ std::shared_ptr<grpc::Channel> CreateChannel(
   const int limit = static_cast<int>(std::min<int64_t>(options.max_message_bytes, INT_MAX));
   args.SetMaxReceiveMessageSize(limit);
   args.SetMaxSendMessageSize(limit);
-  args.SetLoadBalancingPolicyName("round_robin");
+  // round_robin over every address the target resolves to, and calls refused with UNAVAILABLE
+  // (a replica shutting down) retried on another one: client/service_config.json.
+  args.SetServiceConfigJSON(internal::kServiceConfigJson);
   if (!options.tls.server_name_override.empty()) {
     args.SetSslTargetNameOverride(options.tls.server_name_override);
   }

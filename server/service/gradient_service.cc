@@ -95,14 +95,26 @@ std::string GradientServiceImpl::AssignRequestId(grpc::CallbackServerContext* co
     if (IsValidRequestId(given)) id = given;
   }
   if (id.empty()) id = NewRequestId();
-  context->AddInitialMetadata(kRequestIdKey, id);
   return id;
+}
+
+void GradientServiceImpl::EchoRequestId(grpc::CallbackServerContext* context,
+                                        const std::string& request_id, const absl::Status& status) {
+  // gRPC clients retry only calls whose answer carried no initial metadata (a "trailers-only"
+  // answer): a call refused with UNAVAILABLE gets its id in the trailers, so that the caller's
+  // retry policy can send it to another replica.
+  if (absl::IsUnavailable(status)) {
+    context->AddTrailingMetadata(kRequestIdKey, request_id);
+  } else {
+    context->AddInitialMetadata(kRequestIdKey, request_id);
+  }
 }
 
 void GradientServiceImpl::LogCall(Method method, grpc::CallbackServerContext* context,
                                   const std::string& request_id, size_t request_bytes,
                                   size_t response_bytes, const absl::Status& status,
                                   const CallTimes& times, spdlog::level::level_enum level) {
+  ++calls_ended_;
   const std::string& name = metrics_.method_name(method);
   spdlog::log(level,
               "{} id={} peer={} request_bytes={} response_bytes={} queue_ms={} decode_ms={} "
@@ -120,6 +132,7 @@ void GradientServiceImpl::FinishCall(Method method, grpc::CallbackServerContext*
                                      const std::string& request_id, size_t request_bytes,
                                      size_t response_bytes, const absl::Status& status,
                                      const CallTimes& times, spdlog::level::level_enum level) {
+  EchoRequestId(context, request_id, status);
   LogCall(method, context, request_id, request_bytes, response_bytes, status, times, level);
   reactor->Finish(ToGrpcStatus(status));
 }
@@ -264,15 +277,13 @@ class GradientServiceImpl::UnaryCall final : public grpc::ServerUnaryReactor {
     return absl::OkStatus();
   }
   void OnDone() override {
+    // The request and the answer are freed once this returns; the sweeper gives what glibc
+    // keeps of them back to the system (Note [Memory budget]).
     memory_->Release(reserved_);
-    // The request and the answer are freed after this returns; what glibc keeps of them is
-    // trimmed after the next large call (ConfigureAllocator maps large buffers anyway).
-    if (reserved_ >= kTrimAfterBytes) ReturnFreeMemory();
     delete this;
   }
 
  private:
-  static constexpr int64_t kTrimAfterBytes = int64_t{64} << 20;
   MemoryBudget* const memory_;
   std::atomic<int64_t> reserved_{0};
 };
@@ -402,6 +413,7 @@ grpc::ServerUnaryReactor* GradientServiceImpl::GetServerInfo(
 }
 
 void GradientServiceImpl::RecordUnauthenticated(std::string_view method) {
+  ++calls_ended_;
   for (int m : {kComputeGradients, kCheckGradients, kGetServerInfo, kGetStats, kStreamGradients}) {
     if (metrics_.method_name(m) == method) {
       metrics_.RecordCall(m, static_cast<int>(grpc::StatusCode::UNAUTHENTICATED), CallTimes());
@@ -487,6 +499,7 @@ class GradientServiceImpl::StreamReactor final
         started_(Clock::now()),
         request_id_(AssignRequestId(context)) {
     absl::Status opened = service_->refusing_ ? ShuttingDownError() : service_->OpenStream(client_);
+    EchoRequestId(context, request_id_, opened);
     if (!opened.ok()) {
       counted_ = false;
       registered_ = false;
@@ -696,6 +709,10 @@ void GradientServiceImpl::UnregisterStream(StreamReactor* stream) {
   streams_.erase(stream);
 }
 
+namespace {
+constexpr int64_t kTrimAfterReleasedBytes = int64_t{64} << 20;
+}  // namespace
+
 void GradientServiceImpl::SweepStreams() {
   const auto idle = std::chrono::duration_cast<Clock::duration>(
       std::chrono::duration<double>(options_.limits.stream_idle_seconds));
@@ -703,6 +720,8 @@ void GradientServiceImpl::SweepStreams() {
   // shutdown), rarely enough to cost nothing.
   const auto period = std::clamp<Clock::duration>(idle / 20, std::chrono::milliseconds(10),
                                                   std::chrono::seconds(1));
+  Clock::time_point last_trim = Clock::now();
+  int64_t ended_at_last_trim = 0;
   std::unique_lock<std::mutex> lock(streams_mutex_);
   while (!stop_sweeper_) {
     // While shutting down, streams that finish a step are ended as soon as they wait again.
@@ -715,6 +734,17 @@ void GradientServiceImpl::SweepStreams() {
       if (stream->ClaimIfWaiting(idle_since, all)) claimed.push_back(stream);
     }
     lock.unlock();
+    // gRPC's receive buffers are many small blocks spread over its threads' heaps, which glibc
+    // keeps after they are freed; returned here, off every call's path: after large releases,
+    // and once calls have stopped (refused calls, unauthenticated ones, release nothing we count).
+    const int64_t ended = calls_ended_.load();
+    const bool quiet = calls_in_flight_.load() == 0 && ended != ended_at_last_trim;
+    if (memory_.ReleasedAtLeast(kTrimAfterReleasedBytes) ||
+        (quiet && Clock::now() - last_trim > std::chrono::seconds(2))) {
+      ReturnFreeMemory();
+      last_trim = Clock::now();
+      ended_at_last_trim = ended;
+    }
     for (StreamReactor* stream : claimed) {
       stream->EndClaimed(all ? ShuttingDownError()
                              : absl::DeadlineExceededError(absl::StrCat(

@@ -104,9 +104,12 @@ class GradientServiceImpl final : public v1::GradientService::CallbackService {
   grpc::ServerUnaryReactor* Dispatch(Method method, grpc::CallbackServerContext* context,
                                      const Request* request, Response* response, double flops,
                                      const absl::Status& claimed_sizes, Compute compute);
-  // The call's request id (the client's if valid, else a new one), echoed to the client in the
-  // initial metadata.
+  // The call's request id: the client's if valid, else a new one.
   static std::string AssignRequestId(grpc::CallbackServerContext* context);
+  // Sends the request id back: in the initial metadata, or in the trailers of a call refused
+  // with UNAVAILABLE (so that clients may retry it). Once per call, before it finishes.
+  static void EchoRequestId(grpc::CallbackServerContext* context, const std::string& request_id,
+                            const absl::Status& status);
   // Logs the call's one line (at `level`) and counts it.
   void LogCall(Method method, grpc::CallbackServerContext* context, const std::string& request_id,
                size_t request_bytes, size_t response_bytes, const absl::Status& status,
@@ -138,6 +141,7 @@ class GradientServiceImpl final : public v1::GradientService::CallbackService {
   const ServiceOptions options_;
   std::atomic<int> calls_in_flight_{0};
   std::atomic<int> open_streams_{0};
+  std::atomic<int64_t> calls_ended_{0};  // Every call logged or refused: the sweeper's clock.
   std::atomic<bool> refusing_{false};
   std::atomic<bool> abandoning_{false};
   Metrics metrics_;

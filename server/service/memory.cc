@@ -22,7 +22,7 @@ int64_t DefaultMaxMemoryBytes() {
     if (limit > 0 && limit < total) total = limit;
     break;
   }
-  return total / 2;
+  return total / 5 * 2;
 }
 
 void ConfigureAllocator() {

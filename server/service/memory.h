@@ -9,8 +9,13 @@
 // that does not fit, and the request is freed at once), then its activations and workspace once
 // the plan knows them. The reservation is released when gRPC is done with the call (OnDone):
 // after the client took the answer, or the call was cancelled. What gRPC buffers before a
-// handler runs is bounded by its ResourceQuota, set to a quarter of the same budget. So the
-// resident memory stays below about: the process at start + 1.25 * max_memory_bytes.
+// handler runs is bounded by its ResourceQuota, set to the same size (a smaller quota made gRPC
+// close innocent clients' idle connections under a flood, to reclaim memory). So the resident
+// memory stays below about: the process at start + 2 * max_memory_bytes, which the default
+// (40% of the memory limit) keeps within the limit.
+// Freed memory goes back to the system: buffers of 4 MiB and more are unmapped when freed
+// (ConfigureAllocator), and after every 64 MiB released the service's sweeper thread trims
+// glibc's heaps (gRPC's receive buffers are many small blocks that would otherwise stay).
 #ifndef GRADSERVE_SERVICE_MEMORY_H_
 #define GRADSERVE_SERVICE_MEMORY_H_
 
@@ -21,8 +26,8 @@
 
 namespace gradserve::service {
 
-// Half the memory this process may use: the cgroup memory limit if one is set (a container),
-// else the machine's physical memory.
+// 40% of the memory this process may use: the cgroup memory limit if one is set (a container),
+// else the machine's physical memory (Note [Memory budget]).
 int64_t DefaultMaxMemoryBytes();
 
 // Makes glibc's malloc give large freed blocks back to the system: buffers of 4 MiB and more
@@ -43,7 +48,17 @@ class MemoryBudget {
   // Reserves `bytes` if they fit; else RESOURCE_EXHAUSTED saying what `what` needed and what is
   // held. Thread-safe.
   absl::Status Reserve(int64_t bytes, const char* what);
-  void Release(int64_t bytes) { in_use_ -= bytes; }
+  void Release(int64_t bytes) {
+    in_use_ -= bytes;
+    released_since_trim_ += bytes;
+  }
+  // True (and the count starts over) once `bytes` or more were released since it last said so:
+  // time to ReturnFreeMemory. Thread-safe.
+  bool ReleasedAtLeast(int64_t bytes) {
+    if (released_since_trim_.load() < bytes) return false;
+    released_since_trim_ = 0;
+    return true;
+  }
 
   int64_t in_use() const { return in_use_.load(); }
   int64_t limit() const { return limit_; }
@@ -51,6 +66,7 @@ class MemoryBudget {
  private:
   const int64_t limit_;
   std::atomic<int64_t> in_use_{0};
+  std::atomic<int64_t> released_since_trim_{0};
 };
 
 }  // namespace gradserve::service

@@ -1,6 +1,8 @@
 #include "server/service/scheduler.h"
 
 #include <sched.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -48,7 +50,11 @@ ComputeScheduler::ComputeScheduler(const Options& options)
       }()),
       free_cores_(options_.cores) {
   workers_.reserve(options_.cores + 1);
-  for (int i = 0; i < options_.cores; ++i) workers_.emplace_back([this] { MainLoop(); });
+  for (int i = 0; i < options_.cores; ++i) {
+    workers_.emplace_back([this] { MainLoop(/*team=*/false); });
+  }
+  // Multi-core calls never run two at a time (each wants every core): one thread for them.
+  if (options_.cores > 1) workers_.emplace_back([this] { MainLoop(/*team=*/true); });
   if (options_.small_lane) workers_.emplace_back([this] { SmallLaneLoop(); });
 }
 
@@ -222,12 +228,17 @@ ComputeScheduler::Call ComputeScheduler::TakeForSmallLane() {
   std::abort();  // REQUIRES: SmallLaneHasWork().
 }
 
-void ComputeScheduler::MainLoop() {
+void ComputeScheduler::MainLoop(bool team) {
+  // Note [Small-call lane]: the team's master and the OpenMP threads it starts (they inherit
+  // it) yield to the one-core threads when both want a core. Raising one's own nice value
+  // needs no privilege; failing to would only cost the small calls some latency.
+  if (team) setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()), options_.team_nice);
   std::unique_lock<std::mutex> lock(mutex_);
   for (;;) {
-    changed_.wait(lock, [this] {
+    changed_.wait(lock, [this, team] {
       const Call* next = NextInTurn();
-      return (next != nullptr && next->cores <= free_cores_) || (stopping_ && queued_ == 0);
+      return (next != nullptr && (next->cores > 1) == team && next->cores <= free_cores_) ||
+             (stopping_ && queued_ == 0);
     });
     if (queued_ == 0) return;  // Stopping, and everything accepted has run.
     Call call = TakeNextInTurn();

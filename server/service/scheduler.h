@@ -27,6 +27,12 @@
 // waits for other small calls only, while the large call loses at most one core's worth of
 // time, and only while small calls are actually waiting. Thread counts are unchanged, so
 // results stay bit-identical. At most cores + 1 threads compute at once.
+// The OS shares a core fairly between equals, which still lets a team slow a small call several
+// times over (and gRPC's threads, receiving a flood of requests, as much). So multi-core calls
+// run on a thread of their own (only one runs at a time, as each wants every core) at nice 10,
+// and so do the OpenMP threads it starts: when a small call and a team want the same core, the
+// small call gets it. A large call then runs at full speed whenever nothing else is waiting for
+// a core, which is almost always; on a machine shared with other programs it yields to them.
 #ifndef GRADSERVE_SERVICE_SCHEDULER_H_
 #define GRADSERVE_SERVICE_SCHEDULER_H_
 
@@ -60,6 +66,7 @@ class ComputeScheduler {
     int max_queue = 64;             // Calls waiting for cores, all clients together.
     int max_queue_per_client = 32;  // Calls one client may have waiting.
     bool small_lane = true;         // Note [Small-call lane].
+    int team_nice = 10;             // Nice value of multi-core calls' threads (ibid.).
   };
   // What happened to a call offered to TrySubmit.
   enum class Admission { kAccepted, kQueueFull, kClientQueueFull, kStopping };
@@ -99,7 +106,9 @@ class ComputeScheduler {
   struct Queue {
     std::deque<Call> calls;
   };
-  void MainLoop();
+  // A main-lane worker: of the calls whose turn it is, the one-core ones, or (`team`) the
+  // multi-core ones.
+  void MainLoop(bool team);
   void SmallLaneLoop();
   // REQUIRES: mutex_ held. The call whose turn it is on the main lane, if any.
   Call* NextInTurn();

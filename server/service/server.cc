@@ -4,6 +4,7 @@
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/resource_quota.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <climits>
 #include <cstring>
@@ -76,6 +77,12 @@ absl::StatusOr<std::unique_ptr<GradServer>> GradServer::Start(const ServerOption
 
   absl::StatusOr<HostPort> listen = ParseListenAddress(options.listen_address, "listen address");
   if (!listen.ok()) return listen.status();
+  std::vector<HostPort> also_listen;
+  for (const std::string& address : options.also_listen_addresses) {
+    absl::StatusOr<HostPort> parsed = ParseListenAddress(address, "also-listen address");
+    if (!parsed.ok()) return parsed.status();
+    also_listen.push_back(*std::move(parsed));
+  }
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
       ServerCredentials(options.security);
   if (!credentials.ok()) return credentials.status();
@@ -97,7 +104,7 @@ absl::StatusOr<std::unique_ptr<GradServer>> GradServer::Start(const ServerOption
   // What gRPC buffers before a handler runs (requests arriving, answers not yet read) is
   // bounded by its quota; the service accounts for the rest (Note [Memory budget]).
   grpc::ResourceQuota quota("gradserve");
-  quota.Resize(static_cast<size_t>(options.service.limits.max_memory_bytes / 4));
+  quota.Resize(static_cast<size_t>(options.service.limits.max_memory_bytes));
   builder.SetResourceQuota(quota);
   const ConnectionOptions& connections = options.connections;
   builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, connections.max_concurrent_streams);
@@ -107,14 +114,24 @@ absl::StatusOr<std::unique_ptr<GradServer>> GradServer::Start(const ServerOption
   builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, connections.max_age_ms);
   builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, connections.max_age_grace_ms);
   builder.AddListeningPort(listen->ToString(), *credentials, &server->port_);
+  std::vector<int> also_ports(also_listen.size(), 0);
+  for (size_t i = 0; i < also_listen.size(); ++i) {
+    builder.AddListeningPort(also_listen[i].ToString(), *credentials, &also_ports[i]);
+  }
   builder.SetMaxReceiveMessageSize(ClampToInt(server->max_message_bytes_));
   builder.SetMaxSendMessageSize(ClampToInt(server->max_message_bytes_));
   builder.RegisterService(server->authenticated_service_.get());
   server->server_ = builder.BuildAndStart();
-  if (server->server_ == nullptr || server->port_ == 0) {
-    // gRPC says only that no port could be added: find out whether the address is the cause.
-    if (std::string why = DescribeBindFailure(*listen); !why.empty()) {
-      return absl::UnavailableError(absl::StrCat("could not listen for gRPC calls: ", why));
+  const bool some_port_failed =
+      server->port_ == 0 || std::find(also_ports.begin(), also_ports.end(), 0) != also_ports.end();
+  if (server->server_ == nullptr || some_port_failed) {
+    // gRPC says only that no port could be added: find out whether an address is the cause.
+    server->server_.reset();
+    also_listen.insert(also_listen.begin(), *listen);
+    for (const HostPort& address : also_listen) {
+      if (std::string why = DescribeBindFailure(address); !why.empty()) {
+        return absl::UnavailableError(absl::StrCat("could not listen for gRPC calls: ", why));
+      }
     }
     const bool tls = !options.security.tls_cert_file.empty();
     return absl::UnavailableError(

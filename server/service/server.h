@@ -9,6 +9,7 @@
 #include <chrono>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "server/service/auth.h"
@@ -52,6 +53,8 @@ struct ServerOptions {
   // 127.0.0.1, and port 0 picks a free one (see GradServer::port()). Loopback by default:
   // serving every interface (0.0.0.0:PORT) is an explicit choice.
   std::string listen_address = "127.0.0.1:50051";
+  // More addresses to serve on, in the same forms (e.g. [::1]:50051 beside 127.0.0.1:50051).
+  std::vector<std::string> also_listen_addresses;
   SecurityOptions security;
   ServiceOptions service;
   ConnectionOptions connections;
@@ -85,6 +88,8 @@ class GradServer {
   // Marks health NOT_SERVING ("" and the service) while still serving calls, so that load
   // balancers stop sending new ones before the server stops accepting them.
   void StartDraining();
+  // What Shutdown does first: every new call gets UNAVAILABLE from here on (Note [Shutdown]).
+  void RefuseNewCalls() { service_->RefuseNewCalls(); }
   // Marks health NOT_SERVING, stops accepting calls, lets calls in flight finish for up to
   // `grace`, then cancels the rest, and stops the metrics endpoint last (scrapes see the drain).
   // Idempotent.

@@ -8,6 +8,7 @@
 #include <future>
 #include <thread>
 
+#include "gradserve/client.h"
 #include "gradserve/v1/gradserve.grpc.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "server/service/server.h"
@@ -423,6 +424,41 @@ TEST(Lifecycle, CallAfterTheDrainOnAnOpenConnectionGetsUnavailable) {
   EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
   EXPECT_TRUE(slow.get().ok());
   shutdown.join();
+}
+
+// The clients' channel policy (client/service_config.json): over two replicas, one of them
+// shutting down (refusing with UNAVAILABLE), every call succeeds, retried on the other one;
+// the same calls on a channel without the policy do fail.
+TEST(Lifecycle, ClientRetriesUnavailableOnAnotherReplica) {
+  auto refusing = StartServer();
+  auto serving = StartServer();
+  ASSERT_NE(refusing, nullptr);
+  ASSERT_NE(serving, nullptr);
+  refusing->RefuseNewCalls();
+  const std::string target = "ipv4:127.0.0.1:" + std::to_string(refusing->port()) +
+                             ",127.0.0.1:" + std::to_string(serving->port());
+  const v1::ComputeGradientsRequest request = testing::SeedRequest<float>();
+  auto failures = [&](std::shared_ptr<grpc::Channel> channel) {
+    auto stub = v1::GradientService::NewStub(channel);
+    int failed = 0;
+    for (int i = 0; i < 20; ++i) {
+      v1::ComputeGradientsResponse response;
+      grpc::ClientContext context;
+      context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+      const grpc::Status status = stub->ComputeGradients(&context, request, &response);
+      if (!status.ok()) {
+        EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+        ++failed;
+      }
+    }
+    return failed;
+  };
+  EXPECT_EQ(failures(client::CreateChannel(target)), 0);
+  grpc::ChannelArguments no_retries;
+  no_retries.SetLoadBalancingPolicyName("round_robin");
+  EXPECT_GT(
+      failures(grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), no_retries)),
+      0);
 }
 
 }  // namespace

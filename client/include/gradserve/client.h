@@ -170,7 +170,9 @@ bool ReadBearerTokenFile(const std::string& path, std::string* token, std::strin
 void PrepareContext(const ClientOptions& options, grpc::ClientContext* context);
 
 // One channel per process is the usual choice; "dns:///host:port" with
-// ClientOptions works behind Kubernetes headless services (round_robin is set).
+// ClientOptions works behind Kubernetes headless services: the channel balances calls
+// round_robin over every address and retries a call refused with UNAVAILABLE (a replica
+// shutting down) up to 4 more times with backoff, on another replica (client/service_config.json).
 // `credentials`: nullptr means MakeChannelCredentials(options); if that fails, every call on the
 // channel fails with INVALID_ARGUMENT (call MakeChannelCredentials yourself to get the reason).
 // options.tls.server_name_override is applied either way.
