@@ -114,7 +114,8 @@ absl::StatusOr<std::unique_ptr<GradServer>> GradServer::Start(const ServerOption
   builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, connections.max_age_ms);
   builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, connections.max_age_grace_ms);
   builder.AddListeningPort(listen->ToString(), *credentials, &server->port_);
-  std::vector<int> also_ports(also_listen.size(), 0);
+  std::vector<int>& also_ports = server->also_ports_;
+  also_ports.assign(also_listen.size(), 0);
   for (size_t i = 0; i < also_listen.size(); ++i) {
     builder.AddListeningPort(also_listen[i].ToString(), *credentials, &also_ports[i]);
   }

@@ -76,6 +76,8 @@ class GradServer {
   ~GradServer();
 
   int port() const { return port_; }
+  // The ports of ServerOptions::also_listen_addresses, in their order.
+  const std::vector<int>& also_ports() const { return also_ports_; }
   // The Prometheus endpoint's port; 0 if there is none.
   int metrics_port() const { return metrics_http_ == nullptr ? 0 : metrics_http_->port(); }
   // What GetStats reports.
@@ -104,6 +106,7 @@ class GradServer {
   // After service_: destroyed first, as it reads service_'s metrics.
   std::unique_ptr<MetricsHttpServer> metrics_http_;
   int port_ = 0;
+  std::vector<int> also_ports_;
   int64_t max_message_bytes_ = 0;
 };
 

@@ -461,5 +461,69 @@ TEST(Lifecycle, ClientRetriesUnavailableOnAnotherReplica) {
       0);
 }
 
+// Note [Memory budget]: a call whose request and answer do not fit what calls in flight leave
+// of max_memory_bytes is refused at once, naming the limit; what calls hold is released when
+// they end, and the server answers normally afterwards.
+TEST(Lifecycle, CallOverTheMemoryBudgetIsRefusedAndReservationsAreReleased) {
+  spdlog::set_level(spdlog::level::warn);
+  service::ServerOptions options;
+  options.listen_address = "127.0.0.1:0";
+  options.service.threads = 2;
+  options.service.limits.max_memory_bytes = 8 << 20;
+  auto server = service::GradServer::Start(options);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = Connect(**server);
+  {
+    // A small request whose answer (the output, 2000 x 1024) would take over 8 MiB.
+    v1::ComputeGradientsRequest request;
+    v1::Linear* linear = request.mutable_model()->add_layers()->mutable_linear();
+    linear->set_in_features(4);
+    linear->set_out_features(1024);
+    linear->set_bias(false);
+    request.mutable_model()->mutable_loss()->mutable_external();
+    testing::SetTensor<float>(request.add_parameters()->mutable_weight(),
+                              std::vector<float>(4 * 1024, 0.5f), {1024, 4});
+    testing::SetTensor<float>(request.mutable_inputs(), std::vector<float>(2000 * 4, 1.0f),
+                              {2000, 4});
+    request.mutable_options()->set_return_output(true);
+    v1::ComputeGradientsResponse response;
+    grpc::ClientContext context;
+    const grpc::Status status = stub->ComputeGradients(&context, request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << status.error_message();
+    EXPECT_THAT(status.error_message(), ::testing::HasSubstr("max_memory_bytes"));
+  }
+  for (int i = 0; i < 3; ++i) {
+    v1::ComputeGradientsResponse response;
+    grpc::ClientContext context;
+    EXPECT_TRUE(stub->ComputeGradients(&context, testing::SeedRequest<float>(), &response).ok());
+  }
+  // Released in OnDone, just after the client has its answer.
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while ((*server)->Stats().memory_in_use_bytes != 0 &&
+         std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_EQ((*server)->Stats().memory_in_use_bytes, 0);
+}
+
+// --also-listen: the same service on a second address, here IPv6 loopback beside IPv4.
+TEST(Lifecycle, ServesOnEveryListenAddress) {
+  service::ServerOptions options;
+  options.listen_address = "127.0.0.1:0";
+  options.also_listen_addresses = {"[::1]:0"};
+  auto server = service::GradServer::Start(options);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_EQ((*server)->also_ports().size(), 1u);
+  for (const std::string& target : {"127.0.0.1:" + std::to_string((*server)->port()),
+                                    "[::1]:" + std::to_string((*server)->also_ports()[0])}) {
+    auto stub = v1::GradientService::NewStub(
+        grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
+    v1::GetServerInfoResponse info;
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    EXPECT_TRUE(stub->GetServerInfo(&context, v1::GetServerInfoRequest(), &info).ok()) << target;
+  }
+}
+
 }  // namespace
 }  // namespace gradserve
