@@ -388,28 +388,32 @@ grpc::ServerUnaryReactor* GradientServiceImpl::CheckGradients(
                   });
 }
 
+template <typename Request, typename Response, typename Fill>
+grpc::ServerUnaryReactor* GradientServiceImpl::AnswerInline(Method method,
+                                                            grpc::CallbackServerContext* context,
+                                                            const Request* request,
+                                                            Response* response, Fill fill) {
+  const Clock::time_point received = Clock::now();
+  const std::string request_id = AssignRequestId(context);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  const absl::Status status = refusing_ ? ShuttingDownError() : absl::OkStatus();
+  if (status.ok()) fill();
+  CallTimes times;
+  times[Phase::kTotal] = Seconds(Clock::now() - received);
+  FinishCall(method, context, reactor, request_id, request->ByteSizeLong(),
+             status.ok() ? response->ByteSizeLong() : 0, status, times);
+  return reactor;
+}
+
 grpc::ServerUnaryReactor* GradientServiceImpl::GetServerInfo(
     grpc::CallbackServerContext* context, const v1::GetServerInfoRequest* request,
     v1::GetServerInfoResponse* response) {
   // Cheap and constant: answered on the reaction thread, so it works even when the queue is full.
-  const Clock::time_point received = Clock::now();
-  const std::string request_id = AssignRequestId(context);
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  if (refusing_) {
-    CallTimes times;
-    times[Phase::kTotal] = Seconds(Clock::now() - received);
-    FinishCall(kGetServerInfo, context, reactor, request_id, request->ByteSizeLong(), 0,
-               ShuttingDownError(), times);
-    return reactor;
-  }
-  service::GetServerInfo(options_.limits, options_.threads, response);
-  response->mutable_limits()->set_max_queue(options_.max_queue);
-  response->mutable_limits()->set_max_queue_per_client(options_.max_queue_per_client);
-  CallTimes times;
-  times[Phase::kTotal] = Seconds(Clock::now() - received);
-  FinishCall(kGetServerInfo, context, reactor, request_id, request->ByteSizeLong(),
-             response->ByteSizeLong(), absl::OkStatus(), times);
-  return reactor;
+  return AnswerInline(kGetServerInfo, context, request, response, [this, response] {
+    service::GetServerInfo(options_.limits, options_.threads, response);
+    response->mutable_limits()->set_max_queue(options_.max_queue);
+    response->mutable_limits()->set_max_queue_per_client(options_.max_queue_per_client);
+  });
 }
 
 void GradientServiceImpl::RecordUnauthenticated(std::string_view method) {
@@ -434,44 +438,31 @@ grpc::ServerUnaryReactor* GradientServiceImpl::GetStats(grpc::CallbackServerCont
                                                         const v1::GetStatsRequest* request,
                                                         v1::GetStatsResponse* response) {
   // Like GetServerInfo, answered on the reaction thread: it reports on a full queue too.
-  const Clock::time_point received = Clock::now();
-  const std::string request_id = AssignRequestId(context);
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  if (refusing_) {
-    CallTimes times;
-    times[Phase::kTotal] = Seconds(Clock::now() - received);
-    FinishCall(kGetStats, context, reactor, request_id, request->ByteSizeLong(), 0,
-               ShuttingDownError(), times);
-    return reactor;
-  }
-  const MetricsSnapshot snapshot = Stats();
-  for (const MethodSnapshot& method : snapshot.methods) {
-    v1::MethodStats* out = response->add_methods();
-    out->set_method(method.method);
-    out->set_calls(method.calls());
-    for (int code = 0; code < kNumStatusCodes; ++code) {
-      if (method.calls_by_code[code] == 0) continue;
-      v1::StatusCount* count = out->add_by_code();
-      count->set_code(std::string(StatusCodeName(code)));
-      count->set_calls(method.calls_by_code[code]);
+  return AnswerInline(kGetStats, context, request, response, [this, response] {
+    const MetricsSnapshot snapshot = Stats();
+    for (const MethodSnapshot& method : snapshot.methods) {
+      v1::MethodStats* out = response->add_methods();
+      out->set_method(method.method);
+      out->set_calls(method.calls());
+      for (int code = 0; code < kNumStatusCodes; ++code) {
+        if (method.calls_by_code[code] == 0) continue;
+        v1::StatusCount* count = out->add_by_code();
+        count->set_code(std::string(StatusCodeName(code)));
+        count->set_calls(method.calls_by_code[code]);
+      }
+      ToProto(method.phases[static_cast<int>(Phase::kTotal)], out->mutable_total());
+      ToProto(method.phases[static_cast<int>(Phase::kQueue)], out->mutable_queue());
+      ToProto(method.phases[static_cast<int>(Phase::kDecode)], out->mutable_decode());
+      ToProto(method.phases[static_cast<int>(Phase::kCompute)], out->mutable_compute());
+      ToProto(method.phases[static_cast<int>(Phase::kEncode)], out->mutable_encode());
     }
-    ToProto(method.phases[static_cast<int>(Phase::kTotal)], out->mutable_total());
-    ToProto(method.phases[static_cast<int>(Phase::kQueue)], out->mutable_queue());
-    ToProto(method.phases[static_cast<int>(Phase::kDecode)], out->mutable_decode());
-    ToProto(method.phases[static_cast<int>(Phase::kCompute)], out->mutable_compute());
-    ToProto(method.phases[static_cast<int>(Phase::kEncode)], out->mutable_encode());
-  }
-  response->set_calls_in_flight(snapshot.calls_in_flight);
-  response->set_queue_length(snapshot.queue_length);
-  response->set_open_streams(snapshot.open_streams);
-  response->set_memory_in_use_bytes(snapshot.memory_in_use_bytes);
-  response->set_process_start_time_seconds(snapshot.process_start_time_seconds);
-  response->set_uptime_seconds(snapshot.uptime_seconds);
-  CallTimes times;
-  times[Phase::kTotal] = Seconds(Clock::now() - received);
-  FinishCall(kGetStats, context, reactor, request_id, request->ByteSizeLong(),
-             response->ByteSizeLong(), absl::OkStatus(), times);
-  return reactor;
+    response->set_calls_in_flight(snapshot.calls_in_flight);
+    response->set_queue_length(snapshot.queue_length);
+    response->set_open_streams(snapshot.open_streams);
+    response->set_memory_in_use_bytes(snapshot.memory_in_use_bytes);
+    response->set_process_start_time_seconds(snapshot.process_start_time_seconds);
+    response->set_uptime_seconds(snapshot.uptime_seconds);
+  });
 }
 
 // One StreamGradients call. It reads a message, handles it (a step on the scheduler like a

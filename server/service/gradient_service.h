@@ -104,6 +104,11 @@ class GradientServiceImpl final : public v1::GradientService::CallbackService {
   grpc::ServerUnaryReactor* Dispatch(Method method, grpc::CallbackServerContext* context,
                                      const Request* request, Response* response, double flops,
                                      const absl::Status& claimed_sizes, Compute compute);
+  // Answers a cheap call right on the gRPC thread: fill() fills `response` unless the server is
+  // shutting down (UNAVAILABLE); logged and counted like every call.
+  template <typename Request, typename Response, typename Fill>
+  grpc::ServerUnaryReactor* AnswerInline(Method method, grpc::CallbackServerContext* context,
+                                         const Request* request, Response* response, Fill fill);
   // The call's request id: the client's if valid, else a new one.
   static std::string AssignRequestId(grpc::CallbackServerContext* context);
   // Sends the request id back: in the initial metadata, or in the trailers of a call refused
