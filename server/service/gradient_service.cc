@@ -295,10 +295,12 @@ grpc::ServerUnaryReactor* GradientServiceImpl::Dispatch(
   const Clock::time_point received = Clock::now();
   auto* reactor = new UnaryCall(&memory_);
   std::string request_id = AssignRequestId(context);
+  // Measured once, here: ByteSizeLong walks the whole request.
+  const size_t request_bytes = request->ByteSizeLong();
   auto refuse = [&](const absl::Status& status) {
     CallTimes times;
     times[Phase::kTotal] = Seconds(Clock::now() - received);
-    FinishCall(method, context, reactor, request_id, request->ByteSizeLong(), 0, status, times,
+    FinishCall(method, context, reactor, request_id, request_bytes, 0, status, times,
                spdlog::level::warn);  // Overload, limits, shutdown: say so louder.
     return reactor;
   };
@@ -306,9 +308,9 @@ grpc::ServerUnaryReactor* GradientServiceImpl::Dispatch(
     return refuse(admissible);
   }
   // The request is already here; the answer will be (Note [Memory budget]).
-  if (absl::Status fits = reactor->Reserve(static_cast<int64_t>(request->ByteSizeLong()) +
-                                               ResponseBytesBound(*request, options_.limits),
-                                           "this call's request and answer");
+  if (absl::Status fits = reactor->Reserve(
+          static_cast<int64_t>(request_bytes) + ResponseBytesBound(*request, options_.limits),
+          "this call's request and answer");
       !fits.ok()) {
     return refuse(fits);
   }
@@ -319,27 +321,26 @@ grpc::ServerUnaryReactor* GradientServiceImpl::Dispatch(
   call.client = ClientKey(context->peer());
   call.cores = CoresFor(flops);
   call.run = [this, method, context, request, response, reactor, received, compute, request_id,
-              limits](int cores) {
+              request_bytes, limits](int cores) {
     TimedCompute timed(limits.get(), cores, received);
     timed.set_reserve_memory([reactor](int64_t bytes) {
       return reactor->Reserve(bytes, "this call's activations and workspace");
     });
     const absl::Status status = limits->Why(compute(*request, timed.context(), response));
     CallTimes times = timed.times();
-    // Sizes before the total: ByteSizeLong walks the whole response.
-    const size_t request_bytes = request->ByteSizeLong();
+    // Before the total: ByteSizeLong walks the whole response.
     const size_t response_bytes = status.ok() ? response->ByteSizeLong() : 0;
     times[Phase::kTotal] = Seconds(Clock::now() - received);
     --calls_in_flight_;
     FinishCall(method, context, reactor, request_id, request_bytes, response_bytes, status, times);
   };
   // Dropped unrun: shutdown, or nobody waits for it any more.
-  call.drop = [this, method, context, request, reactor, received, request_id,
+  call.drop = [this, method, context, reactor, received, request_id, request_bytes,
                limits](const absl::Status& status) {
     CallTimes times;
     times[Phase::kQueue] = times[Phase::kTotal] = Seconds(Clock::now() - received);
     --calls_in_flight_;
-    FinishCall(method, context, reactor, request_id, request->ByteSizeLong(), 0,
+    FinishCall(method, context, reactor, request_id, request_bytes, 0,
                absl::IsDeadlineExceeded(status)
                    ? limits->Why(absl::CancelledError("the client cancelled the call"))
                    : status,
