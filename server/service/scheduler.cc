@@ -53,7 +53,8 @@ ComputeScheduler::ComputeScheduler(const Options& options)
   for (int i = 0; i < options_.cores; ++i) {
     workers_.emplace_back([this] { MainLoop(/*team=*/false); });
   }
-  // Multi-core calls never run two at a time (each wants every core): one thread for them.
+  // The service's multi-core calls each want every core, so they run one at a time: one thread
+  // (Note [Small-call lane]) runs them all.
   if (options_.cores > 1) workers_.emplace_back([this] { MainLoop(/*team=*/true); });
   if (options_.small_lane) workers_.emplace_back([this] { SmallLaneLoop(); });
 }
