@@ -2,10 +2,10 @@
 //
 // Note [Scheduling]
 // Each call asks for a number of cores: one for a small call, all of them for a large one
-// (see ComputeGradientsCost). The *main lane* has one worker thread per core and starts the
-// next call as soon as enough cores are free, so small calls run side by side, one core each
-// (inter-request parallelism), and a large call gets every core to itself as an OpenMP team
-// (intra-request parallelism). A call's thread count depends only on the call itself, never on
+// (see ComputeGradientsCost). The *main lane* (one worker thread per core for one-core calls,
+// one more for multi-core calls) starts the next call as soon as enough cores are free, so small
+// calls run side by side, one core each (inter-request parallelism), and a large call gets every
+// core to itself as an OpenMP team (intra-request parallelism). A call's thread count depends only on the call itself, never on
 // the load, so its result is bit-identical however busy the server is.
 //
 // Whose call is next: every client (the caller's IP address, see ClientKey) has its own queue,
