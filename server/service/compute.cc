@@ -256,6 +256,11 @@ double CheckGradientsCost(const v1::CheckGradientsRequest& request) {
   return ComputeGradientsCost(request.request()) * (1 + 2.0 * samples * tensors / 3);
 }
 
+absl::Status CheckClaimedSizes(const v1::CheckGradientsRequest& request,
+                               const ServiceLimits& limits) {
+  return Prefixed(CheckClaimedSizes(request.request(), limits), "request.");
+}
+
 int64_t ResponseBytesBound(const v1::ComputeGradientsRequest& request,
                            const ServiceLimits& limits) {
   // The gradients are as large as the parameters; the output and dx as large as the batch

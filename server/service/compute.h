@@ -51,6 +51,11 @@ void GetServerInfo(const ServiceLimits& limits, int threads, v1::GetServerInfoRe
 double ComputeGradientsCost(const v1::ComputeGradientsRequest& request);
 double CheckGradientsCost(const v1::CheckGradientsRequest& request);
 
+// CheckClaimedSizes (convert.h) of the request a CheckGradients call checks, its fields named
+// "request.*".
+absl::Status CheckClaimedSizes(const v1::CheckGradientsRequest& request,
+                               const ServiceLimits& limits);
+
 // An upper bound of the answer's size from the request as sent (before validation), at most
 // max_message_bytes (a larger answer is refused before any compute): what a call reserves
 // for its answer (Note [Memory budget]).

@@ -159,11 +159,11 @@ absl::Status GradientServiceImpl::AdmissionError(ComputeScheduler::Admission adm
   return ShuttingDownError();
 }
 
-absl::Status GradientServiceImpl::CheckAdmissible(double flops,
-                                                  const absl::Status& claimed_sizes) const {
+absl::Status GradientServiceImpl::CheckAdmissible(
+    double flops, const std::function<absl::Status()>& claimed_sizes) const {
   if (refusing_) return ShuttingDownError();
-  RETURN_IF_ERROR(claimed_sizes);
   if (flops > options_.limits.max_call_flops) {
+    if (claimed_sizes) RETURN_IF_ERROR(claimed_sizes());
     return absl::ResourceExhaustedError(
         absl::StrCat("this call is estimated at ", fmt::format("{:.3g}", flops),
                      " floating-point operations, over max_call_flops (",
@@ -269,29 +269,22 @@ class TimedCompute {
 // gRPC is done with the call (the client took the answer, or the call ended otherwise).
 class GradientServiceImpl::UnaryCall final : public grpc::ServerUnaryReactor {
  public:
-  explicit UnaryCall(MemoryBudget* memory) : memory_(memory) {}
+  explicit UnaryCall(MemoryBudget* budget) : memory_(budget) {}
   // Adds to what this call holds; RESOURCE_EXHAUSTED (nothing added) if it does not fit.
-  absl::Status Reserve(int64_t bytes, const char* what) {
-    RETURN_IF_ERROR(memory_->Reserve(bytes, what));
-    reserved_ += bytes;
-    return absl::OkStatus();
-  }
-  void OnDone() override {
-    // The request and the answer are freed once this returns; the sweeper gives what glibc
-    // keeps of them back to the system (Note [Memory budget]).
-    memory_->Release(reserved_);
-    delete this;
-  }
+  absl::Status Reserve(int64_t bytes, const char* what) { return memory_.Add(bytes, what); }
+  // The reservation ends with it. The request and the answer are freed once this returns; the
+  // sweeper gives what glibc keeps of them back to the system (Note [Memory budget]).
+  void OnDone() override { delete this; }
 
  private:
-  MemoryBudget* const memory_;
-  std::atomic<int64_t> reserved_{0};
+  MemoryReservation memory_;
 };
 
 template <typename Request, typename Response, typename Compute>
-grpc::ServerUnaryReactor* GradientServiceImpl::Dispatch(
-    Method method, grpc::CallbackServerContext* context, const Request* request, Response* response,
-    double flops, const absl::Status& claimed_sizes, Compute compute) {
+grpc::ServerUnaryReactor* GradientServiceImpl::Dispatch(Method method,
+                                                        grpc::CallbackServerContext* context,
+                                                        const Request* request, Response* response,
+                                                        double flops, Compute compute) {
   const Clock::time_point received = Clock::now();
   auto* reactor = new UnaryCall(&memory_);
   std::string request_id = AssignRequestId(context);
@@ -303,6 +296,9 @@ grpc::ServerUnaryReactor* GradientServiceImpl::Dispatch(
     FinishCall(method, context, reactor, request_id, request_bytes, 0, status, times,
                spdlog::level::warn);  // Overload, limits, shutdown: say so louder.
     return reactor;
+  };
+  const auto claimed_sizes = [this, request] {
+    return CheckClaimedSizes(*request, options_.limits);
   };
   if (absl::Status admissible = CheckAdmissible(flops, claimed_sizes); !admissible.ok()) {
     return refuse(admissible);
@@ -359,11 +355,7 @@ grpc::ServerUnaryReactor* GradientServiceImpl::Dispatch(
 grpc::ServerUnaryReactor* GradientServiceImpl::ComputeGradients(
     grpc::CallbackServerContext* context, const v1::ComputeGradientsRequest* request,
     v1::ComputeGradientsResponse* response) {
-  const double flops = ComputeGradientsCost(*request);
-  return Dispatch(kComputeGradients, context, request, response, flops,
-                  flops > options_.limits.max_call_flops
-                      ? CheckClaimedSizes(*request, options_.limits)
-                      : absl::OkStatus(),
+  return Dispatch(kComputeGradients, context, request, response, ComputeGradientsCost(*request),
                   [this](const v1::ComputeGradientsRequest& r, const ComputeContext& c,
                          v1::ComputeGradientsResponse* out) {
                     return service::ComputeGradients(r, options_.limits, c, out);
@@ -373,16 +365,7 @@ grpc::ServerUnaryReactor* GradientServiceImpl::ComputeGradients(
 grpc::ServerUnaryReactor* GradientServiceImpl::CheckGradients(
     grpc::CallbackServerContext* context, const v1::CheckGradientsRequest* request,
     v1::CheckGradientsResponse* response) {
-  const double flops = CheckGradientsCost(*request);
-  absl::Status claimed_sizes;
-  if (flops > options_.limits.max_call_flops) {
-    claimed_sizes = CheckClaimedSizes(request->request(), options_.limits);
-    if (!claimed_sizes.ok()) {
-      claimed_sizes =
-          absl::Status(claimed_sizes.code(), absl::StrCat("request.", claimed_sizes.message()));
-    }
-  }
-  return Dispatch(kCheckGradients, context, request, response, flops, claimed_sizes,
+  return Dispatch(kCheckGradients, context, request, response, CheckGradientsCost(*request),
                   [this](const v1::CheckGradientsRequest& r, const ComputeContext& c,
                          v1::CheckGradientsResponse* out) {
                     return service::CheckGradients(r, options_.limits, c, out);
@@ -488,6 +471,7 @@ class GradientServiceImpl::StreamReactor final
         context_(context),
         client_(ClientKey(context->peer())),
         session_(service->options_.limits),
+        session_memory_(&service->memory_),
         started_(Clock::now()),
         request_id_(AssignRequestId(context)) {
     absl::Status opened = service_->refusing_ ? ShuttingDownError() : service_->OpenStream(client_);
@@ -549,8 +533,7 @@ class GradientServiceImpl::StreamReactor final
 
   void OnDone() override {
     if (registered_) service_->UnregisterStream(this);
-    service_->memory_.Release(session_reserved_);
-    session_reserved_ = 0;
+    session_memory_.Release();
     Unref();
   }
 
@@ -587,27 +570,18 @@ class GradientServiceImpl::StreamReactor final
 
   // Keeps this stream's reservation equal to what its session holds (Note [Memory budget]).
   absl::Status HoldSessionMemory() {
-    const int64_t held = session_.held_bytes();
-    if (held > session_reserved_) {
-      RETURN_IF_ERROR(service_->memory_.Reserve(held - session_reserved_, "this stream's state"));
-    } else {
-      service_->memory_.Release(session_reserved_ - held);
-    }
-    session_reserved_ = held;
-    return absl::OkStatus();
+    return session_memory_.Set(session_.held_bytes(), "this stream's state");
   }
 
   void RunStep(int cores) {
     TimedCompute timed(&*step_limits_, cores, queued_);
-    int64_t step_reserved = 0;
-    timed.set_reserve_memory([this, &step_reserved](int64_t bytes) {
-      RETURN_IF_ERROR(service_->memory_.Reserve(bytes, "this step's activations and workspace"));
-      step_reserved += bytes;
-      return absl::OkStatus();
+    MemoryReservation step_memory(&service_->memory_);
+    timed.set_reserve_memory([&step_memory](int64_t bytes) {
+      return step_memory.Add(bytes, "this step's activations and workspace");
     });
     response_.Clear();
     const absl::StatusOr<bool> answered = session_.Handle(&request_, timed.context(), &response_);
-    service_->memory_.Release(step_reserved);
+    step_memory.Release();
     service_->metrics_.RecordPhases(kStreamGradients, timed.times());
     --service_->calls_in_flight_;
     if (!answered.ok()) return End(step_limits_->Why(answered.status()));
@@ -646,6 +620,7 @@ class GradientServiceImpl::StreamReactor final
   grpc::CallbackServerContext* const context_;
   const std::string client_;
   StreamSession session_;
+  MemoryReservation session_memory_;  // What the session holds, against the service's budget.
   const Clock::time_point started_;
   const std::string request_id_;
   bool counted_ = true;     // Whether this stream counts among the open ones.
@@ -658,7 +633,6 @@ class GradientServiceImpl::StreamReactor final
   std::optional<CallLimits> step_limits_;  // The step being computed.
   size_t request_bytes_ = 0;
   size_t response_bytes_ = 0;
-  int64_t session_reserved_ = 0;  // Held against the service's memory budget.
   v1::StreamGradientsRequest request_;
   v1::StreamGradientsResponse response_;
 };

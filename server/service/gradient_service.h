@@ -103,7 +103,7 @@ class GradientServiceImpl final : public v1::GradientService::CallbackService {
   template <typename Request, typename Response, typename Compute>
   grpc::ServerUnaryReactor* Dispatch(Method method, grpc::CallbackServerContext* context,
                                      const Request* request, Response* response, double flops,
-                                     const absl::Status& claimed_sizes, Compute compute);
+                                     Compute compute);
   // Answers a cheap call right on the gRPC thread: fill() fills `response` unless the server is
   // shutting down (UNAVAILABLE); logged and counted like every call.
   template <typename Request, typename Response, typename Fill>
@@ -128,11 +128,11 @@ class GradientServiceImpl final : public v1::GradientService::CallbackService {
   int CoresFor(double flops) const;
   // The error a call refused by the scheduler gets.
   absl::Status AdmissionError(ComputeScheduler::Admission admission) const;
-  // The error a call gets before it is queued: UNAVAILABLE while shutting down, then
-  // `claimed_sizes` (the sizes the request claims, checked when it looks over max_call_flops),
-  // then RESOURCE_EXHAUSTED over max_call_flops; OK to go on.
+  // The error a call gets before it is queued: UNAVAILABLE while shutting down; over
+  // max_call_flops, the error of `claimed_sizes` (if set: a size the request claims is over its
+  // limit, so the caller learns which), else RESOURCE_EXHAUSTED; OK to go on.
   absl::Status CheckAdmissible(double flops,
-                               const absl::Status& claimed_sizes = absl::OkStatus()) const;
+                               const std::function<absl::Status()>& claimed_sizes = {}) const;
   // Stream bookkeeping (Note [Stream lifetime]): a stream's place among max_streams and its
   // client's max_streams_per_client; false (and nothing counted) if either is full.
   absl::Status OpenStream(const std::string& client);

@@ -69,6 +69,37 @@ class MemoryBudget {
   std::atomic<int64_t> released_since_trim_{0};
 };
 
+// What one call or stream holds against a MemoryBudget, given back by Release() or on
+// destruction. Used by one thread at a time (the calls that change it are ordered by gRPC and
+// the scheduler); the count is atomic only because TSan cannot see gRPC's ordering.
+class MemoryReservation {
+ public:
+  explicit MemoryReservation(MemoryBudget* budget) : budget_(budget) {}
+  ~MemoryReservation() { Release(); }
+  MemoryReservation(const MemoryReservation&) = delete;
+  MemoryReservation& operator=(const MemoryReservation&) = delete;
+
+  // Holds `bytes` more; RESOURCE_EXHAUSTED (and nothing more held) if they do not fit.
+  absl::Status Add(int64_t bytes, const char* what) {
+    if (absl::Status fits = budget_->Reserve(bytes, what); !fits.ok()) return fits;
+    bytes_ += bytes;
+    return absl::OkStatus();
+  }
+  // Holds exactly `bytes`, more or fewer than now; as Add when it grows.
+  absl::Status Set(int64_t bytes, const char* what) {
+    const int64_t held = bytes_.load();
+    if (bytes > held) return Add(bytes - held, what);
+    budget_->Release(held - bytes);
+    bytes_ = bytes;
+    return absl::OkStatus();
+  }
+  void Release() { budget_->Release(bytes_.exchange(0)); }
+
+ private:
+  MemoryBudget* const budget_;
+  std::atomic<int64_t> bytes_{0};
+};
+
 }  // namespace gradserve::service
 
 #endif  // GRADSERVE_SERVICE_MEMORY_H_

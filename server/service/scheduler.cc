@@ -74,25 +74,19 @@ ComputeScheduler::Admission ComputeScheduler::TrySubmit(Call call) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (stopping_) return Admission::kStopping;
-    const auto client_queue = queues_.find(call.client);
-    const int client_queued =
-        client_queue == queues_.end() ? 0 : static_cast<int>(client_queue->second.calls.size());
     // Calls nobody waits for any more give their places back before anyone is refused.
-    if (queued_ >= options_.max_queue || client_queued >= options_.max_queue_per_client) {
+    if (queued_ >= options_.max_queue || QueuedFor(call.client) >= options_.max_queue_per_client) {
       RemoveAbandoned(&dropped);
     }
-    const auto again = queues_.find(call.client);
-    const int now_queued =
-        again == queues_.end() ? 0 : static_cast<int>(again->second.calls.size());
     if (queued_ >= options_.max_queue) {
       admission = Admission::kQueueFull;
-    } else if (now_queued >= options_.max_queue_per_client) {
+    } else if (QueuedFor(call.client) >= options_.max_queue_per_client) {
       admission = Admission::kClientQueueFull;
     } else {
       call.cores = std::clamp(call.cores, 1, options_.cores);
-      Queue& queue = queues_[call.client];
-      if (queue.calls.empty()) turn_.push_back(call.client);
-      queue.calls.push_back(std::move(call));
+      std::deque<Call>& calls = queues_[call.client];
+      if (calls.empty()) turn_.push_back(call.client);
+      calls.push_back(std::move(call));
       ++queued_;
     }
   }
@@ -107,8 +101,8 @@ int ComputeScheduler::DropQueued(const absl::Status& status) {
   std::vector<Call> dropped;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (auto& [client, queue] : queues_) {
-      for (Call& call : queue.calls) dropped.push_back(std::move(call));
+    for (auto& [client, calls] : queues_) {
+      for (Call& call : calls) dropped.push_back(std::move(call));
     }
     queues_.clear();
     turn_.clear();
@@ -145,7 +139,7 @@ void ComputeScheduler::RunOrDrop(Call& call) {
 
 void ComputeScheduler::RemoveAbandoned(std::vector<Call>* dropped) {
   for (auto it = queues_.begin(); it != queues_.end();) {
-    std::deque<Call>& calls = it->second.calls;
+    std::deque<Call>& calls = it->second;
     for (auto call = calls.begin(); call != calls.end();) {
       if (call->abandoned && call->abandoned()) {
         dropped->push_back(std::move(*call));
@@ -164,43 +158,42 @@ void ComputeScheduler::RemoveAbandoned(std::vector<Call>* dropped) {
   }
 }
 
-void ComputeScheduler::EraseClientIfEmpty(const std::string& client) {
+int ComputeScheduler::QueuedFor(const std::string& client) const {
   const auto it = queues_.find(client);
-  if (it == queues_.end() || !it->second.calls.empty()) return;
-  queues_.erase(it);
-  turn_.erase(std::find(turn_.begin(), turn_.end(), client));
+  return it == queues_.end() ? 0 : static_cast<int>(it->second.size());
 }
 
 ComputeScheduler::Call* ComputeScheduler::NextInTurn() {
   if (turn_.empty()) return nullptr;
-  return &queues_.at(turn_.front()).calls.front();
+  return &queues_.at(turn_.front()).front();
 }
 
-ComputeScheduler::Call ComputeScheduler::TakeNextInTurn() {
-  const std::string client = turn_.front();
-  turn_.pop_front();
-  std::deque<Call>& calls = queues_.at(client).calls;
-  Call call = std::move(calls.front());
-  calls.pop_front();
+ComputeScheduler::Call ComputeScheduler::Take(std::deque<std::string>::iterator client,
+                                              std::deque<Call>::iterator call) {
+  const std::string name = *client;
+  std::deque<Call>& calls = queues_.at(name);
+  Call taken = std::move(*call);
+  calls.erase(call);
   --queued_;
+  turn_.erase(client);
   if (calls.empty()) {
-    queues_.erase(client);
+    queues_.erase(name);
   } else {
-    turn_.push_back(client);
+    turn_.push_back(name);
   }
-  return call;
+  return taken;
 }
 
 bool ComputeScheduler::SmallLaneHasWork() const {
   if (small_lane_busy_ || queued_ == 0) return false;
   // Only while a multi-core call runs or waits for cores: otherwise the main lane starts small
   // calls as soon as a core frees, and a third thread would only slow the other two down.
-  const Call& next = queues_.at(turn_.front()).calls.front();
+  const Call& next = queues_.at(turn_.front()).front();
   const bool multi_core_waits = next.cores > 1 && next.cores > free_cores_;
   if (multi_core_running_ == 0 && !multi_core_waits) return false;
   if (next.cores == 1 && free_cores_ >= 1) return false;  // The main lane takes it now.
   for (const std::string& client : turn_) {
-    for (const Call& call : queues_.at(client).calls) {
+    for (const Call& call : queues_.at(client)) {
       if (call.cores == 1) return true;
     }
   }
@@ -209,21 +202,9 @@ bool ComputeScheduler::SmallLaneHasWork() const {
 
 ComputeScheduler::Call ComputeScheduler::TakeForSmallLane() {
   for (auto client = turn_.begin(); client != turn_.end(); ++client) {
-    std::deque<Call>& calls = queues_.at(*client).calls;
+    std::deque<Call>& calls = queues_.at(*client);
     for (auto it = calls.begin(); it != calls.end(); ++it) {
-      if (it->cores != 1) continue;
-      Call call = std::move(*it);
-      calls.erase(it);
-      --queued_;
-      // This client had its turn: to the back of the order.
-      const std::string name = *client;
-      turn_.erase(client);
-      if (calls.empty()) {
-        queues_.erase(name);
-      } else {
-        turn_.push_back(name);
-      }
-      return call;
+      if (it->cores == 1) return Take(client, it);
     }
   }
   std::abort();  // REQUIRES: SmallLaneHasWork().
@@ -242,7 +223,7 @@ void ComputeScheduler::MainLoop(bool team) {
              (stopping_ && queued_ == 0);
     });
     if (queued_ == 0) return;  // Stopping, and everything accepted has run.
-    Call call = TakeNextInTurn();
+    Call call = Take(turn_.begin(), queues_.at(turn_.front()).begin());
     const int cores = call.cores;
     free_cores_ -= cores;
     if (cores > 1) ++multi_core_running_;

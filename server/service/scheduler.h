@@ -5,8 +5,8 @@
 // (see ComputeGradientsCost). The *main lane* (one worker thread per core for one-core calls,
 // one more for multi-core calls) starts the next call as soon as enough cores are free, so small
 // calls run side by side, one core each (inter-request parallelism), and a large call gets every
-// core to itself as an OpenMP team (intra-request parallelism). A call's thread count depends only on the call itself, never on
-// the load, so its result is bit-identical however busy the server is.
+// core to itself as an OpenMP team (intra-request parallelism). A call's thread count depends only
+// on the call itself, never on the load, so its result is bit-identical however busy the server is.
 //
 // Whose call is next: every client (the caller's IP address, see ClientKey) has its own queue,
 // and the main lane takes the clients' oldest calls in turn (round robin), so a client with 30
@@ -103,25 +103,23 @@ class ComputeScheduler {
   int queued() const;
 
  private:
-  struct Queue {
-    std::deque<Call> calls;
-  };
   // A main-lane worker: of the calls whose turn it is, the one-core ones, or (`team`) the
   // multi-core ones.
   void MainLoop(bool team);
   void SmallLaneLoop();
   // REQUIRES: mutex_ held. The call whose turn it is on the main lane, if any.
   Call* NextInTurn();
-  // REQUIRES: mutex_ held. Removes the front call of the client whose turn it is and moves the
-  // client to the back of the turn order.
-  Call TakeNextInTurn();
+  // REQUIRES: mutex_ held. Removes `call` from the queue of `client` (an entry of turn_), which
+  // has had its turn: it goes to the back of the turn order, or leaves it if nothing is left.
+  Call Take(std::deque<std::string>::iterator client, std::deque<Call>::iterator call);
+  // REQUIRES: mutex_ held. Calls `client` has waiting.
+  int QueuedFor(const std::string& client) const;
   // REQUIRES: mutex_ held. Whether the small lane may run a call now, and which: the oldest
   // one-core call of the first client in turn order that has one.
   bool SmallLaneHasWork() const;
   Call TakeForSmallLane();
   // REQUIRES: mutex_ held. Moves abandoned calls out of the queues into `dropped`.
   void RemoveAbandoned(std::vector<Call>* dropped);
-  void EraseClientIfEmpty(const std::string& client);
   static void Drop(std::vector<Call>* calls, const absl::Status& status);
   // Runs `call` unless it was abandoned while it waited.
   static void RunOrDrop(Call& call);
@@ -129,8 +127,8 @@ class ComputeScheduler {
   const Options options_;
   mutable std::mutex mutex_;
   std::condition_variable changed_;
-  std::map<std::string, Queue> queues_;  // Clients with calls waiting.
-  std::deque<std::string> turn_;         // Those clients, in turn order.
+  std::map<std::string, std::deque<Call>> queues_;  // Clients with calls waiting.
+  std::deque<std::string> turn_;                    // Those clients, in turn order.
   int queued_ = 0;
   int free_cores_;
   int multi_core_running_ = 0;  // Main-lane calls holding more than one core.

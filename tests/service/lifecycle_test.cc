@@ -5,6 +5,7 @@
 #include <malloc.h>
 #include <spdlog/spdlog.h>
 
+#include <functional>
 #include <future>
 #include <thread>
 
@@ -45,18 +46,27 @@ v1::ComputeGradientsRequest SlowRequest() {
   return request;
 }
 
-std::unique_ptr<service::GradServer> StartServer(
-    int threads = 2, int max_queue = service::ServiceOptions().max_queue,
-    double max_call_flops = service::ServiceLimits().max_call_flops) {
+// A server on a free loopback port with two compute threads, and whatever `adjust` changes.
+std::unique_ptr<service::GradServer> StartServerWith(
+    const std::function<void(service::ServerOptions*)>& adjust) {
   spdlog::set_level(spdlog::level::warn);
   service::ServerOptions options;
-  options.service.limits.max_call_flops = max_call_flops;
   options.listen_address = "127.0.0.1:0";
-  options.service.threads = threads;
-  options.service.max_queue = max_queue;
+  options.service.threads = 2;
+  adjust(&options);
   auto server = service::GradServer::Start(options);
   EXPECT_TRUE(server.ok()) << server.status();
   return server.ok() ? std::move(*server) : nullptr;
+}
+
+std::unique_ptr<service::GradServer> StartServer(
+    int threads = 2, int max_queue = service::ServiceOptions().max_queue,
+    double max_call_flops = service::ServiceLimits().max_call_flops) {
+  return StartServerWith([&](service::ServerOptions* options) {
+    options->service.threads = threads;
+    options->service.max_queue = max_queue;
+    options->service.limits.max_call_flops = max_call_flops;
+  });
 }
 
 std::unique_ptr<v1::GradientService::Stub> Connect(const service::GradServer& server) {
@@ -334,15 +344,12 @@ TEST(Lifecycle, CallOverMaxCallFlopsIsRefusedBeforeQueuing) {
 // A call without a deadline is bounded by max_call_seconds: DEADLINE_EXCEEDED naming it, and
 // the computation stops (calls_in_flight drops to 0) instead of running for hours.
 TEST(Lifecycle, CallWithoutDeadlineStopsAtMaxCallSeconds) {
-  spdlog::set_level(spdlog::level::warn);
-  service::ServerOptions options;
-  options.listen_address = "127.0.0.1:0";
-  options.service.threads = 2;
-  options.service.limits.max_call_flops = 1e30;
-  options.service.limits.max_call_seconds = 0.5;
-  auto server = service::GradServer::Start(options);
-  ASSERT_TRUE(server.ok()) << server.status();
-  auto stub = Connect(**server);
+  auto server = StartServerWith([](service::ServerOptions* options) {
+    options->service.limits.max_call_flops = 1e30;
+    options->service.limits.max_call_seconds = 0.5;
+  });
+  ASSERT_NE(server, nullptr);
+  auto stub = Connect(*server);
   v1::CheckGradientsRequest request;
   *request.mutable_request() = SlowRequest();
   request.set_samples_per_tensor(4096);  // Hours of compute.
@@ -352,10 +359,10 @@ TEST(Lifecycle, CallWithoutDeadlineStopsAtMaxCallSeconds) {
   EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << status.error_message();
   EXPECT_THAT(status.error_message(), ::testing::HasSubstr("max_call_seconds"));
   const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while ((*server)->calls_in_flight() > 0 && std::chrono::steady_clock::now() < give_up) {
+  while (server->calls_in_flight() > 0 && std::chrono::steady_clock::now() < give_up) {
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
-  EXPECT_EQ((*server)->calls_in_flight(), 0);
+  EXPECT_EQ(server->calls_in_flight(), 0);
 }
 
 // Shutdown loses nothing and keeps to its grace: with one call computing for hours and three
@@ -465,14 +472,10 @@ TEST(Lifecycle, ClientRetriesUnavailableOnAnotherReplica) {
 // of max_memory_bytes is refused at once, naming the limit; what calls hold is released when
 // they end, and the server answers normally afterwards.
 TEST(Lifecycle, CallOverTheMemoryBudgetIsRefusedAndReservationsAreReleased) {
-  spdlog::set_level(spdlog::level::warn);
-  service::ServerOptions options;
-  options.listen_address = "127.0.0.1:0";
-  options.service.threads = 2;
-  options.service.limits.max_memory_bytes = 8 << 20;
-  auto server = service::GradServer::Start(options);
-  ASSERT_TRUE(server.ok()) << server.status();
-  auto stub = Connect(**server);
+  auto server = StartServerWith(
+      [](service::ServerOptions* options) { options->service.limits.max_memory_bytes = 8 << 20; });
+  ASSERT_NE(server, nullptr);
+  auto stub = Connect(*server);
   {
     // A small request whose answer (the output, 2000 x 1024) would take over 8 MiB.
     v1::ComputeGradientsRequest request;
@@ -499,23 +502,20 @@ TEST(Lifecycle, CallOverTheMemoryBudgetIsRefusedAndReservationsAreReleased) {
   }
   // Released in OnDone, just after the client has its answer.
   const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while ((*server)->Stats().memory_in_use_bytes != 0 &&
-         std::chrono::steady_clock::now() < give_up) {
+  while (server->Stats().memory_in_use_bytes != 0 && std::chrono::steady_clock::now() < give_up) {
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
-  EXPECT_EQ((*server)->Stats().memory_in_use_bytes, 0);
+  EXPECT_EQ(server->Stats().memory_in_use_bytes, 0);
 }
 
 // --also-listen: the same service on a second address, here IPv6 loopback beside IPv4.
 TEST(Lifecycle, ServesOnEveryListenAddress) {
-  service::ServerOptions options;
-  options.listen_address = "127.0.0.1:0";
-  options.also_listen_addresses = {"[::1]:0"};
-  auto server = service::GradServer::Start(options);
-  ASSERT_TRUE(server.ok()) << server.status();
-  ASSERT_EQ((*server)->also_ports().size(), 1u);
-  for (const std::string& target : {"127.0.0.1:" + std::to_string((*server)->port()),
-                                    "[::1]:" + std::to_string((*server)->also_ports()[0])}) {
+  auto server = StartServerWith(
+      [](service::ServerOptions* options) { options->also_listen_addresses = {"[::1]:0"}; });
+  ASSERT_NE(server, nullptr);
+  ASSERT_EQ(server->also_ports().size(), 1u);
+  for (const std::string& target : {"127.0.0.1:" + std::to_string(server->port()),
+                                    "[::1]:" + std::to_string(server->also_ports()[0])}) {
     auto stub = v1::GradientService::NewStub(
         grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
     v1::GetServerInfoResponse info;
