@@ -8,6 +8,7 @@
 #include <cmath>
 #include <fstream>
 #include <string>
+#include <utility>
 
 namespace gradserve::service {
 
@@ -68,21 +69,56 @@ ComputeScheduler::~ComputeScheduler() {
   for (std::thread& worker : workers_) worker.join();
 }
 
-ComputeScheduler::Admission ComputeScheduler::TrySubmit(Call call) {
+ComputeScheduler::Place& ComputeScheduler::Place::operator=(Place&& other) noexcept {
+  if (this != &other) {
+    GiveBack();
+    scheduler_ = std::exchange(other.scheduler_, nullptr);
+    client_ = std::move(other.client_);
+  }
+  return *this;
+}
+
+void ComputeScheduler::Place::GiveBack() {
+  if (scheduler_ == nullptr) return;
+  std::lock_guard<std::mutex> lock(scheduler_->mutex_);
+  scheduler_->ForgetPlace(client_);
+  scheduler_ = nullptr;
+}
+
+void ComputeScheduler::ForgetPlace(const std::string& client) {
+  const auto it = places_.find(client);
+  if (--it->second == 0) places_.erase(it);
+}
+
+ComputeScheduler::Admission ComputeScheduler::Reserve(const std::string& client, Place* place) {
   std::vector<Call> dropped;
   Admission admission = Admission::kAccepted;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (stopping_) return Admission::kStopping;
-    // Calls nobody waits for any more give their places back before anyone is refused.
-    if (queued_ >= options_.max_queue || QueuedFor(call.client) >= options_.max_queue_per_client) {
-      RemoveAbandoned(&dropped);
+    admission = Admit(client, /*check_share=*/true, &dropped);
+    if (admission == Admission::kAccepted) {
+      ++places_[client];
+      place->scheduler_ = this;
+      place->client_ = client;
     }
-    if (queued_ >= options_.max_queue) {
-      admission = Admission::kQueueFull;
-    } else if (QueuedFor(call.client) >= options_.max_queue_per_client) {
-      admission = Admission::kClientQueueFull;
-    } else {
+  }
+  DropAbandoned(&dropped);
+  return admission;
+}
+
+ComputeScheduler::Admission ComputeScheduler::TrySubmit(Call call, Place* place) {
+  std::vector<Call> dropped;
+  Admission admission = Admission::kAccepted;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const bool placed =
+        place != nullptr && place->scheduler_ == this && place->client_ == call.client;
+    if (placed) {
+      ForgetPlace(call.client);
+      place->scheduler_ = nullptr;
+    }
+    admission = Admit(call.client, /*check_share=*/!placed, &dropped);
+    if (admission == Admission::kAccepted) {
       call.cores = std::clamp(call.cores, 1, options_.cores);
       std::deque<Call>& calls = queues_[call.client];
       if (calls.empty()) turn_.push_back(call.client);
@@ -90,11 +126,29 @@ ComputeScheduler::Admission ComputeScheduler::TrySubmit(Call call) {
       ++queued_;
     }
   }
-  Drop(&dropped, absl::DeadlineExceededError(
-                     "the call was abandoned (deadline passed or cancelled) while it waited "
-                     "for cores"));
+  if (place != nullptr) place->GiveBack();  // A place held for another client.
+  DropAbandoned(&dropped);
   if (admission == Admission::kAccepted) changed_.notify_all();
   return admission;
+}
+
+ComputeScheduler::Admission ComputeScheduler::Admit(const std::string& client, bool check_share,
+                                                    std::vector<Call>* dropped) {
+  if (stopping_) return Admission::kStopping;
+  const auto share_full = [&] {
+    return check_share && QueuedFor(client) >= options_.max_queue_per_client;
+  };
+  // Calls nobody waits for any more give their places back before anyone is refused.
+  if (queued_ >= options_.max_queue || share_full()) RemoveAbandoned(dropped);
+  if (queued_ >= options_.max_queue) return Admission::kQueueFull;
+  if (share_full()) return Admission::kClientQueueFull;
+  return Admission::kAccepted;
+}
+
+void ComputeScheduler::DropAbandoned(std::vector<Call>* dropped) {
+  Drop(dropped, absl::DeadlineExceededError(
+                    "the call was abandoned (deadline passed or cancelled) while it waited "
+                    "for cores"));
 }
 
 int ComputeScheduler::DropQueued(const absl::Status& status) {
@@ -128,10 +182,9 @@ void ComputeScheduler::Drop(std::vector<Call>* calls, const absl::Status& status
 
 void ComputeScheduler::RunOrDrop(Call& call) {
   if (call.abandoned && call.abandoned()) {
-    if (call.drop) {
-      call.drop(absl::DeadlineExceededError(
-          "the call was abandoned (deadline passed or cancelled) while it waited for cores"));
-    }
+    std::vector<Call> dropped;
+    dropped.push_back(std::move(call));
+    DropAbandoned(&dropped);
     return;
   }
   call.run(call.cores);
@@ -159,8 +212,10 @@ void ComputeScheduler::RemoveAbandoned(std::vector<Call>* dropped) {
 }
 
 int ComputeScheduler::QueuedFor(const std::string& client) const {
-  const auto it = queues_.find(client);
-  return it == queues_.end() ? 0 : static_cast<int>(it->second.size());
+  const auto queue = queues_.find(client);
+  const auto places = places_.find(client);
+  return (queue == queues_.end() ? 0 : static_cast<int>(queue->second.size())) +
+         (places == places_.end() ? 0 : places->second);
 }
 
 ComputeScheduler::Call* ComputeScheduler::NextInTurn() {

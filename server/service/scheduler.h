@@ -33,6 +33,15 @@
 // and so do the OpenMP threads it starts: when a small call and a team want the same core, the
 // small call gets it. A large call then runs at full speed whenever nothing else is waiting for
 // a core, which is almost always; on a machine shared with other programs it yields to them.
+//
+// Note [Places held while a message arrives]
+// A client's share of the queue is claimed when its call's headers arrive, before its message is
+// read (Reserve): a client that sends 80 calls of 12 MB at once has 32 of them read, and the other
+// 48 are refused at their headers instead of after gRPC has received, buffered and parsed 580 MB
+// for nothing (on a 2-core machine that work alone took the other clients' latency past 10x).
+// The place is the call's until it is queued (TrySubmit) or it ends. Only max_queue_per_client
+// counts these places: max_queue counts calls received in full, so that many clients sending
+// slowly cannot lock everyone out of the queue.
 #ifndef GRADSERVE_SERVICE_SCHEDULER_H_
 #define GRADSERVE_SERVICE_SCHEDULER_H_
 
@@ -83,15 +92,38 @@ class ComputeScheduler {
     std::function<bool()> abandoned;
   };
 
+  // A place in one client's queue, held for a call whose message is still arriving (Note
+  // [Places held while a message arrives]); given back when destroyed unless TrySubmit took it.
+  class Place {
+   public:
+    Place() = default;
+    Place(Place&& other) noexcept { *this = std::move(other); }
+    Place& operator=(Place&& other) noexcept;
+    ~Place() { GiveBack(); }
+    bool held() const { return scheduler_ != nullptr; }
+    void GiveBack();
+
+   private:
+    friend class ComputeScheduler;
+    ComputeScheduler* scheduler_ = nullptr;
+    std::string client_;
+  };
+
   explicit ComputeScheduler(const Options& options);
   // Runs every call still queued, then joins the workers.
   ~ComputeScheduler();
   ComputeScheduler(const ComputeScheduler&) = delete;
   ComputeScheduler& operator=(const ComputeScheduler&) = delete;
 
+  // Holds a place in `client`'s queue in `place` (which must hold none) if its share allows
+  // one and the queue is not full now; anything but kAccepted: no place is held. Thread-safe.
+  Admission Reserve(const std::string& client, Place* place);
+
   // Queues `call` (its cores clamped to [1, cores()]). Anything but kAccepted: the call was not
-  // taken and none of its callbacks will be called. Thread-safe.
-  Admission TrySubmit(Call call);
+  // taken and none of its callbacks will be called. `place` (optional) is given back whatever
+  // the outcome; if it held one for call.client, the client's share is not checked again.
+  // Thread-safe.
+  Admission TrySubmit(Call call, Place* place = nullptr);
 
   // Drops every call still waiting, calling its `drop` with `status` (on this thread); calls
   // already running are not affected. Returns how many were dropped. Thread-safe.
@@ -112,12 +144,19 @@ class ComputeScheduler {
   // REQUIRES: mutex_ held. Removes `call` from the queue of `client` (an entry of turn_), which
   // has had its turn: it goes to the back of the turn order, or leaves it if nothing is left.
   Call Take(std::deque<std::string>::iterator client, std::deque<Call>::iterator call);
-  // REQUIRES: mutex_ held. Calls `client` has waiting.
+  // REQUIRES: mutex_ held. Calls `client` has waiting, and places it holds (Reserve).
   int QueuedFor(const std::string& client) const;
   // REQUIRES: mutex_ held. Whether the small lane may run a call now, and which: the oldest
   // one-core call of the first client in turn order that has one.
   bool SmallLaneHasWork() const;
   Call TakeForSmallLane();
+  // REQUIRES: mutex_ held. Whether a call of `client` may join the queue now (with its share
+  // checked, or not when it holds a place); abandoned calls it removes go to `dropped`.
+  Admission Admit(const std::string& client, bool check_share, std::vector<Call>* dropped);
+  // REQUIRES: mutex_ held. One place of `client` less.
+  void ForgetPlace(const std::string& client);
+  // Drops calls removed as abandoned (DEADLINE_EXCEEDED). Without mutex_ held.
+  static void DropAbandoned(std::vector<Call>* dropped);
   // REQUIRES: mutex_ held. Moves abandoned calls out of the queues into `dropped`.
   void RemoveAbandoned(std::vector<Call>* dropped);
   static void Drop(std::vector<Call>* calls, const absl::Status& status);
@@ -129,6 +168,7 @@ class ComputeScheduler {
   std::condition_variable changed_;
   std::map<std::string, std::deque<Call>> queues_;  // Clients with calls waiting.
   std::deque<std::string> turn_;                    // Those clients, in turn order.
+  std::map<std::string, int> places_;               // Places held, by client (Reserve).
   int queued_ = 0;
   int free_cores_;
   int multi_core_running_ = 0;  // Main-lane calls holding more than one core.

@@ -112,8 +112,8 @@ TEST(ComputeScheduler, OneCoreCallsAloneNeverUseTheSmallLane) {
 }
 
 TEST(ComputeScheduler, FullQueueRefusesAtOnceAndRecovers) {
-  ComputeScheduler scheduler(Opts(1, /*max_queue=*/2, 2, /*small_lane=*/false));
   Gate gate;
+  ComputeScheduler scheduler(Opts(1, /*max_queue=*/2, 2, /*small_lane=*/false));
   std::atomic<int> ran{0};
   auto blocker = [&](int cores) {
     gate.Blocker()(cores);
@@ -131,8 +131,8 @@ TEST(ComputeScheduler, FullQueueRefusesAtOnceAndRecovers) {
 }
 
 TEST(ComputeScheduler, OneClientCannotFillTheQueue) {
-  ComputeScheduler scheduler(Opts(1, /*max_queue=*/8, /*per_client=*/3));
   Gate gate;
+  ComputeScheduler scheduler(Opts(1, /*max_queue=*/8, /*per_client=*/3));
   ASSERT_EQ(scheduler.TrySubmit(MakeCall("hog", 1, gate.Blocker())), Admission::kAccepted);
   gate.WaitStarted(1);
   for (int i = 0; i < 3; ++i) {
@@ -145,8 +145,8 @@ TEST(ComputeScheduler, OneClientCannotFillTheQueue) {
 }
 
 TEST(ComputeScheduler, ClientsTakeTurns) {
-  ComputeScheduler scheduler(Opts(1, 100, 100, /*small_lane=*/false));
   Gate gate;
+  ComputeScheduler scheduler(Opts(1, 100, 100, /*small_lane=*/false));
   Order order;
   ASSERT_EQ(scheduler.TrySubmit(MakeCall("a", 1, gate.Blocker())), Admission::kAccepted);
   gate.WaitStarted(1);
@@ -159,8 +159,8 @@ TEST(ComputeScheduler, ClientsTakeTurns) {
 }
 
 TEST(ComputeScheduler, LargeCallWhoseTurnItIsIsNotOvertakenOnTheMainLane) {
-  ComputeScheduler scheduler(Opts(2, 10, 10, /*small_lane=*/false));
   Gate gate;
+  ComputeScheduler scheduler(Opts(2, 10, 10, /*small_lane=*/false));
   Order order;
   ASSERT_EQ(scheduler.TrySubmit(MakeCall("a", 1, gate.Blocker())), Admission::kAccepted);
   gate.WaitStarted(1);
@@ -173,8 +173,8 @@ TEST(ComputeScheduler, LargeCallWhoseTurnItIsIsNotOvertakenOnTheMainLane) {
 }
 
 TEST(ComputeScheduler, SmallCallRunsBesideALargeCallHoldingEveryCore) {
-  ComputeScheduler scheduler(Opts(2, 10));
   Gate gate;
+  ComputeScheduler scheduler(Opts(2, 10));
   std::atomic<bool> small_ran{false};
   ASSERT_EQ(scheduler.TrySubmit(MakeCall("big", 2, gate.Blocker())), Admission::kAccepted);
   gate.WaitStarted(1);
@@ -196,8 +196,8 @@ TEST(ComputeScheduler, SmallCallRunsBesideALargeCallHoldingEveryCore) {
 }
 
 TEST(ComputeScheduler, AbandonedCallsAreDroppedUnrunAndGiveTheirPlacesBack) {
-  ComputeScheduler scheduler(Opts(1, /*max_queue=*/2, 2, /*small_lane=*/false));
   Gate gate;
+  ComputeScheduler scheduler(Opts(1, /*max_queue=*/2, 2, /*small_lane=*/false));
   ASSERT_EQ(scheduler.TrySubmit(MakeCall("a", 1, gate.Blocker())), Admission::kAccepted);
   gate.WaitStarted(1);
   std::atomic<bool> gone{false};
@@ -221,8 +221,8 @@ TEST(ComputeScheduler, AbandonedCallsAreDroppedUnrunAndGiveTheirPlacesBack) {
 }
 
 TEST(ComputeScheduler, CallAbandonedWhileWaitingIsDroppedInsteadOfRun) {
-  ComputeScheduler scheduler(Opts(1, 4, 4, /*small_lane=*/false));
   Gate gate;
+  ComputeScheduler scheduler(Opts(1, 4, 4, /*small_lane=*/false));
   ASSERT_EQ(scheduler.TrySubmit(MakeCall("a", 1, gate.Blocker())), Admission::kAccepted);
   gate.WaitStarted(1);
   std::atomic<bool> ran{false}, dropped{false}, gone{false};
@@ -238,8 +238,8 @@ TEST(ComputeScheduler, CallAbandonedWhileWaitingIsDroppedInsteadOfRun) {
 }
 
 TEST(ComputeScheduler, DropQueuedDropsEveryWaitingCallAndRefusesNone) {
-  ComputeScheduler scheduler(Opts(1, 10));
   Gate gate;
+  ComputeScheduler scheduler(Opts(1, 10));
   ASSERT_EQ(scheduler.TrySubmit(MakeCall("a", 1, gate.Blocker())), Admission::kAccepted);
   gate.WaitStarted(1);
   std::atomic<int> ran{0}, dropped{0};
@@ -258,6 +258,32 @@ TEST(ComputeScheduler, DropQueuedDropsEveryWaitingCallAndRefusesNone) {
   EXPECT_EQ(scheduler.TrySubmit(MakeCall("a", 1, [&](int) { ++ran; })), Admission::kAccepted);
   while (ran < 1) std::this_thread::sleep_for(milliseconds(1));
   EXPECT_EQ(ran, 1);
+}
+
+// Note [Places held while a message arrives].
+TEST(ComputeScheduler, PlacesCountTowardTheClientsShareUntilQueuedOrGivenBack) {
+  Gate gate;
+  ComputeScheduler scheduler(Opts(/*cores=*/1, /*max_queue=*/8, /*per_client=*/2));
+  ASSERT_EQ(scheduler.TrySubmit(MakeCall("a", 1, gate.Blocker())), Admission::kAccepted);
+  gate.WaitStarted(1);  // Running, so no longer waiting: "a" has its whole share.
+  ComputeScheduler::Place first, second, third;
+  EXPECT_EQ(scheduler.Reserve("a", &first), Admission::kAccepted);
+  EXPECT_EQ(scheduler.Reserve("a", &second), Admission::kAccepted);
+  EXPECT_TRUE(second.held());
+  EXPECT_EQ(scheduler.Reserve("a", &third), Admission::kClientQueueFull);
+  EXPECT_FALSE(third.held());
+  EXPECT_EQ(scheduler.TrySubmit(MakeCall("a", 1, [](int) {})), Admission::kClientQueueFull);
+  EXPECT_EQ(scheduler.Reserve("b", &third), Admission::kAccepted);  // Another client's share.
+  // A call holding a place is queued in it; its share is not checked again.
+  EXPECT_EQ(scheduler.TrySubmit(MakeCall("a", 1, [](int) {}), &first), Admission::kAccepted);
+  EXPECT_FALSE(first.held());
+  EXPECT_EQ(scheduler.queued(), 1);  // Places are not queued calls.
+  EXPECT_EQ(scheduler.Reserve("a", &first), Admission::kClientQueueFull);
+  second.GiveBack();
+  EXPECT_EQ(scheduler.Reserve("a", &first), Admission::kAccepted);
+  { ComputeScheduler::Place moved = std::move(first); }  // Destroyed: given back.
+  EXPECT_EQ(scheduler.Reserve("a", &second), Admission::kAccepted);
+  gate.open = true;
 }
 
 TEST(ClientKey, IsThePeersAddressWithoutItsPort) {
