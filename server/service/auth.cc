@@ -31,8 +31,11 @@ namespace gradserve::service {
 //    of the compute path, and a method nobody forwarded here fails closed (UNIMPLEMENTED).
 //
 // The check runs on the gRPC reaction thread before the call is queued, so a refused call
-// costs no compute. It does not save parsing the request: a unary callback handler only starts
-// once the whole message has arrived (bounded by max_message_bytes).
+// costs no compute. For ComputeGradients and CheckGradients, whose messages can be large, it
+// runs on the call's headers, before its message is read (Note [Admission at the headers] in
+// gradient_service.cc): a unary callback handler would only start once the whole message had
+// arrived and been parsed. The other methods' messages are small (bounded by max_message_bytes
+// all the same).
 
 bool ConstantTimeEquals(std::string_view a, std::string_view b) {
   // Visit max(|a|, |b|) bytes whatever they hold and fold every difference into one word: no
@@ -91,7 +94,7 @@ absl::StatusOr<std::string> ReadAuthTokenFile(const std::string& path) {
 }
 
 AuthenticatingGradientService::AuthenticatingGradientService(
-    v1::GradientService::CallbackService* inner, std::string token,
+    GradientServiceImpl* inner, std::string token,
     std::function<void(const char* method)> on_refused)
     : inner_(inner), token_(std::move(token)), on_refused_(std::move(on_refused)) {}
 
@@ -134,18 +137,18 @@ AuthenticatingGradientService::StreamGradients(grpc::CallbackServerContext* cont
   return inner_->StreamGradients(context);
 }
 
-grpc::ServerUnaryReactor* AuthenticatingGradientService::ComputeGradients(
-    grpc::CallbackServerContext* context, const v1::ComputeGradientsRequest* request,
-    v1::ComputeGradientsResponse* response) {
-  if (grpc::ServerUnaryReactor* refused = Refuse("ComputeGradients", context)) return refused;
-  return inner_->ComputeGradients(context, request, response);
-}
-
-grpc::ServerUnaryReactor* AuthenticatingGradientService::CheckGradients(
-    grpc::CallbackServerContext* context, const v1::CheckGradientsRequest* request,
-    v1::CheckGradientsResponse* response) {
-  if (grpc::ServerUnaryReactor* refused = Refuse("CheckGradients", context)) return refused;
-  return inner_->CheckGradients(context, request, response);
+grpc::ServerGenericBidiReactor* AuthenticatingGradientService::GenericCalls::CreateReactor(
+    grpc::GenericCallbackServerContext* context) {
+  const std::string& path = context->method();
+  if (!GradientServiceImpl::ServesAtHeaders(path)) {
+    // What gRPC answers for a method no service registered.
+    return new RefusedCallAtHeaders(grpc::Status(grpc::StatusCode::UNIMPLEMENTED, ""));
+  }
+  const std::string method = path.substr(path.rfind('/') + 1);
+  if (grpc::Status status = outer_->Check(method.c_str(), context); !status.ok()) {
+    return new RefusedCallAtHeaders(status);
+  }
+  return outer_->inner_->StartCallAtHeaders(context);
 }
 
 grpc::ServerUnaryReactor* AuthenticatingGradientService::GetServerInfo(

@@ -3,6 +3,7 @@
 #ifndef GRADSERVE_SERVICE_AUTH_H_
 #define GRADSERVE_SERVICE_AUTH_H_
 
+#include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
 
 #include <functional>
@@ -12,6 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "gradserve/v1/gradserve.grpc.pb.h"
+#include "server/service/gradient_service.h"
 
 namespace gradserve::service {
 
@@ -37,23 +39,28 @@ absl::StatusOr<std::string> NormalizeAuthToken(std::string token, const std::str
 // GradientService behind a bearer-token check: every method checks the call's metadata first and
 // finishes it with UNAUTHENTICATED, before anything is queued or computed, when the token is
 // missing or wrong; otherwise it hands the call to `inner` unchanged. An empty token passes every
-// call through. This is the class registered with the server, so a method added to the proto
-// answers UNIMPLEMENTED (the generated default) until it is forwarded here: it fails closed, and
+// call through. The server registers both this service and its generic_calls(), which serves the
+// methods `inner` takes at their headers (Note [Admission at the headers]), so that their calls
+// are refused before their message is read. A method added to the proto answers UNIMPLEMENTED
+// (the generated default) until it is forwarded here: it fails closed, and
 // SecurityTest.EveryMethodRefusesCallsWithoutToken says so. Other services on the server (health,
 // reflection) do not pass through here and stay open. Thread-safe, like `inner`.
-class AuthenticatingGradientService final : public v1::GradientService::CallbackService {
+class AuthenticatingGradientService final
+    // The methods GradientServiceImpl::ServesAtHeaders are unregistered (generic): their calls
+    // reach generic_calls() at their headers.
+    : public v1::GradientService::WithGenericMethod_ComputeGradients<
+          v1::GradientService::WithGenericMethod_CheckGradients<
+              v1::GradientService::CallbackService>> {
  public:
   // `inner` is not owned and must outlive this. `on_refused`, if set, is called with the method's
   // name ("ComputeGradients") for every call refused, on the gRPC thread (metrics count them).
-  AuthenticatingGradientService(v1::GradientService::CallbackService* inner, std::string token,
+  AuthenticatingGradientService(GradientServiceImpl* inner, std::string token,
                                 std::function<void(const char* method)> on_refused = nullptr);
 
-  grpc::ServerUnaryReactor* ComputeGradients(grpc::CallbackServerContext* context,
-                                             const v1::ComputeGradientsRequest* request,
-                                             v1::ComputeGradientsResponse* response) override;
-  grpc::ServerUnaryReactor* CheckGradients(grpc::CallbackServerContext* context,
-                                           const v1::CheckGradientsRequest* request,
-                                           v1::CheckGradientsResponse* response) override;
+  // To register with the server next to this service
+  // (ServerBuilder::RegisterCallbackGenericService).
+  grpc::CallbackGenericService* generic_calls() { return &generic_calls_; }
+
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context,
                                           const v1::GetServerInfoRequest* request,
                                           v1::GetServerInfoResponse* response) override;
@@ -64,14 +71,26 @@ class AuthenticatingGradientService final : public v1::GradientService::Callback
       grpc::CallbackServerContext* context) override;
 
  private:
+  // Every call of a method not registered with the server.
+  class GenericCalls final : public grpc::CallbackGenericService {
+   public:
+    explicit GenericCalls(AuthenticatingGradientService* outer) : outer_(outer) {}
+    grpc::ServerGenericBidiReactor* CreateReactor(
+        grpc::GenericCallbackServerContext* context) override;
+
+   private:
+    AuthenticatingGradientService* const outer_;
+  };
+
   // OK if the call may go on; otherwise UNAUTHENTICATED, logged and counted.
   grpc::Status Check(const char* method, grpc::CallbackServerContext* context) const;
   // nullptr if the call may go on; otherwise a reactor already finished with UNAUTHENTICATED.
   grpc::ServerUnaryReactor* Refuse(const char* method, grpc::CallbackServerContext* context) const;
 
-  v1::GradientService::CallbackService* const inner_;
+  GradientServiceImpl* const inner_;
   const std::string token_;
   const std::function<void(const char* method)> on_refused_;
+  GenericCalls generic_calls_{this};
 };
 
 }  // namespace gradserve::service

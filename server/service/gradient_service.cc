@@ -127,16 +127,6 @@ void GradientServiceImpl::LogCall(Method method, grpc::CallbackServerContext* co
   metrics_.RecordCall(method, static_cast<int>(status.code()), times);
 }
 
-void GradientServiceImpl::FinishCall(Method method, grpc::CallbackServerContext* context,
-                                     grpc::ServerUnaryReactor* reactor,
-                                     const std::string& request_id, size_t request_bytes,
-                                     size_t response_bytes, const absl::Status& status,
-                                     const CallTimes& times, spdlog::level::level_enum level) {
-  EchoRequestId(context, request_id, status);
-  LogCall(method, context, request_id, request_bytes, response_bytes, status, times, level);
-  reactor->Finish(ToGrpcStatus(status));
-}
-
 int GradientServiceImpl::CoresFor(double flops) const {
   return flops >= options_.parallel_threshold_flops ? options_.threads : 1;
 }
@@ -174,7 +164,18 @@ absl::Status GradientServiceImpl::CheckAdmissible(
 }
 
 void GradientServiceImpl::RefuseNewCalls() {
-  if (refusing_.exchange(true)) return;
+  std::vector<ArrivingCall*> claimed;
+  {
+    std::lock_guard<std::mutex> lock(arriving_mutex_);
+    if (refusing_.exchange(true)) return;
+    // Calls whose message is still on the way would be refused once it is here: refused now,
+    // they need not wait for it, and none is left for gRPC's shutdown to cancel.
+    for (ArrivingCall* call : arriving_) {
+      if (call->Claim()) claimed.push_back(call);
+    }
+    arriving_.clear();
+  }
+  for (ArrivingCall* call : claimed) call->EndClaimed(ShuttingDownError());
   sweep_.notify_all();  // Streams waiting for their client end now.
 }
 
@@ -265,37 +266,221 @@ class TimedCompute {
 
 }  // namespace
 
-// A unary call's reactor: like the default one, plus the call's memory reservation, held until
-// gRPC is done with the call (the client took the answer, or the call ended otherwise).
-class GradientServiceImpl::UnaryCall final : public grpc::ServerUnaryReactor {
+// Note [Admission at the headers]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// gRPC starts a unary callback handler only once the whole request has arrived and been parsed,
+// so every check a handler makes comes after the server has received, buffered and parsed up to
+// max_message_bytes. Under attack that work was the damage: eight clients without a token sending
+// 200 MiB requests took an innocent client's p99 from 1.5 ms to over a second (and RSS up by
+// 2 GB), and a client sending 80 calls of 12 MB at once, refused for its share of the queue,
+// took it to 17 ms. So ComputeGradients and CheckGradients, the methods whose messages can be
+// large, are served as generic calls (grpc::CallbackGenericService): their reactor exists once
+// the headers are in, and a call that would be refused whatever its message says (no valid token,
+// the server shutting down, its client's share of the queue full) is finished before its first
+// read. The client then stops sending (gRPC resets the stream), and the server has read at most
+// one flow-control window of it. A call let through holds its place in its client's queue from its
+// headers on (Note [Places held while a message arrives] in scheduler.h), is read and parsed like
+// gRPC would, and goes on exactly as before. The generated handlers of these methods stay
+// registered as generic (Service::MarkMethodGeneric), so reflection and the health service still
+// describe GradientService as a whole.
+
+// One ComputeGradients or CheckGradients call (Note [Admission at the headers]): reads its one
+// message, parses it and hands it to Dispatch. Holds its place in its client's queue until it is
+// queued, and its memory reservation until gRPC is done with the call (the client took the
+// answer, or the call ended otherwise).
+template <typename Request, typename Response>
+class GradientServiceImpl::UnaryCall final : public grpc::ServerGenericBidiReactor,
+                                             public ArrivingCall {
  public:
-  explicit UnaryCall(MemoryBudget* budget) : memory_(budget) {}
+  UnaryCall(GradientServiceImpl* service, Method method,
+            grpc::GenericCallbackServerContext* context, std::string request_id,
+            ComputeScheduler::Place place)
+      : service_(service),
+        method_(method),
+        context_(context),
+        request_id_(std::move(request_id)),
+        place_(std::move(place)),
+        memory_(&service->memory_) {
+    StartRead(&buffer_);
+  }
+
+  // Whether the call was registered as arriving: false if the shutdown had begun (nothing then
+  // is registered), and the caller must end it.
+  bool RegisterArriving() {
+    std::lock_guard<std::mutex> lock(service_->arriving_mutex_);
+    if (service_->refusing_) return false;
+    service_->arriving_.insert(this);
+    return true;
+  }
+
+  grpc::CallbackServerContext* context() const { return context_; }
+  const Request& request() const { return request_; }
+  Response* response() { return &response_; }
+  ComputeScheduler::Place* place() { return &place_; }
   // Adds to what this call holds; RESOURCE_EXHAUSTED (nothing added) if it does not fit.
   absl::Status Reserve(int64_t bytes, const char* what) { return memory_.Add(bytes, what); }
-  // The reservation ends with it. The request and the answer are freed once this returns; the
-  // sweeper gives what glibc keeps of them back to the system (Note [Memory budget]).
-  void OnDone() override { delete this; }
 
- private:
-  MemoryReservation memory_;
-};
+  void OnReadDone(bool ok) override {
+    const Clock::time_point received = Clock::now();
+    if (!Claim()) return;  // The shutdown ended it.
+    {
+      std::lock_guard<std::mutex> lock(service_->arriving_mutex_);
+      service_->arriving_.erase(this);
+    }
+    if (!ok) {
+      // The client went away while sending its message, or half-closed without one.
+      return Answer(context_->IsCancelled()
+                        ? absl::CancelledError("the client cancelled the call before its "
+                                               "message arrived")
+                        : absl::InvalidArgumentError("the call carried no request message"),
+                    0, 0, received, spdlog::level::warn);
+    }
+    const size_t request_bytes = buffer_.Length();
+    // The message is here; its parsed copy is about to be (Note [Memory budget]).
+    if (absl::Status fits = Reserve(static_cast<int64_t>(request_bytes), "this call's request");
+        !fits.ok()) {
+      return Answer(fits, request_bytes, 0, received, spdlog::level::warn);
+    }
+    // What gRPC's handler would have done: parse, and free the received bytes.
+    if (!grpc::SerializationTraits<Request>::Deserialize(&buffer_, &request_).ok()) {
+      return Answer(absl::InvalidArgumentError(absl::StrCat("the request is not a valid ",
+                                                            Request::descriptor()->full_name(),
+                                                            " message (protobuf binary encoding)")),
+                    request_bytes, 0, received, spdlog::level::warn);
+    }
+    service_->Dispatch(this, request_bytes, received);
+  }
 
-template <typename Request, typename Response, typename Compute>
-grpc::ServerUnaryReactor* GradientServiceImpl::Dispatch(Method method,
-                                                        grpc::CallbackServerContext* context,
-                                                        const Request* request, Response* response,
-                                                        double flops, Compute compute) {
-  const Clock::time_point received = Clock::now();
-  auto* reactor = new UnaryCall(&memory_);
-  std::string request_id = AssignRequestId(context);
-  // Measured once, here: ByteSizeLong walks the whole request.
-  const size_t request_bytes = request->ByteSizeLong();
-  auto refuse = [&](const absl::Status& status) {
+  // Logs and counts the call, and sends its answer: the response if `status` is OK, else the
+  // error. Once per call.
+  void Answer(const absl::Status& status, size_t request_bytes, size_t response_bytes,
+              const CallTimes& times, spdlog::level::level_enum level = spdlog::level::info) {
+    place_.GiveBack();
+    EchoRequestId(context_, request_id_, status);
+    service_->LogCall(method_, context_, request_id_, request_bytes, response_bytes, status, times,
+                      level);
+    if (!status.ok()) return Finish(ToGrpcStatus(status));
+    bool own_buffer = false;
+    const grpc::Status serialized =
+        grpc::SerializationTraits<Response>::Serialize(response_, &buffer_, &own_buffer);
+    if (!serialized.ok()) return Finish(serialized);
+    response_.Clear();  // The bytes are in buffer_ now; the answer's memory stays reserved.
+    finished_.store(true, std::memory_order_release);
+    StartWriteAndFinish(&buffer_, grpc::WriteOptions(), grpc::Status::OK);
+  }
+  void Finish(const grpc::Status& status) {
+    finished_.store(true, std::memory_order_release);
+    grpc::ServerGenericBidiReactor::Finish(status);
+  }
+  void EndClaimed(const absl::Status& status) override {
+    Answer(status, 0, 0, started_, spdlog::level::warn);
+  }
+
+  // A call that ends before its computation: its total time is from `received` to now.
+  void Answer(const absl::Status& status, size_t request_bytes, size_t response_bytes,
+              Clock::time_point received, spdlog::level::level_enum level) {
     CallTimes times;
     times[Phase::kTotal] = Seconds(Clock::now() - received);
-    FinishCall(method, context, reactor, request_id, request_bytes, 0, status, times,
-               spdlog::level::warn);  // Overload, limits, shutdown: say so louder.
-    return reactor;
+    Answer(status, request_bytes, response_bytes, times, level);
+  }
+
+  // The reservation ends with it. The request and the answer are freed once this returns; the
+  // sweeper gives what glibc keeps of them back to the system (Note [Memory budget]).
+  void OnDone() override {
+    // gRPC runs this after the Finish, maybe on another thread, ordered by its own
+    // synchronization, which ThreadSanitizer cannot see in the uninstrumented library: this
+    // acquire pairs with the release before Finish, so that it sees every write made to the
+    // call (the request parsed on one thread, the answer built on another) before it is freed.
+    (void)finished_.load(std::memory_order_acquire);
+    delete this;
+  }
+
+ private:
+  GradientServiceImpl* const service_;
+  const Method method_;
+  grpc::GenericCallbackServerContext* const context_;
+  const Clock::time_point started_ = Clock::now();
+  const std::string request_id_;
+  ComputeScheduler::Place place_;
+  MemoryReservation memory_;
+  grpc::ByteBuffer buffer_;  // The request as it arrived, then the answer as it leaves.
+  std::atomic<bool> finished_{false};
+  Request request_;
+  Response response_;
+};
+
+namespace {
+
+constexpr char kComputeGradientsPath[] = "/gradserve.v1.GradientService/ComputeGradients";
+constexpr char kCheckGradientsPath[] = "/gradserve.v1.GradientService/CheckGradients";
+
+}  // namespace
+
+bool GradientServiceImpl::ServesAtHeaders(std::string_view path) {
+  return path == kComputeGradientsPath || path == kCheckGradientsPath;
+}
+
+double GradientServiceImpl::CostOf(const v1::ComputeGradientsRequest& request) {
+  return ComputeGradientsCost(request);
+}
+double GradientServiceImpl::CostOf(const v1::CheckGradientsRequest& request) {
+  return CheckGradientsCost(request);
+}
+absl::Status GradientServiceImpl::Compute(const v1::ComputeGradientsRequest& request,
+                                          const ComputeContext& context,
+                                          v1::ComputeGradientsResponse* response) const {
+  return service::ComputeGradients(request, options_.limits, context, response);
+}
+absl::Status GradientServiceImpl::Compute(const v1::CheckGradientsRequest& request,
+                                          const ComputeContext& context,
+                                          v1::CheckGradientsResponse* response) const {
+  return service::CheckGradients(request, options_.limits, context, response);
+}
+
+grpc::ServerGenericBidiReactor* GradientServiceImpl::StartCallAtHeaders(
+    grpc::GenericCallbackServerContext* context) {
+  const Clock::time_point arrived = Clock::now();
+  const bool compute = context->method() == kComputeGradientsPath;
+  if (!compute && context->method() != kCheckGradientsPath) {
+    return new RefusedCallAtHeaders(grpc::Status(grpc::StatusCode::UNIMPLEMENTED, ""));
+  }
+  const Method method = compute ? kComputeGradients : kCheckGradients;
+  std::string request_id = AssignRequestId(context);
+  ComputeScheduler::Place place;
+  absl::Status admitted = refusing_ ? ShuttingDownError() : absl::OkStatus();
+  if (admitted.ok()) {
+    admitted = AdmissionError(scheduler_.Reserve(ClientKey(context->peer()), &place));
+  }
+  if (!admitted.ok()) {
+    EchoRequestId(context, request_id, admitted);
+    CallTimes times;
+    times[Phase::kTotal] = Seconds(Clock::now() - arrived);
+    LogCall(method, context, request_id, 0, 0, admitted, times, spdlog::level::warn);
+    return new RefusedCallAtHeaders(ToGrpcStatus(admitted));
+  }
+  if (compute) {
+    return Arrive(new UnaryCall<v1::ComputeGradientsRequest, v1::ComputeGradientsResponse>(
+        this, method, context, std::move(request_id), std::move(place)));
+  }
+  return Arrive(new UnaryCall<v1::CheckGradientsRequest, v1::CheckGradientsResponse>(
+      this, method, context, std::move(request_id), std::move(place)));
+}
+
+template <typename Call>
+Call* GradientServiceImpl::Arrive(Call* call) {
+  if (!call->RegisterArriving() && call->Claim()) call->EndClaimed(ShuttingDownError());
+  return call;
+}
+
+template <typename Request, typename Response>
+void GradientServiceImpl::Dispatch(UnaryCall<Request, Response>* call, size_t request_bytes,
+                                   Clock::time_point received) {
+  grpc::CallbackServerContext* const context = call->context();
+  const Request* request = &call->request();
+  const double flops = CostOf(*request);
+  auto refuse = [&](const absl::Status& status) {
+    // Overload, limits, shutdown: say so louder.
+    call->Answer(status, request_bytes, 0, received, spdlog::level::warn);
   };
   const auto claimed_sizes = [this, request] {
     return CheckClaimedSizes(*request, options_.limits);
@@ -303,73 +488,49 @@ grpc::ServerUnaryReactor* GradientServiceImpl::Dispatch(Method method,
   if (absl::Status admissible = CheckAdmissible(flops, claimed_sizes); !admissible.ok()) {
     return refuse(admissible);
   }
-  // The request is already here; the answer will be (Note [Memory budget]).
-  if (absl::Status fits = reactor->Reserve(
-          static_cast<int64_t>(request_bytes) + ResponseBytesBound(*request, options_.limits),
-          "this call's request and answer");
+  // The request is already counted (UnaryCall); the answer will be (Note [Memory budget]).
+  if (absl::Status fits =
+          call->Reserve(ResponseBytesBound(*request, options_.limits), "this call's answer");
       !fits.ok()) {
     return refuse(fits);
   }
 
   auto limits = std::make_shared<const CallLimits>(context, options_.limits.max_call_seconds,
                                                    &abandoning_, received);
-  ComputeScheduler::Call call;
-  call.client = ClientKey(context->peer());
-  call.cores = CoresFor(flops);
-  call.run = [this, method, context, request, response, reactor, received, compute, request_id,
-              request_bytes, limits](int cores) {
+  ComputeScheduler::Call queued;
+  queued.client = ClientKey(context->peer());
+  queued.cores = CoresFor(flops);
+  queued.run = [this, call, received, request_bytes, limits](int cores) {
     TimedCompute timed(limits.get(), cores, received);
-    timed.set_reserve_memory([reactor](int64_t bytes) {
-      return reactor->Reserve(bytes, "this call's activations and workspace");
+    timed.set_reserve_memory([call](int64_t bytes) {
+      return call->Reserve(bytes, "this call's activations and workspace");
     });
-    const absl::Status status = limits->Why(compute(*request, timed.context(), response));
+    const absl::Status status =
+        limits->Why(Compute(call->request(), timed.context(), call->response()));
     CallTimes times = timed.times();
     // Before the total: ByteSizeLong walks the whole response.
-    const size_t response_bytes = status.ok() ? response->ByteSizeLong() : 0;
+    const size_t response_bytes = status.ok() ? call->response()->ByteSizeLong() : 0;
     times[Phase::kTotal] = Seconds(Clock::now() - received);
     --calls_in_flight_;
-    FinishCall(method, context, reactor, request_id, request_bytes, response_bytes, status, times);
+    call->Answer(status, request_bytes, response_bytes, times);
   };
   // Dropped unrun: shutdown, or nobody waits for it any more.
-  call.drop = [this, method, context, reactor, received, request_id, request_bytes,
-               limits](const absl::Status& status) {
+  queued.drop = [this, call, received, request_bytes, limits](const absl::Status& status) {
     CallTimes times;
     times[Phase::kQueue] = times[Phase::kTotal] = Seconds(Clock::now() - received);
     --calls_in_flight_;
-    FinishCall(method, context, reactor, request_id, request_bytes, 0,
-               absl::IsDeadlineExceeded(status)
-                   ? limits->Why(absl::CancelledError("the client cancelled the call"))
-                   : status,
-               times);
+    call->Answer(absl::IsDeadlineExceeded(status)
+                     ? limits->Why(absl::CancelledError("the client cancelled the call"))
+                     : status,
+                 request_bytes, 0, times);
   };
-  call.abandoned = [limits] { return limits->ShouldStop(); };
+  queued.abandoned = [limits] { return limits->ShouldStop(); };
   ++calls_in_flight_;
-  if (const auto admission = scheduler_.TrySubmit(std::move(call));
+  if (const auto admission = scheduler_.TrySubmit(std::move(queued), call->place());
       admission != ComputeScheduler::Admission::kAccepted) {
     --calls_in_flight_;
     return refuse(AdmissionError(admission));
   }
-  return reactor;
-}
-
-grpc::ServerUnaryReactor* GradientServiceImpl::ComputeGradients(
-    grpc::CallbackServerContext* context, const v1::ComputeGradientsRequest* request,
-    v1::ComputeGradientsResponse* response) {
-  return Dispatch(kComputeGradients, context, request, response, ComputeGradientsCost(*request),
-                  [this](const v1::ComputeGradientsRequest& r, const ComputeContext& c,
-                         v1::ComputeGradientsResponse* out) {
-                    return service::ComputeGradients(r, options_.limits, c, out);
-                  });
-}
-
-grpc::ServerUnaryReactor* GradientServiceImpl::CheckGradients(
-    grpc::CallbackServerContext* context, const v1::CheckGradientsRequest* request,
-    v1::CheckGradientsResponse* response) {
-  return Dispatch(kCheckGradients, context, request, response, CheckGradientsCost(*request),
-                  [this](const v1::CheckGradientsRequest& r, const ComputeContext& c,
-                         v1::CheckGradientsResponse* out) {
-                    return service::CheckGradients(r, options_.limits, c, out);
-                  });
 }
 
 template <typename Request, typename Response, typename Fill>
@@ -384,8 +545,10 @@ grpc::ServerUnaryReactor* GradientServiceImpl::AnswerInline(Method method,
   if (status.ok()) fill();
   CallTimes times;
   times[Phase::kTotal] = Seconds(Clock::now() - received);
-  FinishCall(method, context, reactor, request_id, request->ByteSizeLong(),
-             status.ok() ? response->ByteSizeLong() : 0, status, times);
+  EchoRequestId(context, request_id, status);
+  LogCall(method, context, request_id, request->ByteSizeLong(),
+          status.ok() ? response->ByteSizeLong() : 0, status, times);
+  reactor->Finish(ToGrpcStatus(status));
   return reactor;
 }
 

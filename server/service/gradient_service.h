@@ -4,10 +4,12 @@
 #ifndef GRADSERVE_SERVICE_GRADIENT_SERVICE_H_
 #define GRADSERVE_SERVICE_GRADIENT_SERVICE_H_
 
+#include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
 #include <spdlog/spdlog.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <map>
 #include <mutex>
@@ -18,6 +20,7 @@
 
 #include "absl/status/status.h"
 #include "gradserve/v1/gradserve.grpc.pb.h"
+#include "server/service/compute.h"
 #include "server/service/limits.h"
 #include "server/service/memory.h"
 #include "server/service/metrics.h"
@@ -36,6 +39,14 @@ bool IsValidRequestId(std::string_view id);
 // A fresh request id: 16 lowercase hex digits (64 random bits). Thread-safe.
 std::string NewRequestId();
 
+// A call served at its headers (Note [Admission at the headers]) and finished with `status`
+// before its first read.
+class RefusedCallAtHeaders final : public grpc::ServerGenericBidiReactor {
+ public:
+  explicit RefusedCallAtHeaders(const grpc::Status& status) { Finish(status); }
+  void OnDone() override { delete this; }
+};
+
 struct ServiceOptions {
   ServiceLimits limits;
   // Cores for compute: a large call uses all of them, small calls one each (Note [Scheduling]).
@@ -53,12 +64,16 @@ class GradientServiceImpl final : public v1::GradientService::CallbackService {
   explicit GradientServiceImpl(const ServiceOptions& options);
   ~GradientServiceImpl() override;
 
-  grpc::ServerUnaryReactor* ComputeGradients(grpc::CallbackServerContext* context,
-                                             const v1::ComputeGradientsRequest* request,
-                                             v1::ComputeGradientsResponse* response) override;
-  grpc::ServerUnaryReactor* CheckGradients(grpc::CallbackServerContext* context,
-                                           const v1::CheckGradientsRequest* request,
-                                           v1::CheckGradientsResponse* response) override;
+  // ComputeGradients and CheckGradients, whose messages can be large, are served as generic
+  // calls, so that a call can be refused at its headers, before gRPC reads its message (Note
+  // [Admission at the headers]). The server must route them here: true for their paths
+  // ("/gradserve.v1.GradientService/ComputeGradients"); the methods' generated handlers are
+  // never called.
+  static bool ServesAtHeaders(std::string_view path);
+  // A call whose path ServesAtHeaders: refused at once while shutting down or when its client's
+  // share of the queue is full; otherwise its message is read and the call goes on like any.
+  grpc::ServerGenericBidiReactor* StartCallAtHeaders(grpc::GenericCallbackServerContext* context);
+
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context,
                                           const v1::GetServerInfoRequest* request,
                                           v1::GetServerInfoResponse* response) override;
@@ -96,14 +111,42 @@ class GradientServiceImpl final : public v1::GradientService::CallbackService {
   // The methods in the order the proto declares them; indices into metrics_.
   enum Method { kComputeGradients, kCheckGradients, kGetServerInfo, kGetStats, kStreamGradients };
   class StreamReactor;
+  // A call served at its headers whose message is still arriving (Note [Admission at the
+  // headers]): ended with UNAVAILABLE when shutdown begins.
+  class ArrivingCall {
+   public:
+    virtual ~ArrivingCall() = default;
+    // True exactly once per call: for the message's arrival or the shutdown, whichever comes
+    // first; the other leaves the call alone.
+    bool Claim() {
+      bool expected = false;
+      return claimed_.compare_exchange_strong(expected, true);
+    }
+    // Ends a call the shutdown claimed.
+    virtual void EndClaimed(const absl::Status& status) = 0;
+
+   private:
+    std::atomic<bool> claimed_{false};
+  };
+  template <typename Request, typename Response>
   class UnaryCall;
 
-  // Runs `compute` on the scheduler with the cores `flops` deserves and finishes the call with
-  // its status.
-  template <typename Request, typename Response, typename Compute>
-  grpc::ServerUnaryReactor* Dispatch(Method method, grpc::CallbackServerContext* context,
-                                     const Request* request, Response* response, double flops,
-                                     Compute compute);
+  // Registers `call` as arriving, or ends it with UNAVAILABLE if the shutdown has begun.
+  template <typename Call>
+  Call* Arrive(Call* call);
+  // For a call whose message `call` has read (`request_bytes` on the wire, at `received`):
+  // checks what can be checked before queuing, then computes it on the scheduler with the cores
+  // its cost deserves, and finishes the call with its status.
+  template <typename Request, typename Response>
+  void Dispatch(UnaryCall<Request, Response>* call, size_t request_bytes,
+                std::chrono::steady_clock::time_point received);
+  // Each method served at its headers: its cost estimate and its computation.
+  static double CostOf(const v1::ComputeGradientsRequest& request);
+  static double CostOf(const v1::CheckGradientsRequest& request);
+  absl::Status Compute(const v1::ComputeGradientsRequest& request, const ComputeContext& context,
+                       v1::ComputeGradientsResponse* response) const;
+  absl::Status Compute(const v1::CheckGradientsRequest& request, const ComputeContext& context,
+                       v1::CheckGradientsResponse* response) const;
   // Answers a cheap call right on the gRPC thread: fill() fills `response` unless the server is
   // shutting down (UNAVAILABLE); logged and counted like every call.
   template <typename Request, typename Response, typename Fill>
@@ -119,11 +162,6 @@ class GradientServiceImpl final : public v1::GradientService::CallbackService {
   void LogCall(Method method, grpc::CallbackServerContext* context, const std::string& request_id,
                size_t request_bytes, size_t response_bytes, const absl::Status& status,
                const CallTimes& times, spdlog::level::level_enum level = spdlog::level::info);
-  // LogCall, then finishes the call with `status`.
-  void FinishCall(Method method, grpc::CallbackServerContext* context,
-                  grpc::ServerUnaryReactor* reactor, const std::string& request_id,
-                  size_t request_bytes, size_t response_bytes, const absl::Status& status,
-                  const CallTimes& times, spdlog::level::level_enum level = spdlog::level::info);
   // The cores a call of `flops` floating-point operations gets (Note [Scheduling]).
   int CoresFor(double flops) const;
   // The error a call refused by the scheduler gets.
@@ -151,6 +189,11 @@ class GradientServiceImpl final : public v1::GradientService::CallbackService {
   std::atomic<bool> abandoning_{false};
   Metrics metrics_;
   MemoryBudget memory_;
+
+  // Calls whose message is still arriving, and the shutdown's flag, set under the same lock so
+  // that every such call either is in the set when RefuseNewCalls sweeps it or sees the flag.
+  std::mutex arriving_mutex_;
+  std::set<ArrivingCall*> arriving_;
 
   std::mutex streams_mutex_;
   std::condition_variable sweep_;

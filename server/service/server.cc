@@ -122,6 +122,7 @@ absl::StatusOr<std::unique_ptr<GradServer>> GradServer::Start(const ServerOption
   builder.SetMaxReceiveMessageSize(ClampToInt(server->max_message_bytes_));
   builder.SetMaxSendMessageSize(ClampToInt(server->max_message_bytes_));
   builder.RegisterService(server->authenticated_service_.get());
+  builder.RegisterCallbackGenericService(server->authenticated_service_->generic_calls());
   server->server_ = builder.BuildAndStart();
   const bool some_port_failed =
       server->port_ == 0 || std::find(also_ports.begin(), also_ports.end(), 0) != also_ports.end();

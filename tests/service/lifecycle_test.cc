@@ -13,6 +13,7 @@
 #include "gradserve/v1/gradserve.grpc.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "server/service/server.h"
+#include "tests/service/headers_only_call.h"
 #include "tests/service/test_requests.h"
 
 namespace gradserve {
@@ -251,6 +252,111 @@ TEST(Lifecycle, QueueOverflowIsRefusedAtOnceAndTheServerRecovers) {
   v1::ComputeGradientsResponse response;
   grpc::ClientContext context;
   EXPECT_TRUE(stub->ComputeGradients(&context, testing::SeedRequest<float>(), &response).ok());
+}
+
+// Note [Places held while a message arrives]: a client's calls hold their places in its share of
+// the queue from their headers on, so calls over the share are refused before their messages
+// are read (old code: read, parsed, then refused), and the places come back when calls end.
+TEST(Lifecycle, CallsOverTheClientsShareAreRefusedAtTheirHeaders) {
+  auto server = StartServerWith(
+      [](service::ServerOptions* options) { options->service.max_queue_per_client = 2; });
+  ASSERT_NE(server, nullptr);
+  const std::string address = "127.0.0.1:" + std::to_string(server->port());
+  const auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  constexpr char kMethod[] = "/gradserve.v1.GradientService/ComputeGradients";
+  auto first = std::make_unique<testing::HeadersOnlyCall>(channel, kMethod);
+  auto second = std::make_unique<testing::HeadersOnlyCall>(channel, kMethod);
+  // Both wait for their messages, holding the client's two places.
+  EXPECT_FALSE(first->EndsWithin(std::chrono::milliseconds(300)));
+  EXPECT_FALSE(second->EndsWithin(std::chrono::milliseconds(1)));
+  testing::HeadersOnlyCall third(channel, kMethod);
+  ASSERT_TRUE(third.EndsWithin(std::chrono::seconds(10)))
+      << "the third call waited for its message";
+  EXPECT_EQ(third.status().error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(third.status().error_message(), ::testing::HasSubstr("max_queue_per_client"));
+  auto stub = Connect(*server);
+  {
+    v1::ComputeGradientsResponse response;
+    grpc::ClientContext context;
+    const grpc::Status status =
+        stub->ComputeGradients(&context, testing::SeedRequest<float>(), &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << status.error_message();
+  }
+  // A call that ends gives its place back, once the server has seen it end.
+  first.reset();
+  grpc::Status status;
+  for (int attempt = 0; attempt < 1000; ++attempt) {
+    v1::ComputeGradientsResponse response;
+    grpc::ClientContext context;
+    status = stub->ComputeGradients(&context, testing::SeedRequest<float>(), &response);
+    if (status.error_code() != grpc::StatusCode::RESOURCE_EXHAUSTED) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_TRUE(status.ok()) << status.error_message();
+}
+
+// Note [Shutdown]: a call whose message is still on the way when the shutdown begins would be
+// refused once it arrived; it is refused at once with UNAVAILABLE (which clients retry), instead
+// of being cancelled by gRPC at the end of the grace (CANCELLED: not retried, the work lost).
+TEST(Lifecycle, CallStillArrivingWhenShutdownBeginsGetsUnavailable) {
+  auto server = StartServer();
+  ASSERT_NE(server, nullptr);
+  const auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(server->port()),
+                                           grpc::InsecureChannelCredentials());
+  testing::HeadersOnlyCall arriving(channel, "/gradserve.v1.GradientService/ComputeGradients");
+  EXPECT_FALSE(arriving.EndsWithin(std::chrono::milliseconds(300)));
+  std::thread shutdown([&] { server->Shutdown(std::chrono::seconds(30)); });
+  const bool ended = arriving.EndsWithin(std::chrono::seconds(10));
+  EXPECT_TRUE(ended) << "the arriving call was left to the end of the grace";
+  if (ended) {
+    EXPECT_EQ(arriving.status().error_code(), grpc::StatusCode::UNAVAILABLE)
+        << arriving.status().error_message();
+  }
+  shutdown.join();
+}
+
+// A call served at its headers still answers a call that never sends its message, or sends
+// bytes that are no request, with INVALID_ARGUMENT (gRPC's own handlers would have said
+// INTERNAL or waited).
+TEST(Lifecycle, CallWithoutAValidMessageIsInvalid) {
+  auto server = StartServer();
+  ASSERT_NE(server, nullptr);
+  grpc::GenericStub stub(server->InProcessChannel());
+  const std::string bad_bytes("\xff\xff\xff", 3);
+  for (const std::string& method : {std::string("/gradserve.v1.GradientService/ComputeGradients"),
+                                    std::string("/gradserve.v1.GradientService/CheckGradients")}) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    grpc::Slice slice(bad_bytes);
+    const grpc::ByteBuffer request(&slice, 1);
+    grpc::ByteBuffer response;
+    std::promise<grpc::Status> done;
+    stub.UnaryCall(&context, method, grpc::StubOptions(), &request, &response,
+                   [&done](grpc::Status status) { done.set_value(std::move(status)); });
+    const grpc::Status status = done.get_future().get();
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << method;
+    EXPECT_THAT(status.error_message(), ::testing::HasSubstr("not a valid gradserve.v1."));
+  }
+  // Headers, then a half-close without a message.
+  class NoMessage final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+   public:
+    explicit NoMessage(grpc::GenericStub* stub) {
+      context_.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+      stub->PrepareBidiStreamingCall(&context_, "/gradserve.v1.GradientService/ComputeGradients",
+                                     grpc::StubOptions(), this);
+      StartWritesDone();
+      StartCall();
+    }
+    void OnDone(const grpc::Status& status) override { done.set_value(status); }
+    std::promise<grpc::Status> done;
+
+   private:
+    grpc::ClientContext context_;
+  };
+  NoMessage call(&stub);
+  const grpc::Status status = call.done.get_future().get();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(), ::testing::HasSubstr("no request message"));
 }
 
 TEST(Lifecycle, DrainingReportsNotServingWhileStillAnswering) {

@@ -20,6 +20,7 @@
 #include "gradserve/client.h"
 #include "server/service/auth.h"
 #include "server/service/server.h"
+#include "tests/service/headers_only_call.h"
 #include "tests/service/test_requests.h"
 
 namespace gradserve {
@@ -325,6 +326,25 @@ TEST_F(SecurityTest, EveryMethodRefusesCallsWithoutToken) {
         EXPECT_NE(code, grpc::StatusCode::UNIMPLEMENTED) << method << " is not forwarded";
       }
     }
+  }
+}
+
+// Note [Admission at the headers]: a call without the token is refused on its headers alone, so
+// a client cannot make the server receive and parse a large message it will refuse anyway (old
+// code: the call waited for its message, here until the deadline).
+TEST_F(SecurityTest, CallWithoutTokenIsRefusedBeforeItsMessageArrives) {
+  service::SecurityOptions security;
+  security.auth_token = "s3cret-token";
+  auto server = Serve(security);
+  ASSERT_NE(server, nullptr);
+  for (const char* method : {"/gradserve.v1.GradientService/ComputeGradients",
+                             "/gradserve.v1.GradientService/CheckGradients"}) {
+    testing::HeadersOnlyCall call(server->InProcessChannel(), method);
+    ASSERT_TRUE(call.EndsWithin(std::chrono::seconds(10))) << method << " waited for its message";
+    EXPECT_EQ(call.status().error_code(), kUnauthenticated) << method;
+    // With the token, the same call is let through and waits for its message.
+    testing::HeadersOnlyCall with_token(server->InProcessChannel(), method, "s3cret-token");
+    EXPECT_FALSE(with_token.EndsWithin(std::chrono::milliseconds(300))) << method;
   }
 }
 
