@@ -1,0 +1,546 @@
+#include "server/engine/graph/graph.h"
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <queue>
+#include <unordered_map>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace gradserve::engine::graph {
+namespace {
+
+absl::Status Invalid(absl::string_view field, absl::string_view message) {
+  return absl::InvalidArgumentError(absl::StrCat(field, ": ", message));
+}
+
+// Rank, sizes and element count of a shape against the limits, without overflowing.
+absl::Status CheckShape(const Shape& shape, const GraphLimits& limits, absl::string_view field) {
+  if (static_cast<int64_t>(shape.size()) > limits.max_rank) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(field, ": rank ", shape.size(), " is over the limit of ", limits.max_rank));
+  }
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    if (d < 0) return Invalid(field, absl::StrCat("negative size in ", ShapeString(shape)));
+    if (d != 0 && n > limits.max_tensor_elements / d) {
+      return absl::ResourceExhaustedError(absl::StrCat(field, ": shape ", ShapeString(shape),
+                                                       " has more than the limit of ",
+                                                       limits.max_tensor_elements, " elements"));
+    }
+    n *= d;
+  }
+  return absl::OkStatus();
+}
+
+std::string NodeWhere(const NodeSpec& node, int i) {
+  return absl::StrCat("graph.nodes[", i, "] (\"", node.name, "\", ", node.op_type, ")");
+}
+
+// Constant data in the call's dtype (floats to T, int64 as is, bool as one byte each).
+std::vector<uint64_t> ConstantBytes(const ConstantValue& c, DType float_dtype) {
+  const int64_t n = NumElements(c.shape);
+  const DType dtype = IsFloat(c.dtype) ? float_dtype : c.dtype;
+  std::vector<uint64_t> storage((n * DTypeSize(dtype) + 7) / 8 + 1, 0);
+  void* p = storage.data();
+  for (int64_t j = 0; j < n; ++j) {
+    switch (dtype) {
+      case DType::kFloat32:
+        static_cast<float*>(p)[j] = static_cast<float>(c.floats[j]);
+        break;
+      case DType::kFloat64:
+        static_cast<double*>(p)[j] = c.floats[j];
+        break;
+      case DType::kInt64:
+        static_cast<int64_t*>(p)[j] = c.ints[j];
+        break;
+      case DType::kBool:
+        static_cast<uint8_t*>(p)[j] = c.ints[j] != 0;
+        break;
+    }
+  }
+  return storage;
+}
+
+}  // namespace
+
+int Graph::FindParameter(absl::string_view name) const {
+  for (size_t p = 0; p < spec_.parameters.size(); ++p) {
+    if (spec_.parameters[p].name == name) return static_cast<int>(p);
+  }
+  return -1;
+}
+
+int Graph::FindInput(absl::string_view name) const {
+  for (size_t i = 0; i < spec_.inputs.size(); ++i) {
+    if (spec_.inputs[i].name == name) return static_cast<int>(i);
+  }
+  return -1;
+}
+
+const void* Graph::constant_data(int v) const {
+  return constant_storage_[constant_slot_[v]].data();
+}
+
+absl::StatusOr<Graph> Graph::Create(const GraphSpec& spec, const PlanOptions& options) {
+  const GraphLimits& limits = options.limits;
+  // Limits first, from the spec's sizes alone.
+  if (static_cast<int64_t>(spec.nodes.size()) > limits.max_nodes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "graph.nodes: ", spec.nodes.size(), " nodes, over the limit of ", limits.max_nodes));
+  }
+  int64_t num_values =
+      static_cast<int64_t>(spec.inputs.size() + spec.parameters.size() + spec.constants.size());
+  for (const NodeSpec& node : spec.nodes) num_values += static_cast<int64_t>(node.outputs.size());
+  if (num_values > limits.max_values) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("graph: ", num_values,
+                     " values (inputs, parameters, constants and node outputs), over the "
+                     "limit of ",
+                     limits.max_values));
+  }
+  if (!IsFloat(options.dtype)) return Invalid("dtype", "must be float32 or float64");
+  if (options.input_shapes.size() != spec.inputs.size()) {
+    return Invalid("inputs", absl::StrCat(options.input_shapes.size(), " tensors for ",
+                                          spec.inputs.size(), " graph inputs"));
+  }
+
+  Graph g;
+  g.spec_ = spec;
+  g.dtype_ = options.dtype;
+  const GraphSpec& s = g.spec_;
+  std::vector<ValueInfo>& values = g.values_;
+  values.reserve(num_values);
+  std::unordered_map<std::string_view, int> by_name;
+  std::vector<std::string> defined_by;  // The field that defined each value, for messages.
+  auto define = [&](const std::string& name, std::string field, ValueInfo info) -> absl::Status {
+    if (name.empty()) return Invalid(absl::StrCat(field, ".name"), "empty");
+    auto [it, inserted] = by_name.emplace(name, static_cast<int>(values.size()));
+    if (!inserted) {
+      return Invalid(field, absl::StrCat("value \"", name, "\" is already defined by ",
+                                         defined_by[it->second]));
+    }
+    info.name = name;
+    values.push_back(std::move(info));
+    defined_by.push_back(std::move(field));
+    return absl::OkStatus();
+  };
+
+  // Plan-time data of constants (and folded Constant nodes), by value id.
+  std::vector<ConstantValue> constant_values;
+  constant_values.reserve(s.constants.size() + s.nodes.size());
+  g.constant_slot_.assign(num_values, -1);
+  std::vector<int> constant_of(num_values, -1);
+
+  for (size_t i = 0; i < s.inputs.size(); ++i) {
+    const InputSpec& in = s.inputs[i];
+    const std::string field = absl::StrCat("graph.inputs[", i, "]");
+    if (in.dtype == DType::kBool || (IsFloat(in.dtype) && in.dtype != options.dtype)) {
+      return Invalid(absl::StrCat(field, ".dtype"),
+                     absl::StrCat(DTypeName(in.dtype), " input in a ", DTypeName(options.dtype),
+                                  " call (inputs are the call's float dtype or int64)"));
+    }
+    RETURN_IF_ERROR(
+        CheckShape(options.input_shapes[i], limits, absl::StrCat("inputs[", i, "].shape")));
+    ValueInfo v;
+    v.type = {in.dtype, options.input_shapes[i]};
+    v.kind = ValueKind::kInput;
+    v.index = static_cast<int>(i);
+    RETURN_IF_ERROR(define(in.name, field, std::move(v)));
+    g.input_values_.push_back(static_cast<int>(values.size()) - 1);
+  }
+  for (size_t p = 0; p < s.parameters.size(); ++p) {
+    const std::string field = absl::StrCat("graph.parameters[", p, "]");
+    RETURN_IF_ERROR(CheckShape(s.parameters[p].shape, limits, absl::StrCat(field, ".shape")));
+    ValueInfo v;
+    v.type = {options.dtype, s.parameters[p].shape};
+    v.kind = ValueKind::kParameter;
+    v.index = static_cast<int>(p);
+    RETURN_IF_ERROR(define(s.parameters[p].name, field, std::move(v)));
+    g.parameter_values_.push_back(static_cast<int>(values.size()) - 1);
+  }
+  auto add_constant = [&](int value, ConstantValue c) {
+    g.constant_slot_[value] = static_cast<int>(g.constant_storage_.size());
+    g.constant_storage_.push_back(ConstantBytes(c, options.dtype));
+    g.costs_.constant_bytes += static_cast<int64_t>(g.constant_storage_.back().size() * 8);
+    constant_of[value] = static_cast<int>(constant_values.size());
+    constant_values.push_back(std::move(c));
+  };
+  for (size_t k = 0; k < s.constants.size(); ++k) {
+    const ConstantSpec& c = s.constants[k];
+    const std::string field = absl::StrCat("graph.constants[", k, "]");
+    RETURN_IF_ERROR(CheckShape(c.shape, limits, absl::StrCat(field, ".shape")));
+    const int64_t n = NumElements(c.shape);
+    const size_t given = IsFloat(c.dtype) ? c.floats.size() : c.ints.size();
+    if (static_cast<int64_t>(given) != n) {
+      return Invalid(absl::StrCat(field, ".data"),
+                     absl::StrCat("expected ", n, " values for shape ", ShapeString(c.shape),
+                                  ", got ", given));
+    }
+    if (c.dtype == DType::kBool) {
+      for (int64_t x : c.ints) {
+        if (x != 0 && x != 1)
+          return Invalid(absl::StrCat(field, ".data"), "bool values must be 0 or 1");
+      }
+    }
+    ValueInfo v;
+    v.type = {IsFloat(c.dtype) ? options.dtype : c.dtype, c.shape};
+    v.kind = ValueKind::kConstant;
+    v.index = static_cast<int>(k);
+    RETURN_IF_ERROR(define(c.name, field, std::move(v)));
+    add_constant(static_cast<int>(values.size()) - 1, {c.dtype, c.shape, c.ints, c.floats});
+  }
+
+  // Node outputs; then every input reference resolved, and the edges of the sort.
+  const int num_nodes = static_cast<int>(s.nodes.size());
+  std::vector<const OpInfo*> ops(num_nodes);
+  std::vector<int> num_outputs(num_nodes);
+  std::vector<std::vector<int>> node_outputs(num_nodes);
+  std::vector<int> producer;  // By value id: the producing node, -1 otherwise.
+  for (int i = 0; i < num_nodes; ++i) {
+    const NodeSpec& node = s.nodes[i];
+    const std::string where = NodeWhere(node, i);
+    ops[i] = FindOp(node.op_type);
+    if (ops[i] == nullptr) {
+      return Invalid(absl::StrCat(where, ".op_type"),
+                     absl::StrCat("unknown operator \"", node.op_type,
+                                  "\" (supported: ", absl::StrJoin(SupportedOps(), ", "), ")"));
+    }
+    // Trailing "" outputs are optional outputs left out.
+    int outs = static_cast<int>(node.outputs.size());
+    while (outs > 0 && node.outputs[outs - 1].empty()) --outs;
+    num_outputs[i] = outs;
+    const int ins = static_cast<int>(node.inputs.size());
+    if (ins < ops[i]->min_inputs || ins > ops[i]->max_inputs) {
+      return Invalid(absl::StrCat(where, ".inputs"),
+                     absl::StrCat(node.op_type, " takes ", ops[i]->min_inputs, " to ",
+                                  ops[i]->max_inputs, " inputs, got ", ins));
+    }
+    if (outs < ops[i]->min_outputs || outs > ops[i]->max_outputs) {
+      return Invalid(absl::StrCat(where, ".outputs"),
+                     absl::StrCat(node.op_type, " has ", ops[i]->min_outputs, " to ",
+                                  ops[i]->max_outputs, " outputs, got ", outs));
+    }
+    for (int o = 0; o < outs; ++o) {
+      ValueInfo v;
+      v.kind = ValueKind::kNode;
+      v.slot = o;
+      RETURN_IF_ERROR(
+          define(node.outputs[o], absl::StrCat(where, ".outputs[", o, "]"), std::move(v)));
+      node_outputs[i].push_back(static_cast<int>(values.size()) - 1);
+    }
+  }
+  producer.assign(values.size(), -1);
+  for (int i = 0; i < num_nodes; ++i) {
+    for (int v : node_outputs[i]) producer[v] = i;
+  }
+  std::vector<std::vector<int>> node_inputs(num_nodes);
+  std::vector<int> indegree(num_nodes, 0);
+  std::vector<std::vector<int>> consumers(num_nodes);
+  for (int i = 0; i < num_nodes; ++i) {
+    const NodeSpec& node = s.nodes[i];
+    for (size_t j = 0; j < node.inputs.size(); ++j) {
+      if (node.inputs[j].empty()) {
+        node_inputs[i].push_back(-1);
+        continue;
+      }
+      auto it = by_name.find(node.inputs[j]);
+      if (it == by_name.end()) {
+        return Invalid(absl::StrCat(NodeWhere(node, i), ".inputs[", j, "]"),
+                       absl::StrCat("value \"", node.inputs[j],
+                                    "\" is not defined (no graph input, parameter, constant or "
+                                    "node output has that name)"));
+      }
+      node_inputs[i].push_back(it->second);
+      if (const int p = producer[it->second]; p >= 0) {
+        ++indegree[i];
+        consumers[p].push_back(i);
+      }
+    }
+  }
+
+  // Kahn's algorithm, lowest spec index first among the ready nodes.
+  std::vector<int> order;
+  order.reserve(num_nodes);
+  {
+    std::priority_queue<int, std::vector<int>, std::greater<int>> ready;
+    for (int i = 0; i < num_nodes; ++i) {
+      if (indegree[i] == 0) ready.push(i);
+    }
+    while (!ready.empty()) {
+      const int i = ready.top();
+      ready.pop();
+      order.push_back(i);
+      for (int c : consumers[i]) {
+        if (--indegree[c] == 0) ready.push(c);
+      }
+    }
+  }
+  if (static_cast<int>(order.size()) < num_nodes) {
+    for (int i = 0; i < num_nodes; ++i) {
+      if (indegree[i] > 0) {
+        return Invalid(NodeWhere(s.nodes[i], i),
+                       "is on a cycle (or depends on one): its inputs can never all be computed");
+      }
+    }
+  }
+
+  // Inference, in order. Constant nodes become constants.
+  std::vector<int> step_of_node(num_nodes, -1);
+  for (int i : order) {
+    const NodeSpec& node = s.nodes[i];
+    std::vector<const ValueType*> in_types;
+    std::vector<const ConstantValue*> in_constants;
+    for (int v : node_inputs[i]) {
+      in_types.push_back(v < 0 ? nullptr : &values[v].type);
+      in_constants.push_back(v < 0 || constant_of[v] < 0 ? nullptr
+                                                         : &constant_values[constant_of[v]]);
+    }
+    OpContext context(node, i, options.dtype, std::move(in_types), std::move(in_constants));
+    if (node.op_type == "Constant") {
+      ASSIGN_OR_RETURN(ConstantValue c, ConstantNodeValue(context));
+      const int v = node_outputs[i][0];
+      values[v].type = {IsFloat(c.dtype) ? options.dtype : c.dtype, c.shape};
+      values[v].kind = ValueKind::kConstant;
+      values[v].index = -1;
+      add_constant(v, std::move(c));
+      continue;
+    }
+    std::vector<ValueType> out_types;
+    ASSIGN_OR_RETURN(std::unique_ptr<OpKernel> kernel, ops[i]->factory(context, &out_types));
+    if (static_cast<int>(out_types.size()) != num_outputs[i]) {
+      return absl::InternalError(absl::StrCat(context.where(), ": inferred ", out_types.size(),
+                                              " outputs for ", num_outputs[i]));
+    }
+    Step step;
+    step.node = i;
+    step.kernel = std::move(kernel);
+    step.inputs = node_inputs[i];
+    step.outputs = node_outputs[i];
+    const int step_index = static_cast<int>(g.steps_.size());
+    for (int o = 0; o < num_outputs[i]; ++o) {
+      RETURN_IF_ERROR(CheckShape(out_types[o].shape, limits,
+                                 absl::StrCat(context.where(), ".outputs[", o, "]")));
+      ValueInfo& v = values[step.outputs[o]];
+      v.type = out_types[o];
+      v.index = step_index;
+    }
+    step_of_node[i] = step_index;
+    g.steps_.push_back(std::move(step));
+  }
+  for (ValueInfo& v : values) v.elements = NumElements(v.type.shape);
+
+  // Uses in the forward pass.
+  std::vector<int> uses(values.size(), 0);
+  for (int t = 0; t < static_cast<int>(g.steps_.size()); ++t) {
+    for (int v : g.steps_[t].inputs) {
+      if (v < 0) continue;
+      values[v].last_forward_use = t;
+      ++uses[v];
+    }
+  }
+  for (size_t p = 0; p < s.parameters.size(); ++p) {
+    if (uses[g.parameter_values_[p]] == 0) {
+      return Invalid(absl::StrCat("graph.parameters[", p, "] (\"", s.parameters[p].name, "\")"),
+                     "is never used by any node");
+    }
+  }
+
+  // Outputs and loss.
+  for (size_t o = 0; o < s.outputs.size(); ++o) {
+    const std::string field = absl::StrCat("graph.outputs[", o, "]");
+    auto it = by_name.find(s.outputs[o]);
+    if (it == by_name.end()) {
+      return Invalid(field, absl::StrCat("value \"", s.outputs[o], "\" is not defined"));
+    }
+    for (size_t p = 0; p < o; ++p) {
+      if (s.outputs[p] == s.outputs[o]) {
+        return Invalid(field,
+                       absl::StrCat("\"", s.outputs[o], "\" is already graph.outputs[", p, "]"));
+      }
+    }
+    g.output_values_.push_back(it->second);
+  }
+  const GraphLossSpec& loss = s.loss;
+  {
+    auto it = std::find(s.outputs.begin(), s.outputs.end(), loss.output);
+    if (it == s.outputs.end()) {
+      return Invalid("graph.loss.output",
+                     absl::StrCat("\"", loss.output, "\" is not one of graph.outputs"));
+    }
+    g.loss_output_ = g.output_values_[it - s.outputs.begin()];
+    const ValueInfo& out = values[g.loss_output_];
+    if (out.kind != ValueKind::kNode || !IsFloat(out.type.dtype)) {
+      return Invalid(
+          "graph.loss.output",
+          absl::StrCat("\"", loss.output, "\" must be a floating value computed by a node"));
+    }
+    g.loss_target_input_ = g.FindInput(loss.target);
+    if (g.loss_target_input_ < 0) {
+      return Invalid("graph.loss.target",
+                     absl::StrCat("\"", loss.target, "\" is not a graph input"));
+    }
+    const ValueType& target = values[g.input_values_[g.loss_target_input_]].type;
+    const Shape& shape = out.type.shape;
+    if (loss.kind == LossKind::kCrossEntropy) {
+      if (shape.size() < 2) {
+        return Invalid("graph.loss.output",
+                       absl::StrCat("cross-entropy needs logits of rank >= 2 (classes last), got ",
+                                    ShapeString(shape)));
+      }
+      const Shape expected(shape.begin(), shape.end() - 1);
+      if (target.dtype != DType::kInt64 || target.shape != expected) {
+        return Invalid(
+            "graph.loss.target",
+            absl::StrCat("cross-entropy needs int64 class indices of shape ", ShapeString(expected),
+                         ", got ", DTypeName(target.dtype), " ", ShapeString(target.shape)));
+      }
+    } else if (target.dtype != options.dtype || target.shape != shape) {
+      return Invalid("graph.loss.target",
+                     absl::StrCat("expected ", DTypeName(options.dtype), " ", ShapeString(shape),
+                                  " (the shape of graph.loss.output), got ",
+                                  DTypeName(target.dtype), " ", ShapeString(target.shape)));
+    }
+    if (loss.kind == LossKind::kHuber &&
+        !(loss.huber_delta > 0 && std::isfinite(loss.huber_delta))) {
+      return Invalid("graph.loss.huber_delta", "must be positive and finite");
+    }
+  }
+  g.input_grad_requested_.assign(s.inputs.size(), false);
+  for (size_t r = 0; r < options.input_gradients.size(); ++r) {
+    const int i = g.FindInput(options.input_gradients[r]);
+    if (i < 0 || !IsFloat(s.inputs[i].dtype)) {
+      return Invalid(
+          absl::StrCat("input_gradients[", r, "]"),
+          absl::StrCat("\"", options.input_gradients[r], "\" is not a floating graph input"));
+    }
+    g.input_grad_requested_[i] = true;
+  }
+
+  // Which values get a gradient: they depend on a parameter or requested input (forward) and
+  // the loss depends on them (backward).
+  std::vector<bool> depends(values.size(), false), on_path(values.size(), false);
+  for (int v : g.parameter_values_) depends[v] = true;
+  for (size_t i = 0; i < s.inputs.size(); ++i)
+    depends[g.input_values_[i]] = g.input_grad_requested_[i];
+  for (const Step& step : g.steps_) {
+    bool any = false;
+    for (size_t j = 0; j < step.inputs.size(); ++j) {
+      const int v = step.inputs[j];
+      if (v >= 0 && (step.kernel->differentiable_inputs() >> j & 1) && depends[v]) any = true;
+    }
+    for (int v : step.outputs) depends[v] = any && IsFloat(values[v].type.dtype);
+  }
+  on_path[g.loss_output_] = true;
+  for (int t = static_cast<int>(g.steps_.size()) - 1; t >= 0; --t) {
+    const Step& step = g.steps_[t];
+    bool any = false;
+    for (int v : step.outputs) any = any || on_path[v];
+    if (!any) continue;
+    for (size_t j = 0; j < step.inputs.size(); ++j) {
+      const int v = step.inputs[j];
+      if (v >= 0 && (step.kernel->differentiable_inputs() >> j & 1)) on_path[v] = true;
+    }
+  }
+  for (size_t v = 0; v < values.size(); ++v) values[v].needs_grad = depends[v] && on_path[v];
+  for (int t = 0; t < static_cast<int>(g.steps_.size()); ++t) {
+    Step& step = g.steps_[t];
+    for (size_t j = 0; j < step.inputs.size(); ++j) {
+      const int v = step.inputs[j];
+      if (v >= 0 && (step.kernel->differentiable_inputs() >> j & 1) && values[v].needs_grad) {
+        step.backward = true;
+      }
+    }
+    if (!step.backward) continue;
+    // Keep what this backward reads.
+    auto keep = [&](int v) {
+      if (v < 0 || values[v].kind != ValueKind::kNode) return;
+      values[v].kept = true;
+      if (values[v].first_backward_use < 0) values[v].first_backward_use = t;
+    };
+    for (size_t j = 0; j < step.inputs.size(); ++j) {
+      if (step.kernel->backward_reads_inputs() >> j & 1) keep(step.inputs[j]);
+    }
+    for (size_t o = 0; o < step.outputs.size(); ++o) {
+      if (step.kernel->backward_reads_outputs() >> o & 1) keep(step.outputs[o]);
+    }
+  }
+
+  // Release points.
+  std::vector<bool> held(values.size(), false);
+  for (int v : g.output_values_) held[v] = true;
+  held[g.loss_output_] = true;
+  for (size_t v = 0; v < values.size(); ++v) {
+    const ValueInfo& info = values[v];
+    if (info.kind != ValueKind::kNode) continue;
+    if (info.kept) {
+      g.steps_[info.first_backward_use].release_after_backward.push_back(static_cast<int>(v));
+    } else if (held[v]) {
+      g.release_after_loss_.push_back(static_cast<int>(v));
+    } else {
+      g.steps_[std::max(info.last_forward_use, info.index)].release_after_forward.push_back(
+          static_cast<int>(v));
+    }
+  }
+
+  // Costs: simulate the executor's schedule (executor.cc allocates exactly these buffers).
+  const int64_t t_size = DTypeSize(options.dtype);
+  auto bytes = [&](int v) { return values[v].elements * DTypeSize(values[v].type.dtype); };
+  PlanCosts& costs = g.costs_;
+  int64_t live = 0, peak = 0;
+  for (const Step& step : g.steps_) {
+    const int64_t saved = step.kernel->saved_elements() * t_size;
+    for (int v : step.outputs) live += bytes(v);
+    live += saved;
+    peak = std::max(peak, live + step.kernel->workspace_elements() * t_size);
+    costs.forward_flops += step.kernel->forward_flops();
+    if (step.backward) {
+      costs.backward_flops += step.kernel->backward_flops();
+      costs.kept_bytes += saved;
+    } else {
+      live -= saved;
+    }
+    for (int v : step.release_after_forward) live -= bytes(v);
+  }
+  for (const ValueInfo& v : values) {
+    if (v.kept) costs.kept_bytes += v.elements * DTypeSize(v.type.dtype);
+  }
+  std::vector<bool> has_grad(values.size(), false);
+  if (values[g.loss_output_].needs_grad) {
+    live += bytes(g.loss_output_);
+    has_grad[g.loss_output_] = true;
+  }
+  peak = std::max(peak, live);
+  for (int v : g.release_after_loss_) live -= bytes(v);
+  for (int t = static_cast<int>(g.steps_.size()) - 1; t >= 0; --t) {
+    const Step& step = g.steps_[t];
+    if (!step.backward) continue;
+    int64_t transient = step.kernel->workspace_elements() * t_size;
+    for (int v : step.outputs) {
+      if (IsFloat(values[v].type.dtype) && !has_grad[v]) transient += bytes(v);  // Zeros.
+    }
+    for (size_t j = 0; j < step.inputs.size(); ++j) {
+      const int v = step.inputs[j];
+      if (v < 0 || !(step.kernel->differentiable_inputs() >> j & 1) || !values[v].needs_grad)
+        continue;
+      if (has_grad[v]) {
+        transient += bytes(v);  // A later contribution: scratch, then added.
+      } else {
+        has_grad[v] = true;
+        if (values[v].kind == ValueKind::kNode) live += bytes(v);  // Else the caller's buffer.
+      }
+    }
+    peak = std::max(peak, live + transient);
+    for (int v : step.outputs) {
+      if (has_grad[v]) live -= bytes(v);
+    }
+    for (int v : step.release_after_backward) live -= bytes(v);
+    live -= step.kernel->saved_elements() * t_size;
+  }
+  costs.peak_bytes = peak;
+  return g;
+}
+
+}  // namespace gradserve::engine::graph

@@ -1,0 +1,138 @@
+// Graph plans: a validated, shape-inferred, topologically sorted GraphSpec for one call's
+// input shapes and dtype, with its memory and FLOP costs known before any tensor exists.
+//
+// Overview of the graph engine (server/engine/graph/):
+//   spec.h       GraphSpec, plain data mirroring the API.
+//   graph.h      Graph::Create: validation, shape/dtype inference, order, costs (this file).
+//   op.h         the operator interface; ops_*.cc one file per op family (forward + backward).
+//   kernels.h    broadcasting and deterministic reductions shared by the ops.
+//   executor.h   RunGraph: forward, loss, backward into caller buffers, diagnostics.
+//   chain.h      the GraphSpec of a chain ModelSpec (the chain as a graph, bit-identical).
+//
+// Note [Graph plan]
+// Create walks the spec once: it checks limits first (from the spec's sizes alone), defines
+// every value (inputs, parameters, constants, node outputs; each name once), sorts the nodes
+// with Kahn's algorithm taking the lowest spec index among the ready nodes (so the order is a
+// function of the spec, whatever order the nodes come in), then, in that order, has each op's
+// factory check its inputs and attributes and infer its outputs' dtypes and shapes. Constant
+// nodes are folded into constants. It then decides which values need a gradient (those that
+// depend on a parameter or on a requested input, and on which the loss depends), which nodes
+// run backward, which forward values are kept for backward (only what some backward reads), and
+// when each buffer is released; simulating that schedule gives the peak memory the executor
+// will hold. Cost: O(nodes + values + edges) plus each op's shape work, and a log factor for the
+// ready queue.
+#ifndef GRADSERVE_ENGINE_GRAPH_GRAPH_H_
+#define GRADSERVE_ENGINE_GRAPH_GRAPH_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "server/engine/graph/op.h"
+#include "server/engine/graph/spec.h"
+
+namespace gradserve::engine::graph {
+
+// Checked before anything is allocated from the spec (RESOURCE_EXHAUSTED when exceeded).
+struct GraphLimits {
+  int64_t max_nodes = 100'000;
+  int64_t max_values = 400'000;  // inputs + parameters + constants + node outputs
+  int64_t max_rank = 8;
+  int64_t max_tensor_elements = int64_t{1} << 26;
+};
+
+struct PlanOptions {
+  DType dtype = DType::kFloat32;             // The call's floating dtype: kFloat32 or kFloat64.
+  std::vector<Shape> input_shapes;           // One per GraphSpec::inputs, in order.
+  std::vector<std::string> input_gradients;  // Floating inputs whose dL/d(input) is wanted.
+  GraphLimits limits;
+};
+
+enum class ValueKind { kInput, kParameter, kConstant, kNode };
+
+struct ValueInfo {
+  std::string name;
+  ValueType type;
+  int64_t elements = 0;
+  ValueKind kind = ValueKind::kNode;
+  int index = -1;               // Input, parameter or constant index; for kNode the producing step.
+  int slot = 0;                 // kNode: which output of the producer.
+  bool needs_grad = false;      // dL/d(value) is computed in the backward pass.
+  bool kept = false;            // A node output kept from the forward pass for some backward.
+  int last_forward_use = -1;    // Last step reading it in the forward pass (-1: none).
+  int first_backward_use = -1;  // Lowest step whose backward reads it (released after it).
+};
+
+// One node in execution order.
+struct Step {
+  int node = -1;  // Index in GraphSpec::nodes.
+  std::unique_ptr<OpKernel> kernel;
+  std::vector<int> inputs;                  // Value ids; -1 where an optional input is absent.
+  std::vector<int> outputs;                 // Value ids.
+  bool backward = false;                    // Runs in the backward pass.
+  std::vector<int> release_after_forward;   // Node values whose buffers are free after it.
+  std::vector<int> release_after_backward;  // Kept values free after its backward.
+};
+
+struct PlanCosts {
+  double forward_flops = 0;
+  double backward_flops = 0;
+  int64_t kept_bytes = 0;      // Forward values (and op statistics) kept for backward.
+  int64_t peak_bytes = 0;      // Most bytes of values, gradients and workspace live at once.
+  int64_t constant_bytes = 0;  // Constants converted to the call's dtype, held by the plan.
+};
+
+// Immutable after Create; thread-safe to share between concurrent runs.
+class Graph {
+ public:
+  // Validates `spec` for these input shapes. INVALID_ARGUMENT names the field as the API does
+  // ("graph.nodes[3] (\"attn.qkv\", MatMul).inputs[1] (\"w\"): shape [64, 32] does not match
+  // ..."); RESOURCE_EXHAUSTED for a limit.
+  static absl::StatusOr<Graph> Create(const GraphSpec& spec, const PlanOptions& options);
+
+  Graph(Graph&&) = default;
+  Graph& operator=(Graph&&) = default;
+
+  const GraphSpec& spec() const { return spec_; }
+  DType dtype() const { return dtype_; }
+  const std::vector<ValueInfo>& values() const { return values_; }
+  const std::vector<Step>& steps() const { return steps_; }
+  const PlanCosts& costs() const { return costs_; }
+
+  // Value ids of inputs, parameters, graph outputs and the loss's output and target.
+  int input_value(int i) const { return input_values_[i]; }
+  int parameter_value(int p) const { return parameter_values_[p]; }
+  int output_value(int o) const { return output_values_[o]; }
+  int loss_output() const { return loss_output_; }
+  int loss_target() const { return loss_target_input_; }  // An input index.
+  bool input_gradient_requested(int i) const { return input_grad_requested_[i]; }
+  // The index in GraphSpec::parameters / inputs with this name, or -1.
+  int FindParameter(absl::string_view name) const;
+  int FindInput(absl::string_view name) const;
+  // Bytes of constant (or folded Constant node) value v in the call's dtype.
+  const void* constant_data(int v) const;
+  // Node values held until the loss is computed and then released (graph outputs, the loss's
+  // input) unless kept for backward.
+  const std::vector<int>& release_after_loss() const { return release_after_loss_; }
+
+ private:
+  Graph() = default;
+
+  GraphSpec spec_;
+  DType dtype_ = DType::kFloat32;
+  std::vector<ValueInfo> values_;
+  std::vector<Step> steps_;
+  std::vector<int> input_values_, parameter_values_, output_values_;
+  std::vector<bool> input_grad_requested_;
+  std::vector<int> release_after_loss_;  // Outputs and the loss's input, unless kept.
+  int loss_output_ = -1;
+  int loss_target_input_ = -1;
+  std::vector<std::vector<uint64_t>> constant_storage_;  // By constant index (8-byte aligned).
+  std::vector<int> constant_slot_;                       // Value id -> storage index.
+  PlanCosts costs_;
+};
+
+}  // namespace gradserve::engine::graph
+
+#endif  // GRADSERVE_ENGINE_GRAPH_GRAPH_H_

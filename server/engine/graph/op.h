@@ -1,0 +1,217 @@
+// The operator interface: what one node of a planned graph does at plan time (check its inputs
+// and attributes, infer its outputs), in the forward pass and in the backward pass.
+//
+// Each operator is one OpKernel subclass, made by its factory (OpFactory) once per node when a
+// graph is planned. The factory validates everything about the node that can be known before a
+// tensor exists (dtypes, shapes, attribute values, constant inputs such as Reshape's shape) and
+// stores the shapes its loops need, so that Forward and Backward only move numbers. Ops are
+// grouped by family, one file each: ops_elementwise.cc (unary, binary with broadcasting, Where,
+// Dropout), ops_linalg.cc (Gemm, MatMul), ops_norm.cc (LayerNormalization, RMSNormalization,
+// Softmax, ReduceMean/ReduceSum), ops_shape.cc (Transpose, Reshape, Split, Concat, Slice,
+// Squeeze/Unsqueeze, Gather, Trilu, Identity, Constant).
+//
+// Buffers: every value is a contiguous row-major array of its dtype (T for floating values,
+// int64_t, or uint8_t for bool). Forward writes every element of its outputs; Backward writes
+// every element of each non-null din (overwriting: the executor sums fan-out, Note [Gradient
+// accumulation] in executor.cc). Parameters and inputs may be unaligned caller memory.
+#ifndef GRADSERVE_ENGINE_GRAPH_OP_H_
+#define GRADSERVE_ENGINE_GRAPH_OP_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/strings/string_view.h"
+#include "server/engine/graph/spec.h"
+#include "server/engine/types.h"
+
+namespace gradserve::engine::graph {
+
+int64_t NumElements(const Shape& shape);      // 1 for a scalar (rank 0).
+std::string ShapeString(const Shape& shape);  // "[2, 3]"
+absl::string_view DTypeName(DType dtype);     // "float32", "float64", "int64", "bool"
+// Bytes per element at run time (bool is one byte).
+int64_t DTypeSize(DType dtype);
+inline bool IsFloat(DType dtype) { return dtype == DType::kFloat32 || dtype == DType::kFloat64; }
+
+// A value's type as inferred at plan time.
+struct ValueType {
+  DType dtype = DType::kFloat32;
+  Shape shape;
+};
+
+// The data of a constant, known at plan time: shape-like inputs (Reshape's shape, Slice's
+// starts, ...) must be constants, and their values are read here.
+struct ConstantValue {
+  DType dtype = DType::kInt64;
+  Shape shape;
+  std::vector<int64_t> ints;   // kInt64, kBool
+  std::vector<double> floats;  // floating dtypes
+};
+
+// Plan-time view of one node, handed to its factory.
+class OpContext {
+ public:
+  OpContext(const NodeSpec& node, int node_index, DType float_dtype,
+            std::vector<const ValueType*> inputs, std::vector<const ConstantValue*> constants);
+
+  const NodeSpec& node() const { return node_; }
+  DType float_dtype() const { return float_dtype_; }
+  int num_inputs() const { return static_cast<int>(inputs_.size()); }
+  // Null when the optional input is absent ("" in the spec, or past the end).
+  const ValueType* input(int i) const { return i < num_inputs() ? inputs_[i] : nullptr; }
+  // Non-null when input i is a constant (or a Constant node's output).
+  const ConstantValue* constant(int i) const {
+    return i < static_cast<int>(constants_.size()) ? constants_[i] : nullptr;
+  }
+  int num_outputs() const { return static_cast<int>(node_.outputs.size()); }
+
+  // "graph.nodes[3] (\"attn.qkv\", MatMul)"
+  const std::string& where() const { return where_; }
+  // INVALID_ARGUMENT "<where>.inputs[i] (\"value\"): <message>", ".attributes.<name>: ", ": ".
+  absl::Status InputError(int i, absl::string_view message) const;
+  absl::Status AttributeError(absl::string_view name, absl::string_view message) const;
+  absl::Status Error(absl::string_view message) const;
+
+  // Input i must be present with this dtype (kFloat32 stands for "the call's float dtype").
+  absl::Status ExpectFloat(int i) const;
+  absl::Status ExpectDType(int i, DType dtype) const;
+  // Input i must be a constant int64 tensor of rank <= 1; its values.
+  absl::StatusOr<std::vector<int64_t>> ConstantInts(int i) const;
+
+  // Attribute readers: the default when absent, INVALID_ARGUMENT when of the wrong type. Each
+  // read marks the attribute known; UnknownAttribute() names the first one no reader asked for.
+  absl::StatusOr<int64_t> Int(absl::string_view name, int64_t default_value);
+  absl::StatusOr<double> Float(absl::string_view name, double default_value);
+  absl::StatusOr<std::string> String(absl::string_view name, absl::string_view default_value);
+  // `present` (may be null) tells whether the attribute was given.
+  absl::StatusOr<std::vector<int64_t>> Ints(absl::string_view name, bool* present);
+  absl::StatusOr<std::vector<double>> Floats(absl::string_view name, bool* present);
+  absl::Status UnknownAttribute() const;
+
+ private:
+  const AttributeSpec* Find(absl::string_view name);
+
+  const NodeSpec& node_;
+  DType float_dtype_;
+  std::vector<const ValueType*> inputs_;
+  std::vector<const ConstantValue*> constants_;
+  std::vector<bool> read_;
+  std::string where_;
+};
+
+// Per-call data every kernel may read.
+struct CallContext {
+  uint64_t dropout_seed = 0;  // Mixed into every Dropout node's own seed (RunOptions).
+};
+
+template <typename T>
+struct ForwardArgs {
+  const void* const* in;  // Per input slot; null where an optional input is absent.
+  void* const* out;       // Per output slot.
+  T* saved;               // saved_elements() of T, kept for Backward.
+  const CallContext* call;
+};
+
+template <typename T>
+struct BackwardArgs {
+  const void* const* in;   // Forward inputs: valid where backward_reads_inputs() says.
+  const void* const* out;  // Forward outputs: valid where backward_reads_outputs() says.
+  const T* saved;
+  const T* const* dout;  // dL/d(output i); zeros where no gradient arrived; null if not float.
+  T* const* din;         // dL/d(input i) to write; null where nobody needs it.
+  const CallContext* call;
+};
+
+class OpKernel {
+ public:
+  virtual ~OpKernel() = default;
+  // Forward fails only on data errors (Gather's indices out of range): INVALID_ARGUMENT.
+  virtual absl::Status Forward(const ForwardArgs<float>& args) const = 0;
+  virtual absl::Status Forward(const ForwardArgs<double>& args) const = 0;
+  virtual void Backward(const BackwardArgs<float>& args) const = 0;
+  virtual void Backward(const BackwardArgs<double>& args) const = 0;
+
+  // What Backward reads from the forward pass (bit i = slot i): only those values are kept.
+  uint32_t backward_reads_inputs() const { return reads_inputs_; }
+  uint32_t backward_reads_outputs() const { return reads_outputs_; }
+  // Inputs that can receive a gradient (floating data inputs; not shapes, indices, masks).
+  uint32_t differentiable_inputs() const { return differentiable_; }
+  int64_t saved_elements() const { return saved_elements_; }
+  // Estimated floating-point operations (multiply-adds count 2).
+  double forward_flops() const { return forward_flops_; }
+  double backward_flops() const { return backward_flops_; }
+  // Temporary elements (of T) Forward or Backward allocates for themselves, at most.
+  int64_t workspace_elements() const { return workspace_elements_; }
+
+ protected:
+  uint32_t reads_inputs_ = 0;
+  uint32_t reads_outputs_ = 0;
+  uint32_t differentiable_ = 0;
+  int64_t saved_elements_ = 0;
+  double forward_flops_ = 0;
+  double backward_flops_ = 0;
+  int64_t workspace_elements_ = 0;
+};
+
+// Implements the four virtual entry points with Derived::Fwd<T> / Derived::Bwd<T> templates.
+template <typename Derived>
+class Kernel : public OpKernel {
+ public:
+  absl::Status Forward(const ForwardArgs<float>& a) const final { return Self().Fwd(a); }
+  absl::Status Forward(const ForwardArgs<double>& a) const final { return Self().Fwd(a); }
+  void Backward(const BackwardArgs<float>& a) const final { Self().Bwd(a); }
+  void Backward(const BackwardArgs<double>& a) const final { Self().Bwd(a); }
+
+ private:
+  const Derived& Self() const { return static_cast<const Derived&>(*this); }
+};
+
+// Validates a node and makes its kernel; fills `outputs` (one per node output).
+using OpFactory = absl::StatusOr<std::unique_ptr<OpKernel>> (*)(OpContext& context,
+                                                                std::vector<ValueType>* outputs);
+
+struct OpInfo {
+  std::string_view name;  // ONNX op_type
+  int min_inputs;
+  int max_inputs;
+  int min_outputs;
+  int max_outputs;
+  OpFactory factory;
+};
+
+// The operator named op_type, or null.
+const OpInfo* FindOp(std::string_view op_type);
+// Every supported op_type, sorted (GetServerInfo can list them).
+std::vector<absl::string_view> SupportedOps();
+
+// Factories, one per op family file.
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeUnary(OpContext&, std::vector<ValueType>*);
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeBinary(OpContext&, std::vector<ValueType>*);
+absl::StatusOr<std::unique_ptr<OpKernel>> MakePow(OpContext&, std::vector<ValueType>*);
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeWhere(OpContext&, std::vector<ValueType>*);
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeDropout(OpContext&, std::vector<ValueType>*);
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeGemm(OpContext&, std::vector<ValueType>*);
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeMatMul(OpContext&, std::vector<ValueType>*);
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeLayerNorm(OpContext&, std::vector<ValueType>*);
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeRmsNorm(OpContext&, std::vector<ValueType>*);
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeSoftmax(OpContext&, std::vector<ValueType>*);
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeReduce(OpContext&, std::vector<ValueType>*);
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeTranspose(OpContext&, std::vector<ValueType>*);
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeReshape(OpContext&, std::vector<ValueType>*);
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeSplit(OpContext&, std::vector<ValueType>*);
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeConcat(OpContext&, std::vector<ValueType>*);
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeSlice(OpContext&, std::vector<ValueType>*);
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeGather(OpContext&, std::vector<ValueType>*);
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeTrilu(OpContext&, std::vector<ValueType>*);
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeConstant(OpContext&, std::vector<ValueType>*);
+
+// Constant nodes: the value their `value_*` attribute defines (the planner folds them into
+// constants). REQUIRES: the node was accepted by MakeConstant.
+absl::StatusOr<ConstantValue> ConstantNodeValue(OpContext& context);
+
+}  // namespace gradserve::engine::graph
+
+#endif  // GRADSERVE_ENGINE_GRAPH_OP_H_

@@ -1,0 +1,606 @@
+// Every graph operator on its own: the inferred shape, the forward pass against a naive float64
+// reference, and the backward pass against finite differences (Note [Finite-difference floor]
+// in graph_test_util.h), with numpy broadcasting cases; all operands are parameters, so every
+// operand's gradient is checked, and the loss is sum(w * y) for a random w.
+#include <cmath>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/engine/graph_test_util.h"
+
+namespace gradserve::engine::graph {
+namespace {
+
+using testing::Harness;
+using testing::SpecBuilder;
+using Data = std::vector<std::vector<double>>;
+
+std::vector<int64_t> Unravel(int64_t flat, const Shape& shape) {
+  std::vector<int64_t> index(shape.size());
+  for (int d = static_cast<int>(shape.size()) - 1; d >= 0; --d) {
+    index[d] = flat % shape[d];
+    flat /= shape[d];
+  }
+  return index;
+}
+
+// The flat index in `operand` (right-aligned, size-1 axes broadcast) of an output index.
+int64_t Operand(const std::vector<int64_t>& out_index, const Shape& operand) {
+  int64_t flat = 0;
+  const size_t offset = out_index.size() - operand.size();
+  for (size_t d = 0; d < operand.size(); ++d) {
+    flat = flat * operand[d] + (operand[d] == 1 ? 0 : out_index[d + offset]);
+  }
+  return flat;
+}
+
+struct OpCase {
+  std::string name;
+  std::vector<std::pair<std::string, Shape>> params;  // Float operands, all trainable.
+  std::function<void(SpecBuilder&)> build;            // Defines "y" (and any constants).
+  Shape expected;
+  std::function<std::vector<double>(const Data&)> reference;  // Null: shape and gradients only.
+  std::function<void(Data&)> prepare;                         // Adjusts the random parameters.
+};
+
+std::ostream& operator<<(std::ostream& os, const OpCase& c) { return os << c.name; }
+
+// y = op(inputs...) with attributes: one node.
+std::function<void(SpecBuilder&)> One(std::string op, std::vector<std::string> inputs,
+                                      std::vector<AttributeSpec> attributes = {}) {
+  return [=](SpecBuilder& b) { b.Node(op, inputs, {"y"}, attributes); };
+}
+
+std::function<std::vector<double>(const Data&)> UnaryRef(std::function<double(double)> f) {
+  return [=](const Data& d) {
+    std::vector<double> y;
+    for (double x : d[0]) y.push_back(f(x));
+    return y;
+  };
+}
+
+std::function<std::vector<double>(const Data&)> BinaryRef(Shape a, Shape b, Shape out,
+                                                          std::function<double(double, double)> f) {
+  return [=](const Data& d) {
+    std::vector<double> y(NumElements(out));
+    for (int64_t j = 0; j < static_cast<int64_t>(y.size()); ++j) {
+      const auto index = Unravel(j, out);
+      y[j] = f(d[0][Operand(index, a)], d[1][Operand(index, b)]);
+    }
+    return y;
+  };
+}
+
+void Positive(Data& d) {
+  for (double& x : d[0]) x = 0.5 + std::abs(x);
+}
+void PositiveB(Data& d) {
+  for (double& x : d[1]) x = 0.75 + std::abs(x);
+}
+
+OpCase Binary(std::string op, Shape a, Shape b, Shape out,
+              std::function<double(double, double)> f) {
+  std::string name = op;
+  for (const Shape* s : {&a, &b}) {
+    name += "_";
+    for (int64_t d : *s) name += std::to_string(d) + "x";
+    if (s->empty()) name += "scalar";
+  }
+  OpCase c{name, {{"a", a}, {"b", b}}, One(op, {"a", "b"}), out, BinaryRef(a, b, out, f), nullptr};
+  if (op == "Div") c.prepare = PositiveB;
+  return c;
+}
+
+// Naive matrix product over broadcast batches: a [..., m, k], b [..., k, n].
+std::vector<double> NaiveMatMul(const std::vector<double>& a, const Shape& as,
+                                const std::vector<double>& b, const Shape& bs, const Shape& out) {
+  const int64_t m = as[as.size() - 2], k = as.back(), n = bs.back();
+  const Shape a_batch(as.begin(), as.end() - 2), b_batch(bs.begin(), bs.end() - 2);
+  const Shape out_batch(out.begin(), out.end() - 2);
+  std::vector<double> y(NumElements(out), 0.0);
+  for (int64_t bi = 0; bi < NumElements(out_batch); ++bi) {
+    const auto index = Unravel(bi, out_batch);
+    const int64_t ia = Operand(index, a_batch), ib = Operand(index, b_batch);
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = 0; j < n; ++j) {
+        double s = 0;
+        for (int64_t p = 0; p < k; ++p) s += a[(ia * m + i) * k + p] * b[(ib * k + p) * n + j];
+        y[(bi * m + i) * n + j] = s;
+      }
+    }
+  }
+  return y;
+}
+
+OpCase MatMul(Shape a, Shape b, Shape out) {
+  std::string name = "MatMul";
+  for (const Shape* s : {&a, &b}) {
+    name += "_";
+    for (int64_t d : *s) name += std::to_string(d) + "x";
+  }
+  auto ref = [=](const Data& d) {
+    Shape as = a, bs = b, os = out;
+    if (as.size() == 1) as.insert(as.begin(), 1), os.insert(os.end() - (b.size() == 1 ? 0 : 1), 1);
+    if (bs.size() == 1) bs.push_back(1), os.push_back(1);
+    return NaiveMatMul(d[0], as, d[1], bs, os);
+  };
+  return {name, {{"a", a}, {"b", b}}, One("MatMul", {"a", "b"}), out, ref, nullptr};
+}
+
+// Gemm reference: alpha op(A) op(B) + beta C.
+OpCase Gemm(std::string name, int64_t m, int64_t n, int64_t k, bool ta, bool tb, double alpha,
+            double beta, Shape c) {
+  std::vector<std::pair<std::string, Shape>> params = {{"a", ta ? Shape{k, m} : Shape{m, k}},
+                                                       {"b", tb ? Shape{n, k} : Shape{k, n}}};
+  std::vector<std::string> inputs = {"a", "b"};
+  const bool has_c = c.size() != 1 || c[0] != -1;
+  if (has_c) {
+    params.push_back({"c", c});
+    inputs.push_back("c");
+  }
+  std::vector<AttributeSpec> attributes = {{"transA", int64_t{ta}}, {"transB", int64_t{tb}}};
+  if (alpha != 1.0) attributes.push_back({"alpha", alpha});
+  if (beta != 1.0) attributes.push_back({"beta", beta});
+  auto ref = [=](const Data& d) {
+    std::vector<double> y(m * n);
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = 0; j < n; ++j) {
+        double s = 0;
+        for (int64_t p = 0; p < k; ++p) {
+          s += d[0][ta ? p * m + i : i * k + p] * d[1][tb ? j * k + p : p * n + j];
+        }
+        y[i * n + j] = alpha * s + (has_c ? beta * d[2][Operand({i, j}, c)] : 0.0);
+      }
+    }
+    return y;
+  };
+  return {name, params, One("Gemm", inputs, attributes), {m, n}, ref, nullptr};
+}
+
+// Normalisation over the trailing axes from `axis`; rms drops the mean.
+std::function<std::vector<double>(const Data&)> NormRef(Shape x, int axis, bool rms, bool bias) {
+  return [=](const Data& d) {
+    int64_t n = 1;
+    for (size_t a = axis; a < x.size(); ++a) n *= x[a];
+    std::vector<double> y(d[0].size());
+    for (size_t r = 0; r < d[0].size() / n; ++r) {
+      double mean = 0, var = 0;
+      for (int64_t j = 0; j < n; ++j) mean += d[0][r * n + j] / n;
+      if (rms) mean = 0;
+      for (int64_t j = 0; j < n; ++j) var += std::pow(d[0][r * n + j] - mean, 2) / n;
+      for (int64_t j = 0; j < n; ++j) {
+        y[r * n + j] =
+            (d[0][r * n + j] - mean) / std::sqrt(var + 1e-5) * d[1][j] + (bias ? d[2][j] : 0.0);
+      }
+    }
+    return y;
+  };
+}
+
+std::function<std::vector<double>(const Data&)> SoftmaxRef(Shape x, int axis) {
+  return [=](const Data& d) {
+    std::vector<double> y(d[0].size());
+    int64_t inner = 1;
+    for (size_t a = axis + 1; a < x.size(); ++a) inner *= x[a];
+    const int64_t len = x[axis];
+    for (size_t o = 0; o < d[0].size() / (len * inner); ++o) {
+      for (int64_t i = 0; i < inner; ++i) {
+        double s = 0;
+        for (int64_t j = 0; j < len; ++j) s += std::exp(d[0][(o * len + j) * inner + i]);
+        for (int64_t j = 0; j < len; ++j) {
+          y[(o * len + j) * inner + i] = std::exp(d[0][(o * len + j) * inner + i]) / s;
+        }
+      }
+    }
+    return y;
+  };
+}
+
+std::vector<OpCase> Cases() {
+  std::vector<OpCase> cases;
+  const Shape s34 = {3, 4};
+  auto unary = [&](std::string op, std::function<double(double)> f,
+                   std::vector<AttributeSpec> attributes = {}, std::string suffix = "") {
+    cases.push_back(
+        {op + suffix, {{"a", s34}}, One(op, {"a"}, attributes), s34, UnaryRef(f), nullptr});
+  };
+  unary("Neg", [](double x) { return -x; });
+  unary("Relu", [](double x) { return x > 0 ? x : 0; });
+  unary("LeakyRelu", [](double x) { return x > 0 ? x : 0.2 * x; }, {{"alpha", 0.2}});
+  unary("Sigmoid", [](double x) { return 1 / (1 + std::exp(-x)); });
+  unary("Tanh", [](double x) { return std::tanh(x); });
+  unary("Gelu", [](double x) { return 0.5 * x * (1 + std::erf(x / std::sqrt(2.0))); });
+  unary(
+      "Gelu",
+      [](double x) {
+        return 0.5 * x * (1 + std::tanh(std::sqrt(2 / M_PI) * (x + 0.044715 * x * x * x)));
+      },
+      {{"approximate", std::string("tanh")}}, "Tanh");
+  unary("Erf", [](double x) { return std::erf(x); });
+  unary("Exp", [](double x) { return std::exp(x); });
+  unary("Identity", [](double x) { return x; });
+  cases.push_back({"Sqrt",
+                   {{"a", s34}},
+                   One("Sqrt", {"a"}),
+                   s34,
+                   UnaryRef([](double x) { return std::sqrt(x); }),
+                   Positive});
+  for (double p : {2.0, 3.0, 0.5}) {
+    OpCase c{"Pow" + std::to_string(static_cast<int>(p * 10)),
+             {{"a", s34}},
+             [p](SpecBuilder& b) {
+               b.Floats("p", {}, {p}).Node("Pow", {"a", "p"}, {"y"});
+             },
+             s34,
+             UnaryRef([p](double x) { return std::pow(x, p); }),
+             nullptr};
+    if (p == 0.5) c.prepare = Positive;
+    cases.push_back(c);
+  }
+  const auto add = [](double x, double y) { return x + y; };
+  const auto sub = [](double x, double y) { return x - y; };
+  const auto mul = [](double x, double y) { return x * y; };
+  const auto div = [](double x, double y) { return x / y; };
+  cases.push_back(Binary("Add", {2, 3}, {2, 3}, {2, 3}, add));
+  cases.push_back(Binary("Add", {4, 3}, {3}, {4, 3}, add));              // A bias.
+  cases.push_back(Binary("Add", {2, 1, 4}, {2, 3, 4}, {2, 3, 4}, add));  // [B,1,T] vs [B,H,T].
+  cases.push_back(Binary("Add", {3, 1}, {1, 4}, {3, 4}, add));           // Both broadcast.
+  cases.push_back(Binary("Sub", {2, 3}, {}, {2, 3}, sub));               // A scalar.
+  cases.push_back(Binary("Sub", {1, 3}, {2, 3}, {2, 3}, sub));
+  cases.push_back(Binary("Mul", {2, 3}, {2, 3}, {2, 3}, mul));
+  cases.push_back(Binary("Mul", {2, 3, 4}, {4}, {2, 3, 4}, mul));
+  cases.push_back(Binary("Mul", {}, {2, 3}, {2, 3}, mul));
+  cases.push_back(Binary("Mul", {2, 1, 4}, {2, 3, 1}, {2, 3, 4}, mul));
+  cases.push_back(Binary("Div", {2, 3}, {2, 3}, {2, 3}, div));
+  cases.push_back(Binary("Div", {2, 3, 4}, {3, 1}, {2, 3, 4}, div));
+  cases.push_back(Binary("Div", {4}, {3, 4}, {3, 4}, div));
+  cases.push_back(Gemm("GemmLinear", 5, 3, 4, false, true, 1, 1, {3}));
+  cases.push_back(Gemm("GemmTransA", 5, 3, 4, true, false, 1, 1, {5, 3}));
+  cases.push_back(Gemm("GemmAlphaBetaColumn", 5, 3, 4, false, false, 0.5, 2, {5, 1}));
+  cases.push_back(Gemm("GemmNoC", 2, 3, 4, true, true, 1, 1, {-1}));
+  cases.push_back(Gemm("GemmScalarC", 2, 3, 4, false, true, 1.5, 1, {}));
+  cases.push_back(MatMul({3, 4}, {4, 5}, {3, 5}));
+  cases.push_back(MatMul({2, 3, 4}, {4, 5}, {2, 3, 5}));
+  cases.push_back(MatMul({2, 3, 4}, {2, 4, 5}, {2, 3, 5}));
+  cases.push_back(MatMul({2, 1, 3, 4}, {3, 4, 2}, {2, 3, 3, 2}));
+  cases.push_back(MatMul({3, 4}, {2, 4, 5}, {2, 3, 5}));
+  cases.push_back(MatMul({4}, {4, 5}, {5}));
+  cases.push_back(MatMul({2, 3, 4}, {4}, {2, 3}));
+  cases.push_back({"LayerNormLastAxis",
+                   {{"a", {3, 5}}, {"s", {5}}, {"bias", {5}}},
+                   One("LayerNormalization", {"a", "s", "bias"}),
+                   {3, 5},
+                   NormRef({3, 5}, 1, false, true),
+                   nullptr});
+  cases.push_back({"LayerNormAxis1NoBias",
+                   {{"a", {2, 3, 4}}, {"s", {3, 4}}},
+                   One("LayerNormalization", {"a", "s"}, {{"axis", int64_t{1}}}),
+                   {2, 3, 4},
+                   NormRef({2, 3, 4}, 1, false, false),
+                   nullptr});
+  cases.push_back({"RMSNormalization",
+                   {{"a", {3, 5}}, {"s", {5}}},
+                   One("RMSNormalization", {"a", "s"}),
+                   {3, 5},
+                   NormRef({3, 5}, 1, true, false),
+                   nullptr});
+  cases.push_back({"SoftmaxLastAxis",
+                   {{"a", {3, 5}}},
+                   One("Softmax", {"a"}),
+                   {3, 5},
+                   SoftmaxRef({3, 5}, 1),
+                   nullptr});
+  cases.push_back({"SoftmaxAxis1",
+                   {{"a", {2, 3, 4}}},
+                   One("Softmax", {"a"}, {{"axis", int64_t{1}}}),
+                   {2, 3, 4},
+                   SoftmaxRef({2, 3, 4}, 1),
+                   nullptr});
+  cases.push_back({"ReduceSumAxis1",
+                   {{"a", {2, 3, 4}}},
+                   [](SpecBuilder& b) {
+                     b.Ints("axes", {1}, {1}).Node("ReduceSum", {"a", "axes"}, {"y"});
+                   },
+                   {2, 1, 4},
+                   [](const Data& d) {
+                     std::vector<double> y(8, 0.0);
+                     for (int64_t j = 0; j < 24; ++j) y[(j / 12) * 4 + j % 4] += d[0][j];
+                     return y;
+                   },
+                   nullptr});
+  cases.push_back({"ReduceSumAll",
+                   {{"a", {2, 3}}},
+                   One("ReduceSum", {"a"}, {{"keepdims", int64_t{0}}}),
+                   {},
+                   [](const Data& d) {
+                     double s = 0;
+                     for (double x : d[0]) s += x;
+                     return std::vector<double>{s};
+                   },
+                   nullptr});
+  cases.push_back(
+      {"ReduceMeanAxes02",
+       {{"a", {2, 3, 4}}},
+       One("ReduceMean", {"a"}, {{"axes", std::vector<int64_t>{0, -1}}, {"keepdims", int64_t{0}}}),
+       {3},
+       [](const Data& d) {
+         std::vector<double> y(3, 0.0);
+         for (int64_t j = 0; j < 24; ++j) y[(j / 4) % 3] += d[0][j] / 8;
+         return y;
+       },
+       nullptr});
+  cases.push_back({"GatherRepeatedAndNegative",
+                   {{"a", {5, 3}}},
+                   [](SpecBuilder& b) {
+                     b.Ints("i", {2, 3}, {0, 4, 4, -1, 2, 0}).Node("Gather", {"a", "i"}, {"y"});
+                   },
+                   {2, 3, 3},
+                   [](const Data& d) {
+                     const std::vector<int64_t> idx = {0, 4, 4, 4, 2, 0};
+                     std::vector<double> y;
+                     for (int64_t i : idx) {
+                       for (int c = 0; c < 3; ++c) y.push_back(d[0][i * 3 + c]);
+                     }
+                     return y;
+                   },
+                   nullptr});
+  cases.push_back(
+      {"GatherAxis1",
+       {{"a", {2, 4}}},
+       [](SpecBuilder& b) {
+         b.Ints("i", {3}, {2, 0, 2}).Node("Gather", {"a", "i"}, {"y"}, {{"axis", int64_t{1}}});
+       },
+       {2, 3},
+       [](const Data& d) {
+         return std::vector<double>{d[0][2], d[0][0], d[0][2], d[0][6], d[0][4], d[0][6]};
+       },
+       nullptr});
+  auto transpose_ref = [](Shape in, std::vector<int64_t> perm) {
+    return [=](const Data& d) {
+      Shape out(in.size());
+      for (size_t a = 0; a < in.size(); ++a) out[a] = in[perm[a]];
+      std::vector<double> y(d[0].size());
+      for (int64_t j = 0; j < static_cast<int64_t>(y.size()); ++j) {
+        const auto o = Unravel(j, out);
+        std::vector<int64_t> i(in.size());
+        for (size_t a = 0; a < in.size(); ++a) i[perm[a]] = o[a];
+        int64_t flat = 0;
+        for (size_t a = 0; a < in.size(); ++a) flat = flat * in[a] + i[a];
+        y[j] = d[0][flat];
+      }
+      return y;
+    };
+  };
+  cases.push_back({"TransposeLastTwo",
+                   {{"a", {2, 3, 4}}},
+                   One("Transpose", {"a"}, {{"perm", std::vector<int64_t>{0, 2, 1}}}),
+                   {2, 4, 3},
+                   transpose_ref({2, 3, 4}, {0, 2, 1}),
+                   nullptr});
+  cases.push_back({"TransposeHeads",
+                   {{"a", {2, 3, 4, 5}}},
+                   One("Transpose", {"a"}, {{"perm", std::vector<int64_t>{0, 2, 1, 3}}}),
+                   {2, 4, 3, 5},
+                   transpose_ref({2, 3, 4, 5}, {0, 2, 1, 3}),
+                   nullptr});
+  cases.push_back({"TransposeDefaultReverses",
+                   {{"a", {2, 3, 4}}},
+                   One("Transpose", {"a"}),
+                   {4, 3, 2},
+                   transpose_ref({2, 3, 4}, {2, 1, 0}),
+                   nullptr});
+  auto same = [](const Data& d) { return d[0]; };
+  cases.push_back({"ReshapeZeroAndMinusOne",
+                   {{"a", {2, 3, 4}}},
+                   [](SpecBuilder& b) {
+                     b.Ints("s", {2}, {0, -1}).Node("Reshape", {"a", "s"}, {"y"});
+                   },
+                   {2, 12},
+                   same,
+                   nullptr});
+  cases.push_back({"Unsqueeze",
+                   {{"a", {3, 4}}},
+                   [](SpecBuilder& b) {
+                     b.Ints("ax", {2}, {0, -1}).Node("Unsqueeze", {"a", "ax"}, {"y"});
+                   },
+                   {1, 3, 4, 1},
+                   same,
+                   nullptr});
+  cases.push_back({"Squeeze",
+                   {{"a", {3, 1, 4}}},
+                   [](SpecBuilder& b) {
+                     b.Ints("ax", {1}, {1}).Node("Squeeze", {"a", "ax"}, {"y"});
+                   },
+                   {3, 4},
+                   same,
+                   nullptr});
+  cases.push_back({"SplitSizesThenConcatReversed",
+                   {{"a", {4, 6}}},
+                   [](SpecBuilder& b) {
+                     b.Ints("sizes", {2}, {2, 4})
+                         .Node("Split", {"a", "sizes"}, {"p", "q"}, {{"axis", int64_t{1}}})
+                         .Node("Concat", {"q", "p"}, {"y"}, {{"axis", int64_t{1}}});
+                   },
+                   {4, 6},
+                   [](const Data& d) {
+                     std::vector<double> y;
+                     for (int r = 0; r < 4; ++r) {
+                       for (int c = 2; c < 6; ++c) y.push_back(d[0][r * 6 + c]);
+                       for (int c = 0; c < 2; ++c) y.push_back(d[0][r * 6 + c]);
+                     }
+                     return y;
+                   },
+                   nullptr});
+  cases.push_back({"SplitNumOutputsOneUnused",
+                   {{"a", {4, 3}}},
+                   [](SpecBuilder& b) {
+                     b.Node("Split", {"a"}, {"p", "y"}, {{"num_outputs", int64_t{2}}});
+                   },
+                   {2, 3},
+                   [](const Data& d) { return std::vector<double>(d[0].begin() + 6, d[0].end()); },
+                   nullptr});
+  cases.push_back({"Concat",
+                   {{"a", {2, 3}}, {"b", {2, 2}}},
+                   One("Concat", {"a", "b"}, {{"axis", int64_t{-1}}}),
+                   {2, 5},
+                   [](const Data& d) {
+                     return std::vector<double>{d[0][0], d[0][1], d[0][2], d[1][0], d[1][1],
+                                                d[0][3], d[0][4], d[0][5], d[1][2], d[1][3]};
+                   },
+                   nullptr});
+  cases.push_back({"SliceStepsAndClamping",
+                   {{"a", {5, 6}}},
+                   [](SpecBuilder& b) {
+                     b.Ints("st", {2}, {1, -2})
+                         .Ints("en", {2}, {5, 100})
+                         .Ints("ax", {2}, {0, 1})
+                         .Ints("sp", {2}, {2, 1})
+                         .Node("Slice", {"a", "st", "en", "ax", "sp"}, {"y"});
+                   },
+                   {2, 2},
+                   [](const Data& d) {
+                     return std::vector<double>{d[0][10], d[0][11], d[0][22], d[0][23]};
+                   },
+                   nullptr});
+  cases.push_back({"SliceNegativeStep",
+                   {{"a", {5}}},
+                   [](SpecBuilder& b) {
+                     b.Ints("st", {1}, {-1})
+                         .Ints("en", {1}, {0})
+                         .Ints("ax", {1}, {0})
+                         .Ints("sp", {1}, {-2})
+                         .Node("Slice", {"a", "st", "en", "ax", "sp"}, {"y"});
+                   },
+                   {2},
+                   [](const Data& d) {
+                     return std::vector<double>{d[0][4], d[0][2]};
+                   },
+                   nullptr});
+  cases.push_back({"WhereBroadcastScalar",
+                   {{"a", {3, 4}}, {"b", {}}},
+                   [](SpecBuilder& b) {
+                     b.Ints("m", {3, 4}, {1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0}, DType::kBool)
+                         .Node("Where", {"m", "a", "b"}, {"y"});
+                   },
+                   {3, 4},
+                   [](const Data& d) {
+                     const std::vector<int> m = {1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0};
+                     std::vector<double> y;
+                     for (int j = 0; j < 12; ++j) y.push_back(m[j] ? d[0][j] : d[1][0]);
+                     return y;
+                   },
+                   nullptr});
+  auto trilu_ref = [](Shape in, bool upper, int64_t k) {
+    return [=](const Data& d) {
+      std::vector<double> y(d[0].size());
+      const int64_t rows = in[in.size() - 2], cols = in.back();
+      for (int64_t j = 0; j < static_cast<int64_t>(y.size()); ++j) {
+        const int64_t r = (j / cols) % rows, c = j % cols;
+        y[j] = (upper ? c - r >= k : c - r <= k) ? d[0][j] : 0.0;
+      }
+      return y;
+    };
+  };
+  cases.push_back({"TriluUpper",
+                   {{"a", {3, 4}}},
+                   One("Trilu", {"a"}),
+                   {3, 4},
+                   trilu_ref({3, 4}, true, 0),
+                   nullptr});
+  cases.push_back(
+      {"TriluLowerBatchedK",
+       {{"a", {2, 3, 3}}},
+       [](SpecBuilder& b) {
+         b.Ints("k", {}, {-1}).Node("Trilu", {"a", "k"}, {"y"}, {{"upper", int64_t{0}}});
+       },
+       {2, 3, 3},
+       trilu_ref({2, 3, 3}, false, -1),
+       nullptr});
+  cases.push_back(
+      {"DropoutOffIsIdentity", {{"a", {3, 4}}}, One("Dropout", {"a"}), {3, 4}, same, nullptr});
+  cases.push_back({"DropoutTraining",
+                   {{"a", {4, 8}}},
+                   [](SpecBuilder& b) {
+                     b.Floats("r", {}, {0.25})
+                         .Ints("t", {}, {1}, DType::kBool)
+                         .Node("Dropout", {"a", "r", "t"}, {"y"}, {{"seed", int64_t{7}}});
+                   },
+                   {4, 8},
+                   nullptr,
+                   nullptr});
+  return cases;
+}
+
+class GraphOp : public ::testing::TestWithParam<OpCase> {};
+
+TEST_P(GraphOp, ForwardMatchesReferenceAndBackwardMatchesFiniteDifferences) {
+  const OpCase& c = GetParam();
+  SpecBuilder b;
+  for (const auto& [name, shape] : c.params) b.Param(name, shape);
+  c.build(b);
+  Harness h(b.WeightedSum("y"), {c.expected});
+  ASSERT_TRUE(h.Plan().ok()) << h.Plan();
+  const ValueInfo& y = h.graph().values()[h.graph().output_value(0)];
+  EXPECT_EQ(y.type.shape, c.expected);
+  h.Fill(42);
+  if (c.prepare) c.prepare(h.params_);
+  ASSERT_TRUE(h.Run().ok());
+  if (c.reference) {
+    const std::vector<double> expected = c.reference(h.params_);
+    ASSERT_EQ(expected.size(), h.outputs_[0].size());
+    double max_error = 0;
+    for (size_t j = 0; j < expected.size(); ++j) {
+      max_error = std::max(max_error, std::abs(expected[j] - h.outputs_[0][j]) /
+                                          std::max(1.0, std::abs(expected[j])));
+    }
+    EXPECT_LE(max_error, 1e-12) << "max forward error " << max_error;
+  }
+  EXPECT_GRADIENTS_MATCH(h);
+}
+
+INSTANTIATE_TEST_SUITE_P(Ops, GraphOp, ::testing::ValuesIn(Cases()),
+                         [](const ::testing::TestParamInfo<OpCase>& info) {
+                           return info.param.name;
+                         });
+
+TEST(GraphDropout, SameSeedSameMaskKeptFractionAndScale) {
+  SpecBuilder b;
+  b.Param("a", {64, 64}).Floats("r", {}, {0.25}).Ints("t", {}, {1}, DType::kBool);
+  b.Node("Dropout", {"a", "r", "t"}, {"y", "mask"}, {{"seed", int64_t{7}}});
+  GraphSpec spec = b.WeightedSum("y");
+  spec.outputs.push_back("mask");
+  Harness h(spec, {{64, 64}});
+  ASSERT_TRUE(h.Plan().ok());
+  h.Fill(3);
+  for (double& x : h.params_[0]) x = 1.0;
+  ASSERT_TRUE(h.Run().ok());
+  const std::vector<double> first = h.outputs_[0];
+  int64_t kept = 0;
+  const uint8_t* mask = reinterpret_cast<const uint8_t*>(h.outputs_[1].data());
+  for (size_t j = 0; j < first.size(); ++j) {
+    ASSERT_TRUE(first[j] == 0.0 || first[j] == 1.0 / 0.75) << first[j];
+    EXPECT_EQ(mask[j] != 0, first[j] != 0.0);
+    kept += first[j] != 0.0;
+  }
+  EXPECT_NEAR(static_cast<double>(kept) / first.size(), 0.75, 0.03);
+  ASSERT_TRUE(h.Run(2).ok());
+  EXPECT_EQ(h.outputs_[0], first);  // Same seed, other thread count: same mask.
+}
+
+TEST(GraphGather, IndexOutOfRangeFromAnInputIsInvalidArgument) {
+  SpecBuilder b;
+  b.Input("ids", DType::kInt64).Param("table", {4, 2}).Node("Gather", {"table", "ids"}, {"y"});
+  Harness h(b.WeightedSum("y"), {{3}, {3, 2}});
+  ASSERT_TRUE(h.Plan().ok());
+  h.Fill(1);
+  h.SetInts("ids", {0, 4, 1});
+  const auto result = h.Run();
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(result.status().message()), ::testing::HasSubstr("index 4"));
+}
+
+}  // namespace
+}  // namespace gradserve::engine::graph
