@@ -1,0 +1,367 @@
+// Whole graphs: the graph form of a chain MLP bit-identical to the chain executor; a residual
+// LayerNorm MLP and a GPT-2-style decoder against finite differences; fan-out, tied weights,
+// cross-entropy with ignore_index; bit-identical reruns; cancellation.
+#include <omp.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "server/engine/backprop.h"
+#include "server/engine/checkpoint.h"
+#include "server/engine/graph/chain.h"
+#include "tests/engine/graph_test_models.h"
+
+namespace gradserve::engine::graph {
+namespace {
+
+using testing::GptConfig;
+using testing::GptSpec;
+using testing::Harness;
+using testing::ResidualMlpSpec;
+using testing::SpecBuilder;
+
+// ---- The chain as a graph -------------------------------------------------------------------
+
+struct ChainCase {
+  const char* name;
+  LossKind loss;
+  int threads;
+  int64_t batch;
+  int64_t width;  // Hidden width; large enough to take the parallel and oneDNN paths.
+};
+
+std::ostream& operator<<(std::ostream& os, const ChainCase& c) { return os << c.name; }
+
+ModelSpec ChainMlp(int64_t in, int64_t width, int64_t out, LossKind loss) {
+  ModelSpec m;
+  auto linear = [](int64_t i, int64_t o, bool bias = true) {
+    LayerSpec l;
+    l.kind = LayerKind::kLinear;
+    l.in_features = i;
+    l.out_features = o;
+    l.bias = bias;
+    return l;
+  };
+  auto act = [](LayerKind kind) {
+    LayerSpec l;
+    l.kind = kind;
+    l.negative_slope = 0.05;
+    return l;
+  };
+  m.layers = {linear(in, width),          act(LayerKind::kReLU),       linear(width, width),
+              act(LayerKind::kGelu),      linear(width, width, false), act(LayerKind::kTanh),
+              act(LayerKind::kLeakyReLU), linear(width, width),        act(LayerKind::kSigmoid),
+              act(LayerKind::kGeluTanh),  linear(width, out),          act(LayerKind::kIdentity)};
+  m.loss.kind = loss;
+  return m;
+}
+
+template <typename T>
+void ExpectChainAndGraphBitIdentical(const ChainCase& c) {
+  const int64_t in = 7, out = 5;
+  const ModelSpec spec = ChainMlp(in, c.width, out, c.loss);
+  absl::StatusOr<Model> model = Model::Create(spec, in);
+  ASSERT_TRUE(model.ok()) << model.status();
+  absl::StatusOr<CheckpointPlan> plan = PlanCheckpoints(*model, c.batch, sizeof(T), {});
+  ASSERT_TRUE(plan.ok()) << plan.status();
+
+  std::mt19937_64 rng(5);
+  std::uniform_real_distribution<double> uniform(-1, 1);
+  std::vector<std::vector<T>> params;
+  std::vector<LinearParamsView<T>> views;
+  for (int l = 0; l < model->num_linear(); ++l) {
+    const LayerSpec& layer = model->layer(model->linear_layer(l));
+    std::vector<T> w(layer.out_features * layer.in_features),
+        b(layer.bias ? layer.out_features : 0);
+    const double scale = 1.5 / std::sqrt(static_cast<double>(layer.in_features));
+    for (T& x : w) x = static_cast<T>(scale * uniform(rng));
+    for (T& x : b) x = static_cast<T>(0.3 * uniform(rng));
+    params.push_back(std::move(w));
+    params.push_back(std::move(b));
+  }
+  for (int l = 0; l < model->num_linear(); ++l) {
+    views.push_back(
+        {params[2 * l].data(), params[2 * l + 1].empty() ? nullptr : params[2 * l + 1].data()});
+  }
+  std::vector<T> x(c.batch * in), targets(c.batch * out);
+  std::vector<int64_t> classes(c.batch);
+  for (T& v : x) v = static_cast<T>(uniform(rng));
+  for (T& v : targets) v = static_cast<T>(uniform(rng));
+  for (int64_t& k : classes) k = static_cast<int64_t>(rng() % out);
+
+  // The chain.
+  std::vector<std::vector<T>> chain_grads;
+  std::vector<LinearGradsView<T>> grad_views;
+  for (const auto& p : params) chain_grads.emplace_back(p.size());
+  for (int l = 0; l < model->num_linear(); ++l) {
+    grad_views.push_back({chain_grads[2 * l].data(),
+                          params[2 * l + 1].empty() ? nullptr : chain_grads[2 * l + 1].data()});
+  }
+  std::vector<T> chain_dx(x.size()), chain_out(c.batch * out);
+  BatchView<T> batch;
+  batch.batch = c.batch;
+  batch.inputs = x.data();
+  batch.targets.targets = targets.data();
+  batch.targets.class_targets = classes.data();
+  OutputsView<T> outputs{grad_views, chain_dx.data(), chain_out.data()};
+  RunOptions run;
+  run.threads = c.threads;
+  absl::StatusOr<RunResult> chain = RunBackprop<T>(*model, *plan, views, batch, outputs, run);
+  ASSERT_TRUE(chain.ok()) << chain.status();
+
+  // The graph.
+  const DType dtype = sizeof(T) == 4 ? DType::kFloat32 : DType::kFloat64;
+  PlanOptions options;
+  options.dtype = dtype;
+  options.input_shapes = {{c.batch, in},
+                          c.loss == LossKind::kCrossEntropy ? Shape{c.batch} : Shape{c.batch, out}};
+  options.input_gradients = {"input"};
+  absl::StatusOr<Graph> graph = Graph::Create(ChainToGraph(spec, dtype), options);
+  ASSERT_TRUE(graph.ok()) << graph.status();
+  GraphInputs<T> gin;
+  gin.inputs = {x.data(), c.loss == LossKind::kCrossEntropy
+                              ? static_cast<const void*>(classes.data())
+                              : static_cast<const void*>(targets.data())};
+  std::vector<std::vector<T>> graph_grads;
+  GraphOutputs<T> gout;
+  for (const auto& p : params) {
+    if (p.empty()) continue;
+    gin.parameters.push_back(p.data());
+    graph_grads.emplace_back(p.size(), T(NAN));
+  }
+  for (auto& g : graph_grads) gout.parameter_gradients.push_back(g.data());
+  std::vector<T> graph_dx(x.size(), T(NAN)), graph_out(chain_out.size(), T(NAN));
+  gout.input_gradients = {graph_dx.data(), nullptr};
+  gout.outputs = {graph_out.data()};
+  GraphRunOptions grun;
+  grun.threads = c.threads;
+  absl::StatusOr<GraphRunResult> result = RunGraph<T>(*graph, gin, gout, grun);
+  ASSERT_TRUE(result.ok()) << result.status();
+
+  EXPECT_EQ(std::memcmp(&chain->loss, &result->loss, sizeof(double)), 0)
+      << chain->loss << " vs " << result->loss;
+  EXPECT_EQ(chain_out, graph_out);
+  EXPECT_EQ(chain_dx, graph_dx);
+  size_t g = 0;
+  for (size_t p = 0; p < params.size(); ++p) {
+    if (params[p].empty()) continue;
+    EXPECT_EQ(chain_grads[p], graph_grads[g]) << graph->spec().parameters[g].name;
+    ++g;
+  }
+}
+
+class GraphChainEquivalence : public ::testing::TestWithParam<ChainCase> {};
+
+TEST_P(GraphChainEquivalence, GraphFormOfAnMlpIsBitIdenticalToTheChainInFloat32) {
+  ExpectChainAndGraphBitIdentical<float>(GetParam());
+}
+
+TEST_P(GraphChainEquivalence, GraphFormOfAnMlpIsBitIdenticalToTheChainInFloat64) {
+  ExpectChainAndGraphBitIdentical<double>(GetParam());
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Chains, GraphChainEquivalence,
+    ::testing::Values(ChainCase{"MseOneThread", LossKind::kMse, 1, 6, 9},
+                      ChainCase{"MseTwoThreads", LossKind::kMse, 2, 6, 9},
+                      ChainCase{"CrossEntropyTwoThreads", LossKind::kCrossEntropy, 2, 5, 12},
+                      ChainCase{"HuberLargeOneThread", LossKind::kHuber, 1, 96, 384},
+                      ChainCase{"BceLargeTwoThreads", LossKind::kBceWithLogits, 2, 96, 384}),
+    [](const ::testing::TestParamInfo<ChainCase>& info) { return std::string(info.param.name); });
+
+// ---- Models against finite differences --------------------------------------------------------
+
+TEST(GraphModels, PreNormResidualLayerNormMlpMatchesFiniteDifferencesWithInputGradient) {
+  Harness h(ResidualMlpSpec(/*d=*/5, /*hidden=*/7, /*out=*/3, /*blocks=*/2), {{4, 5}, {4, 3}},
+            {"x"});
+  ASSERT_TRUE(h.Plan().ok()) << h.Plan();
+  h.Fill(11, 0.8);
+  ASSERT_TRUE(h.Run().ok());
+  EXPECT_GRADIENTS_MATCH(h);
+}
+
+Harness MakeGpt(const GptConfig& c, uint64_t seed) {
+  Harness h(GptSpec(c), {{c.batch, c.seq}, {c.batch, c.seq}});
+  EXPECT_TRUE(h.Plan().ok()) << h.Plan();
+  h.Fill(seed, 0.5);
+  std::mt19937_64 rng(seed);
+  std::vector<int64_t> ids(c.batch * c.seq), targets(c.batch * c.seq);
+  for (int64_t& v : ids) v = static_cast<int64_t>(rng() % c.vocab);
+  for (int64_t& v : targets) v = static_cast<int64_t>(rng() % c.vocab);
+  targets[1] = c.ignore_index;  // Ignored positions contribute nothing.
+  targets[c.seq] = c.ignore_index;
+  h.SetInts("ids", ids);
+  h.SetInts("targets", targets);
+  return h;
+}
+
+TEST(GraphModels, TwoBlockGptDecoderWithTiedHeadMatchesFiniteDifferences) {
+  Harness h = MakeGpt(GptConfig{}, 3);
+  absl::StatusOr<GraphRunResult> result = h.Run();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_TRUE(std::isfinite(result->loss));
+  EXPECT_GRADIENTS_MATCH(h);
+}
+
+TEST(GraphModels, GptRunsAreBitIdenticalRunToRunInFloat32) {
+  GptConfig c;
+  c.batch = 4, c.seq = 32, c.vocab = 64, c.d = 64, c.heads = 4, c.blocks = 2;
+  c.dtype = DType::kFloat32;
+  const GraphSpec spec = GptSpec(c);
+  PlanOptions options;
+  options.dtype = DType::kFloat32;
+  options.input_shapes = {{c.batch, c.seq}, {c.batch, c.seq}};
+  absl::StatusOr<Graph> graph = Graph::Create(spec, options);
+  ASSERT_TRUE(graph.ok()) << graph.status();
+  std::mt19937_64 rng(9);
+  std::uniform_real_distribution<float> uniform(-0.5f, 0.5f);
+  std::vector<std::vector<float>> params;
+  GraphInputs<float> in;
+  for (const ParameterSpec& p : spec.parameters) {
+    params.emplace_back(NumElements(p.shape));
+    for (float& x : params.back()) x = uniform(rng);
+    in.parameters.push_back(params.back().data());
+  }
+  std::vector<int64_t> ids(c.batch * c.seq), targets(c.batch * c.seq);
+  for (int64_t& v : ids) v = static_cast<int64_t>(rng() % c.vocab);
+  for (int64_t& v : targets) v = static_cast<int64_t>(rng() % c.vocab);
+  in.inputs = {ids.data(), targets.data()};
+  for (int threads : {1, 2}) {
+    std::vector<std::vector<float>> first;
+    double first_loss = 0;
+    for (int run = 0; run < 3; ++run) {
+      std::vector<std::vector<float>> grads;
+      GraphOutputs<float> out;
+      for (const auto& p : params) grads.emplace_back(p.size());
+      for (auto& g : grads) out.parameter_gradients.push_back(g.data());
+      GraphRunOptions options;
+      options.threads = threads;
+      absl::StatusOr<GraphRunResult> result = RunGraph<float>(*graph, in, out, options);
+      ASSERT_TRUE(result.ok()) << result.status();
+      EXPECT_LE(result->peak_bytes, graph->costs().peak_bytes);
+      if (run == 0) {
+        first = grads;
+        first_loss = result->loss;
+        continue;
+      }
+      EXPECT_EQ(std::memcmp(&first_loss, &result->loss, sizeof(double)), 0);
+      for (size_t p = 0; p < grads.size(); ++p) {
+        EXPECT_EQ(std::memcmp(first[p].data(), grads[p].data(), sizeof(float) * grads[p].size()), 0)
+            << spec.parameters[p].name << " threads " << threads;
+      }
+    }
+  }
+}
+
+// ---- Fan-out, tied weights, cross-entropy ---------------------------------------------------
+
+TEST(GraphModels, FanOutAndAValueUsedTwiceByOneNodeSumTheirGradients) {
+  SpecBuilder b;
+  b.Param("a", {3, 4});
+  b.Node("Tanh", {"a"}, {"t"}).Node("Mul", {"t", "t"}, {"sq"}).Node("Add", {"sq", "t"}, {"s"});
+  b.Node("Sigmoid", {"t"}, {"u"}).Node("Mul", {"s", "u"}, {"y"});
+  Harness h(b.WeightedSum("y"), {{3, 4}});
+  ASSERT_TRUE(h.Plan().ok()) << h.Plan();
+  h.Fill(2);
+  ASSERT_TRUE(h.Run().ok());
+  EXPECT_GRADIENTS_MATCH(h);
+}
+
+TEST(GraphModels, ParameterUsedTwiceGetsTheSumOfItsGradients) {
+  SpecBuilder b;
+  b.Input("x").Param("m", {4, 4}).Param("e", {6, 4});
+  b.Ints("ids", {3}, {5, 0, 5});
+  b.Node("Gather", {"e", "ids"}, {"emb"});  // e used as a table...
+  b.Node("MatMul", {"emb", "m"}, {"h"}).Node("Relu", {"h"}, {"r"});
+  b.Node("MatMul", {"r", "m"}, {"h2"});  // ... m used twice ...
+  b.Node("Transpose", {"e"}, {"e_t"}, {{"perm", std::vector<int64_t>{1, 0}}});
+  b.Node("MatMul", {"h2", "e_t"}, {"logits"});  // ... and e as a tied head.
+  b.Node("Add", {"logits", "x"}, {"y"});
+  Harness h(b.WeightedSum("y"), {{3, 6}, {3, 6}}, {"x"});
+  ASSERT_TRUE(h.Plan().ok()) << h.Plan();
+  h.Fill(4);
+  ASSERT_TRUE(h.Run().ok());
+  EXPECT_GRADIENTS_MATCH(h);
+}
+
+TEST(GraphModels, CrossEntropyOverRank3LogitsIgnoresIgnoreIndexAndMeansOverTheRest) {
+  for (Reduction reduction : {Reduction::kMean, Reduction::kSum}) {
+    SpecBuilder b;
+    b.Input("targets", DType::kInt64).Param("z", {2, 3, 5}).Node("Identity", {"z"}, {"logits"});
+    Harness h(b.WithLoss("logits", LossKind::kCrossEntropy, "targets", reduction, 3), {{2, 3}});
+    ASSERT_TRUE(h.Plan().ok()) << h.Plan();
+    h.Fill(8);
+    const std::vector<int64_t> t = {0, 3, 4, 3, 1, 2};  // Class 3 is the ignore_index.
+    h.SetInts("targets", t);
+    absl::StatusOr<GraphRunResult> result = h.Run();
+    ASSERT_TRUE(result.ok()) << result.status();
+    double expected = 0;
+    int counted = 0;
+    for (int r = 0; r < 6; ++r) {
+      if (t[r] == 3) {
+        for (int j = 0; j < 5; ++j) EXPECT_EQ(h.grads_[0][r * 5 + j], 0.0);
+        continue;
+      }
+      double s = 0;
+      for (int j = 0; j < 5; ++j) s += std::exp(h.params_[0][r * 5 + j]);
+      expected += std::log(s) - h.params_[0][r * 5 + t[r]];
+      ++counted;
+    }
+    if (reduction == Reduction::kMean) expected /= counted;
+    EXPECT_NEAR(result->loss, expected, 1e-13);
+    EXPECT_GRADIENTS_MATCH(h);
+  }
+}
+
+TEST(GraphModels, ClassTargetOutOfRangeIsInvalidArgumentBeforeComputing) {
+  GptConfig c;
+  Harness h = MakeGpt(c, 1);
+  std::vector<int64_t> targets(c.batch * c.seq, 0);
+  targets[2] = c.vocab;
+  h.SetInts("targets", targets);
+  const auto result = h.Run();
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(result.status().message()), ::testing::HasSubstr("class index 7"));
+}
+
+TEST(GraphModels, ShouldStopCancelsBetweenNodes) {
+  Harness h = MakeGpt(GptConfig{}, 1);
+  GraphOutputs<double> out;
+  std::vector<std::vector<double>> grads;
+  for (const auto& p : h.params_) grads.emplace_back(p.size());
+  for (auto& g : grads) out.parameter_gradients.push_back(g.data());
+  int polls = 0;
+  GraphRunOptions options;
+  options.should_stop = [&] { return ++polls > 5; };
+  const auto result = RunGraph<double>(h.graph(), h.Inputs(), out, options);
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kCancelled);
+}
+
+TEST(GraphModels, DiagnosticsNameEveryParameterAndNodeOutput) {
+  Harness h = MakeGpt(GptConfig{}, 2);
+  absl::StatusOr<GraphRunResult> result = h.Run();
+  ASSERT_TRUE(result.ok());
+  ASSERT_EQ(result->parameter_grad_norms.size(), h.spec_.parameters.size());
+  for (size_t p = 0; p < h.grads_.size(); ++p) {
+    double s = 0;
+    for (double g : h.grads_[p]) s += g * g;
+    EXPECT_NEAR(result->parameter_grad_norms[p], std::sqrt(s), 1e-12 * (1 + std::sqrt(s)));
+  }
+  ASSERT_EQ(result->nodes.size(), h.spec_.nodes.size());
+  // The logits' gradient is the loss's; the Trilu mask (constants only) has none.
+  for (size_t n = 0; n < h.spec_.nodes.size(); ++n) {
+    if (h.spec_.nodes[n].outputs[0] == "logits") {
+      EXPECT_GT(result->nodes[n][0].grad_norm, 0);
+    }
+    if (h.spec_.nodes[n].op_type == "Trilu") {
+      EXPECT_EQ(result->nodes[n][0].grad_norm, 0);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace gradserve::engine::graph
