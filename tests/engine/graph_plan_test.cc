@@ -1,0 +1,326 @@
+// Graph::Create: a table of malformed graphs, each with its status and the field its message
+// names; limits enforced before anything is allocated; the deterministic order; the plan's
+// costs and what it keeps; backward skipped where nothing needs it.
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/engine/graph_test_models.h"
+
+namespace gradserve::engine::graph {
+namespace {
+
+using testing::SpecBuilder;
+
+// x [2, 3] -> fc (Gemm, W [4, 3], b [4]) -> Relu -> y; MSE against t [2, 4].
+GraphSpec Base() {
+  SpecBuilder b;
+  b.Input("x").Input("t").Param("W", {4, 3}).Param("b", {4});
+  b.Node("Gemm", {"x", "W", "b"}, {"h"}, {{"transB", int64_t{1}}}, "fc");
+  b.Node("Relu", {"h"}, {"y"}, {}, "act");
+  return b.WithLoss("y", LossKind::kMse, "t");
+}
+
+PlanOptions BaseOptions() {
+  PlanOptions options;
+  options.dtype = DType::kFloat64;
+  options.input_shapes = {{2, 3}, {2, 4}};
+  return options;
+}
+
+struct Malformed {
+  const char* name;
+  std::function<void(GraphSpec&, PlanOptions&)> mutate;
+  absl::StatusCode code;
+  const char* message;  // A substring of the status message (the field it names).
+};
+
+std::ostream& operator<<(std::ostream& os, const Malformed& m) { return os << m.name; }
+
+const auto kInvalid = absl::StatusCode::kInvalidArgument;
+const auto kExhausted = absl::StatusCode::kResourceExhausted;
+
+std::vector<Malformed> Table() {
+  return {
+      {"UnknownOp", [](GraphSpec& g, PlanOptions&) { g.nodes[1].op_type = "Conv"; }, kInvalid,
+       "graph.nodes[1] (\"act\", Conv).op_type: unknown operator \"Conv\""},
+      {"UndefinedInput", [](GraphSpec& g, PlanOptions&) { g.nodes[0].inputs[1] = "V"; }, kInvalid,
+       "graph.nodes[0] (\"fc\", Gemm).inputs[1]: value \"V\" is not defined"},
+      {"DoublyDefinedValue", [](GraphSpec& g, PlanOptions&) { g.nodes[1].outputs[0] = "x"; },
+       kInvalid,
+       "graph.nodes[1] (\"act\", Relu).outputs[0]: value \"x\" is already defined by "
+       "graph.inputs[0]"},
+      {"Cycle",
+       [](GraphSpec& g, PlanOptions&) {
+         g.nodes[0].inputs[0] = "y";  // fc reads act's output, act reads fc's.
+       },
+       kInvalid, "graph.nodes[0] (\"fc\", Gemm): is on a cycle"},
+      {"ShapeMismatch",
+       [](GraphSpec& g, PlanOptions&) {
+         g.parameters[0].shape = {4, 5};
+       },
+       kInvalid,
+       "graph.nodes[0] (\"fc\", Gemm).inputs[1] (\"W\"): shape [4, 5] does not match inputs[0] [2, "
+       "3]"},
+      {"BiasDoesNotBroadcast", [](GraphSpec& g, PlanOptions&) { g.parameters[1].shape = {3}; },
+       kInvalid, "graph.nodes[0] (\"fc\", Gemm).inputs[2] (\"b\"): shape [3] does not broadcast"},
+      {"AttributeOutOfRange",
+       [](GraphSpec& g, PlanOptions&) { g.nodes[0].attributes[0].value = int64_t{2}; }, kInvalid,
+       "graph.nodes[0] (\"fc\", Gemm).attributes.transB: must be 0 or 1"},
+      {"AttributeOfTheWrongType",
+       [](GraphSpec& g, PlanOptions&) { g.nodes[0].attributes[0].value = 1.0; }, kInvalid,
+       "graph.nodes[0] (\"fc\", Gemm).attributes.transB: expected an int"},
+      {"UnknownAttribute",
+       [](GraphSpec& g, PlanOptions&) {
+         g.nodes[1].attributes.push_back({"alpha", 0.1});
+       },
+       kInvalid, "graph.nodes[1] (\"act\", Relu).attributes.alpha: not an attribute of Relu"},
+      {"TooManyInputs", [](GraphSpec& g, PlanOptions&) { g.nodes[1].inputs.push_back("x"); },
+       kInvalid, "graph.nodes[1] (\"act\", Relu).inputs: Relu takes 1 to 1 inputs, got 2"},
+      {"GeluApproximationUnknown",
+       [](GraphSpec& g, PlanOptions&) {
+         g.nodes[1].op_type = "Gelu";
+         g.nodes[1].attributes.push_back({"approximate", std::string("erf")});
+       },
+       kInvalid,
+       "graph.nodes[1] (\"act\", Gelu).attributes.approximate: expected \"none\" or \"tanh\""},
+      {"UnusedParameter",
+       [](GraphSpec& g, PlanOptions&) {
+         g.parameters.push_back({"extra", {2}});
+       },
+       kInvalid, "graph.parameters[2] (\"extra\"): is never used by any node"},
+      {"EmptyValueName", [](GraphSpec& g, PlanOptions&) { g.parameters[1].name = ""; }, kInvalid,
+       "graph.parameters[1].name: empty"},
+      {"OutputUndefined", [](GraphSpec& g, PlanOptions&) { g.outputs.push_back("z"); }, kInvalid,
+       "graph.outputs[1]: value \"z\" is not defined"},
+      {"LossOutputNotAGraphOutput", [](GraphSpec& g, PlanOptions&) { g.loss.output = "h"; },
+       kInvalid, "graph.loss.output: \"h\" is not one of graph.outputs"},
+      {"LossTargetNotAnInput", [](GraphSpec& g, PlanOptions&) { g.loss.target = "W"; }, kInvalid,
+       "graph.loss.target: \"W\" is not a graph input"},
+      {"LossTargetWrongShape",
+       [](GraphSpec&, PlanOptions& o) {
+         o.input_shapes[1] = {2, 3};
+       },
+       kInvalid, "graph.loss.target: expected float64 [2, 4]"},
+      {"CrossEntropyFloatTargets",
+       [](GraphSpec& g, PlanOptions&) { g.loss.kind = LossKind::kCrossEntropy; }, kInvalid,
+       "graph.loss.target: cross-entropy needs int64 class indices of shape [2]"},
+      {"NonPositiveHuberDelta",
+       [](GraphSpec& g, PlanOptions&) {
+         g.loss.kind = LossKind::kHuber;
+         g.loss.huber_delta = 0;
+       },
+       kInvalid, "graph.loss.huber_delta"},
+      {"InputOfAnotherFloatDtype",
+       [](GraphSpec& g, PlanOptions&) { g.inputs[0].dtype = DType::kFloat32; }, kInvalid,
+       "graph.inputs[0].dtype: float32 input in a float64 call"},
+      {"WrongNumberOfInputShapes", [](GraphSpec&, PlanOptions& o) { o.input_shapes.pop_back(); },
+       kInvalid, "inputs: 1 tensors for 2 graph inputs"},
+      {"NegativeInputSize",
+       [](GraphSpec&, PlanOptions& o) {
+         o.input_shapes[0] = {-2, 3};
+       },
+       kInvalid, "inputs[0].shape: negative size"},
+      {"ConstantDataOfTheWrongLength",
+       [](GraphSpec& g, PlanOptions&) {
+         g.constants.push_back({"c", DType::kFloat64, {2, 2}, {1, 2, 3}, {}});
+       },
+       kInvalid, "graph.constants[0].data: expected 4 values for shape [2, 2], got 3"},
+      {"ReshapeShapeNotAConstant",
+       [](GraphSpec& g, PlanOptions& o) {
+         g.inputs.push_back({"s", DType::kInt64});
+         o.input_shapes.push_back({2});
+         g.nodes.push_back({"r", "Reshape", {"y", "s"}, {"r_out"}, {}});
+       },
+       kInvalid, "graph.nodes[2] (\"r\", Reshape).inputs[1] (\"s\"): must be a constant"},
+      {"ReshapeElementCountMismatch",
+       [](GraphSpec& g, PlanOptions&) {
+         g.constants.push_back({"s", DType::kInt64, {2}, {}, {3, 3}});
+         g.nodes.push_back({"r", "Reshape", {"y", "s"}, {"r_out"}, {}});
+       },
+       kInvalid,
+       "(\"r\", Reshape).inputs[1] (\"s\"): shape [3, 3] has 9 elements, inputs[0] [2, 4] has 8"},
+      {"GatherConstantIndexOutOfRange",
+       [](GraphSpec& g, PlanOptions&) {
+         g.constants.push_back({"i", DType::kInt64, {1}, {}, {7}});
+         g.nodes.push_back({"g", "Gather", {"y", "i"}, {"g_out"}, {}});
+       },
+       kInvalid, "(\"g\", Gather).inputs[1] (\"i\"): index 7 is out of range for axis 0 of size 2"},
+      {"SoftmaxAxisOutOfRange",
+       [](GraphSpec& g, PlanOptions&) {
+         g.nodes.push_back({"s", "Softmax", {"y"}, {"s_out"}, {{"axis", int64_t{2}}}});
+       },
+       kInvalid, "(\"s\", Softmax).attributes.axis: axis 2 is out of range for rank 2"},
+      {"WhereConditionNotBool",
+       [](GraphSpec& g, PlanOptions&) {
+         g.nodes.push_back({"w", "Where", {"y", "y", "y"}, {"w_out"}, {}});
+       },
+       kInvalid, "(\"w\", Where).inputs[0] (\"y\"): expected bool, got float64"},
+      {"DropoutTrainingWithoutSeed",
+       [](GraphSpec& g, PlanOptions&) {
+         g.constants.push_back({"on", DType::kBool, {}, {}, {1}});
+         g.nodes.push_back({"d", "Dropout", {"y", "", "on"}, {"d_out"}, {}});
+       },
+       kInvalid, "(\"d\", Dropout).attributes.seed: required when training_mode is true"},
+      {"InputGradientOfAnIntInput",
+       [](GraphSpec& g, PlanOptions& o) {
+         g.inputs.push_back({"ids", DType::kInt64});
+         o.input_shapes.push_back({2});
+         o.input_gradients = {"ids"};
+       },
+       kInvalid, "input_gradients[0]: \"ids\" is not a floating graph input"},
+      {"TooManyNodes", [](GraphSpec&, PlanOptions& o) { o.limits.max_nodes = 1; }, kExhausted,
+       "graph.nodes: 2 nodes, over the limit of 1"},
+      {"TooManyValues", [](GraphSpec&, PlanOptions& o) { o.limits.max_values = 5; }, kExhausted,
+       "graph: 6 values"},
+      {"TensorOverTheElementLimit",
+       [](GraphSpec&, PlanOptions& o) {
+         o.input_shapes[0] = {int64_t{1} << 40, int64_t{1} << 40};
+       },
+       kExhausted, "inputs[0].shape: shape [1099511627776, 1099511627776] has more than the limit"},
+      {"ParameterOverTheElementLimit",
+       [](GraphSpec& g, PlanOptions& o) {
+         o.limits.max_tensor_elements = 16;
+         g.parameters.push_back({"P", {5, 5}});
+       },
+       kExhausted, "graph.parameters[2].shape: shape [5, 5] has more than the limit of 16"},
+      {"InferredShapeOverTheLimit",
+       [](GraphSpec& g, PlanOptions& o) {
+         o.limits.max_tensor_elements = 16;
+         g.constants.push_back({"s", DType::kInt64, {3}, {}, {4, 1, 3}});
+         g.nodes.push_back({"r", "Reshape", {"W", "s"}, {"W3"}, {}});
+         g.nodes.push_back({"outer", "Mul", {"W3", "W"}, {"big"}, {}});  // [4, 4, 3]
+       },
+       kExhausted, "graph.nodes[3] (\"outer\", Mul).outputs[0]: shape [4, 4, 3] has more than"},
+      {"RankOverTheLimit",
+       [](GraphSpec&, PlanOptions& o) { o.input_shapes[0] = {1, 1, 1, 1, 1, 1, 1, 1, 2, 3}; },
+       kExhausted, "inputs[0].shape: rank 10 is over the limit of 8"},
+  };
+}
+
+class GraphMalformed : public ::testing::TestWithParam<Malformed> {};
+
+TEST_P(GraphMalformed, IsRefusedWithItsStatusNamingTheField) {
+  GraphSpec spec = Base();
+  PlanOptions options = BaseOptions();
+  ASSERT_TRUE(Graph::Create(spec, options).ok());
+  GetParam().mutate(spec, options);
+  const absl::StatusOr<Graph> graph = Graph::Create(spec, options);
+  EXPECT_EQ(graph.status().code(), GetParam().code) << graph.status();
+  EXPECT_THAT(std::string(graph.status().message()), ::testing::HasSubstr(GetParam().message));
+}
+
+INSTANTIATE_TEST_SUITE_P(Table, GraphMalformed, ::testing::ValuesIn(Table()),
+                         [](const ::testing::TestParamInfo<Malformed>& info) {
+                           return std::string(info.param.name);
+                         });
+
+TEST(GraphPlan, NodesInAnyOrderAreSortedLowestIndexFirst) {
+  SpecBuilder b;
+  b.Input("x").Input("t").Param("W", {3, 3});
+  b.Node("Relu", {"m2"}, {"y"}, {}, "last");        // 0: needs 3
+  b.Node("Tanh", {"x"}, {"a"}, {}, "first");        // 1: ready
+  b.Node("Sigmoid", {"x"}, {"c"}, {}, "second");    // 2: ready
+  b.Node("MatMul", {"a", "W"}, {"m1"}, {}, "mm1");  // 3: needs 1
+  b.Node("Add", {"m1", "c"}, {"m2"}, {}, "add");    // 4: needs 3, 2
+  // Kahn's algorithm taking the lowest ready index: 1, 2, 3, 4, 0.
+  GraphSpec spec = b.WithLoss("y", LossKind::kMse, "t");
+  spec.nodes[3].name = "mm1";
+  PlanOptions options;
+  options.dtype = DType::kFloat64;
+  options.input_shapes = {{2, 3}, {2, 3}};
+  const absl::StatusOr<Graph> graph = Graph::Create(spec, options);
+  ASSERT_TRUE(graph.ok()) << graph.status();
+  std::vector<int> order;
+  for (const Step& step : graph->steps()) order.push_back(step.node);
+  EXPECT_EQ(order, (std::vector<int>{1, 2, 3, 4, 0}));
+}
+
+TEST(GraphPlan, BackwardSkipsWhatNoParameterOrRequestedInputNeeds) {
+  SpecBuilder b;
+  b.Input("x").Input("t").Param("W", {3, 3});
+  b.Node("Tanh", {"x"}, {"a"});         // Input only: no backward unless dx is asked for.
+  b.Node("MatMul", {"a", "W"}, {"m"});  // Reads a (for dW): a is kept.
+  b.Node("Relu", {"m"}, {"y"});
+  GraphSpec spec = b.WithLoss("y", LossKind::kMse, "t");
+  PlanOptions options;
+  options.dtype = DType::kFloat64;
+  options.input_shapes = {{2, 3}, {2, 3}};
+  absl::StatusOr<Graph> graph = Graph::Create(spec, options);
+  ASSERT_TRUE(graph.ok()) << graph.status();
+  EXPECT_FALSE(graph->steps()[0].backward);
+  EXPECT_TRUE(graph->steps()[1].backward);
+  EXPECT_TRUE(graph->values()[graph->steps()[0].outputs[0]].kept);
+  EXPECT_FALSE(graph->values()[graph->steps()[0].outputs[0]].needs_grad);
+  options.input_gradients = {"x"};
+  graph = Graph::Create(spec, options);
+  ASSERT_TRUE(graph.ok());
+  EXPECT_TRUE(graph->steps()[0].backward);
+}
+
+TEST(GraphPlan, CostsAreKnownBeforeAnythingIsAllocatedAndBoundTheRun) {
+  testing::GptConfig c;
+  c.batch = 2, c.seq = 8, c.vocab = 16, c.d = 16, c.heads = 2;
+  PlanOptions options;
+  options.dtype = DType::kFloat64;
+  options.input_shapes = {{c.batch, c.seq}, {c.batch, c.seq}};
+  const GraphSpec spec = testing::GptSpec(c);
+  absl::StatusOr<Graph> graph = Graph::Create(spec, options);
+  ASSERT_TRUE(graph.ok()) << graph.status();
+  const PlanCosts& costs = graph->costs();
+  // The matrix products alone: per block 2 B T (3d d + d d + 8 d d) + attention 4 B T T d, plus
+  // the head 2 B T V d; backward about twice that.
+  const double bt = c.batch * c.seq;
+  const double products =
+      c.blocks * (2 * bt * 12 * c.d * c.d + 4 * bt * c.seq * c.d) + 2 * bt * c.vocab * c.d;
+  EXPECT_GE(costs.forward_flops, products);
+  EXPECT_LE(costs.forward_flops, 2 * products);
+  EXPECT_GE(costs.backward_flops, 1.5 * products);
+  EXPECT_GT(costs.kept_bytes, 0);
+  EXPECT_GE(costs.peak_bytes, costs.kept_bytes);
+
+  testing::Harness h(spec, options.input_shapes);
+  ASSERT_TRUE(h.Plan().ok());
+  h.Fill(1);
+  absl::StatusOr<GraphRunResult> result = h.Run();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_GT(result->peak_bytes, 0);
+  EXPECT_LE(result->peak_bytes, costs.peak_bytes);
+}
+
+TEST(GraphPlan, OnlyWhatSomeBackwardReadsIsKept) {
+  SpecBuilder b;
+  b.Input("x").Input("t").Param("W", {3, 3});
+  b.Node("MatMul", {"x", "W"}, {"m"});  // Reads x (an input: not a kept buffer) and W.
+  b.Node("Neg", {"m"}, {"n"});          // Reads nothing.
+  b.Node("Relu", {"n"}, {"y"});         // Reads its output.
+  absl::StatusOr<Graph> graph = Graph::Create(b.WithLoss("y", LossKind::kMse, "t"), [] {
+    PlanOptions o;
+    o.dtype = DType::kFloat64;
+    o.input_shapes = {{2, 3}, {2, 3}};
+    return o;
+  }());
+  ASSERT_TRUE(graph.ok()) << graph.status();
+  std::vector<std::string> kept;
+  for (const ValueInfo& v : graph->values()) {
+    if (v.kept) kept.push_back(v.name);
+  }
+  EXPECT_EQ(kept, std::vector<std::string>{"y"});
+  EXPECT_EQ(graph->costs().kept_bytes, 2 * 3 * 8);
+}
+
+TEST(GraphPlan, EveryRegisteredOpIsFoundByName) {
+  const std::vector<absl::string_view> ops = SupportedOps();
+  for (size_t i = 0; i < ops.size(); ++i) {
+    ASSERT_NE(FindOp(std::string_view(ops[i].data(), ops[i].size())), nullptr) << ops[i];
+    if (i > 0) {
+      EXPECT_LT(ops[i - 1], ops[i]);
+    }
+  }
+  EXPECT_EQ(FindOp("Conv"), nullptr);
+}
+
+}  // namespace
+}  // namespace gradserve::engine::graph
