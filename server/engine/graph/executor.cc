@@ -149,6 +149,25 @@ class BufferPool {
 
   int64_t peak_bytes() const { return peak_bytes_; }
 
+  // Ends a run: every buffer becomes free (kept for the next run), then the largest free ones
+  // are returned to the system until at most `retain` bytes are kept.
+  void EndRun(int64_t retain) {
+    for (auto& [p, size] : used_) free_.emplace(size, p);
+    used_.clear();
+    live_.clear();
+    live_bytes_ = 0;
+    peak_bytes_ = 0;
+    int64_t total = 0;
+    for (auto& [size, p] : free_) total += size;
+    while (total > retain && !free_.empty()) {
+      auto last = std::prev(free_.end());
+      total -= last->first;
+      std::free(last->second);
+      free_.erase(last);
+    }
+  }
+  bool in_use = false;
+
  private:
   std::multimap<int64_t, void*> free_;
   std::map<void*, int64_t> used_;
@@ -176,10 +195,22 @@ class Executor {
         options_(options),
         values_(graph.values()),
         data_(values_.size(), nullptr),
+        buffer_(values_.size(), nullptr),
+        holders_(values_.size(), 0),
         grad_(values_.size(), nullptr),
         saved_(graph.steps().size(), nullptr) {
     call_.dropout_seed = options.dropout_seed;
+    thread_local BufferPool thread_pool;
+    retain_ = graph.costs().peak_bytes <= options.retained_workspace_bytes && !thread_pool.in_use;
+    pool_ = retain_ ? &thread_pool : &own_pool_;
+    pool_->in_use = true;
   }
+  ~Executor() {
+    pool_->EndRun(retain_ ? options_.retained_workspace_bytes : 0);
+    pool_->in_use = false;
+  }
+  Executor(const Executor&) = delete;
+  Executor& operator=(const Executor&) = delete;
 
   absl::StatusOr<GraphRunResult> Run() {
     const bool backward = outputs_ != nullptr;
@@ -187,6 +218,8 @@ class Executor {
     const GraphSpec& spec = graph_.spec();
     const void* target = inputs_.inputs[graph_.loss_target()];
     RETURN_IF_ERROR(CheckTargets(graph_, target));
+    result.node_forward_micros.assign(spec.nodes.size(), 0.0);
+    result.node_backward_micros.assign(spec.nodes.size(), 0.0);
     if (backward) {
       result.nodes.resize(spec.nodes.size());
       for (const Step& step : graph_.steps()) result.nodes[step.node].resize(step.outputs.size());
@@ -206,15 +239,26 @@ class Executor {
       absl::InlinedVector<const void*, 4> in;
       absl::InlinedVector<void*, 2> out;
       for (int v : step.inputs) in.push_back(v < 0 ? nullptr : data_[v]);
+      if (step.kernel->output_aliases_input()) {  // Shares its input's buffer: nothing to run.
+        const int v = step.outputs[0];
+        data_[v] = data_[step.inputs[0]];
+        Hold(v);
+        for (int r : step.release_after_forward) ReleaseValue(r);
+        continue;
+      }
       for (int v : step.outputs) {
-        void* p = pool_.Acquire(Bytes(v));
+        void* p = pool_->Acquire(Bytes(v));
         data_[v] = p;
+        buffer_[v] = p;
+        Hold(v);
         out.push_back(p);
       }
       const int64_t saved = step.kernel->saved_elements();
-      if (saved > 0) saved_[t] = static_cast<T*>(pool_.Acquire(saved * sizeof(T)));
+      if (saved > 0) saved_[t] = static_cast<T*>(pool_->Acquire(saved * sizeof(T)));
       const ForwardArgs<T> args{in.data(), out.data(), saved_[t], &call_};
+      const auto node_start = Clock::now();
       RETURN_IF_ERROR(step.kernel->Forward(args));
+      result.node_forward_micros[step.node] = MicrosSince(node_start);
       if (backward) {
         for (size_t o = 0; o < step.outputs.size(); ++o) {
           const int v = step.outputs[o];
@@ -230,9 +274,11 @@ class Executor {
     const int loss_v = graph_.loss_output();
     const T* output = static_cast<const T*>(data_[loss_v]);
     if (backward && values_[loss_v].needs_grad) {
-      grad_[loss_v] = static_cast<T*>(pool_.Acquire(Bytes(loss_v)));
+      grad_[loss_v] = static_cast<T*>(pool_->Acquire(Bytes(loss_v)));
     }
+    const auto loss_start = Clock::now();
     result.loss = Loss(graph_, output, target, grad_[loss_v]);
+    result.loss_micros = MicrosSince(loss_start);
     if (backward) {
       for (size_t o = 0; o < outputs_->outputs.size(); ++o) {
         if (outputs_->outputs[o] == nullptr) continue;
@@ -251,7 +297,9 @@ class Executor {
       const Step& step = steps[t];
       if (!step.backward) continue;
       if (Stopped()) return absl::CancelledError("the call was cancelled");
+      const auto node_start = Clock::now();
       RETURN_IF_ERROR(BackwardStep(t, &result));
+      result.node_backward_micros[step.node] = MicrosSince(node_start);
     }
     // Tensors nothing reached: zeros.
     for (size_t p = 0; p < spec.parameters.size(); ++p) {
@@ -268,7 +316,7 @@ class Executor {
                   sizeof(T) * values_[graph_.input_value(static_cast<int>(i))].elements);
     }
     result.backward_micros = MicrosSince(start);
-    result.peak_bytes = pool_.peak_bytes();
+    result.peak_bytes = pool_->peak_bytes();
     return result;
   }
 
@@ -276,14 +324,23 @@ class Executor {
   bool Stopped() const { return options_.should_stop && options_.should_stop(); }
   int64_t Bytes(int v) const { return values_[v].elements * DTypeSize(values_[v].type.dtype); }
 
+  // Buffers are counted by the values holding them (a value and its aliases).
+  void Hold(int v) {
+    const int root = values_[v].alias_root;
+    if (values_[root].kind == ValueKind::kNode) ++holders_[root];
+  }
   void ReleaseValue(int v) {
     if (values_[v].kind != ValueKind::kNode || data_[v] == nullptr) return;
-    pool_.Release(data_[v]);
     data_[v] = nullptr;
+    const int root = values_[v].alias_root;
+    if (values_[root].kind == ValueKind::kNode && --holders_[root] == 0) {
+      pool_->Release(buffer_[root]);
+      buffer_[root] = nullptr;
+    }
   }
   void ReleaseSaved(int t) {
     if (saved_[t] == nullptr) return;
-    pool_.Release(saved_[t]);
+    pool_->Release(saved_[t]);
     saved_[t] = nullptr;
   }
 
@@ -308,7 +365,7 @@ class Executor {
         result->nodes[step.node][o].non_finite_count += m.non_finite;
         dout.push_back(grad_[v]);
       } else {
-        void* z = pool_.Acquire(Bytes(v));
+        void* z = pool_->Acquire(Bytes(v));
         std::memset(z, 0, Bytes(v));
         zeros.push_back(z);
         dout.push_back(static_cast<const T*>(z));
@@ -321,6 +378,7 @@ class Executor {
       int64_t n;
     };
     absl::InlinedVector<Pending, 2> pending;
+    bool handed = false;  // Output 0's gradient buffer passed through to an input.
     for (size_t j = 0; j < step.inputs.size(); ++j) {
       const int v = step.inputs[j];
       if (v < 0 || !(kernel.differentiable_inputs() >> j & 1) || !values_[v].needs_grad) {
@@ -340,13 +398,22 @@ class Executor {
         input_written_[info.index] = true;
       } else {
         first = grad_[v] == nullptr;
-        if (first) grad_[v] = static_cast<T*>(pool_.Acquire(Bytes(v)));
+        const int out0 = step.outputs[0];
+        if (first && (kernel.gradient_passthrough() >> j & 1) && !handed &&
+            grad_[out0] != nullptr) {
+          // dL/d(input) is dL/d(output) bit for bit: the buffer changes hands, no copy.
+          handed = true;
+          grad_[v] = grad_[out0];
+          din.push_back(nullptr);
+          continue;
+        }
+        if (first) grad_[v] = static_cast<T*>(pool_->Acquire(Bytes(v)));
         target = grad_[v];
       }
       if (first) {
         din.push_back(target);
       } else {
-        T* scratch = static_cast<T*>(pool_.Acquire(Bytes(v)));
+        T* scratch = static_cast<T*>(pool_->Acquire(Bytes(v)));
         pending.push_back({scratch, target, info.elements});
         din.push_back(scratch);
       }
@@ -357,14 +424,13 @@ class Executor {
       T* into = p.into;
       const T* c = p.scratch;
       ForEachElement(p.n, [=](int64_t j) { into[j] = into[j] + c[j]; });
-      pool_.Release(p.scratch);
+      pool_->Release(p.scratch);
     }
-    for (void* z : zeros) pool_.Release(z);
-    for (int v : step.outputs) {
-      if (grad_[v] != nullptr) {
-        pool_.Release(grad_[v]);
-        grad_[v] = nullptr;
-      }
+    for (void* z : zeros) pool_->Release(z);
+    for (size_t o = 0; o < step.outputs.size(); ++o) {
+      const int v = step.outputs[o];
+      if (grad_[v] != nullptr && !(o == 0 && handed)) pool_->Release(grad_[v]);
+      grad_[v] = nullptr;
     }
     for (int v : step.release_after_backward) ReleaseValue(v);
     ReleaseSaved(t);
@@ -377,8 +443,12 @@ class Executor {
   const GraphRunOptions& options_;
   const std::vector<ValueInfo>& values_;
   CallContext call_;
-  BufferPool pool_;
+  BufferPool own_pool_;
+  BufferPool* pool_ = nullptr;  // own_pool_ or the thread's (retained between runs).
+  bool retain_ = false;
   std::vector<const void*> data_;
+  std::vector<void*> buffer_;  // By root value: the pool buffer it owns.
+  std::vector<int> holders_;   // By root value: values holding its buffer.
   std::vector<T*> grad_;
   std::vector<T*> saved_;
   std::vector<bool> param_written_, input_written_;

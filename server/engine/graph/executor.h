@@ -34,6 +34,11 @@ struct GraphRunOptions : RunOptions {
   // Mixed into every Dropout node's seed (Note [Dropout masks] in ops_elementwise.cc): change it
   // per training step for fresh masks; the same value reproduces the same masks.
   uint64_t dropout_seed = 0;
+  // A run whose plan peaks at most this many bytes takes its buffers from a pool its thread
+  // keeps between runs (a training loop then allocates, and page-faults, nothing after its
+  // first step); larger runs allocate fresh buffers and free them (Note [Workspace] in
+  // backprop.cc, whose limit this default matches). What a thread keeps is at most this.
+  int64_t retained_workspace_bytes = int64_t{64} << 20;
 };
 
 struct ValueDiagnostics {
@@ -48,7 +53,10 @@ struct GraphRunResult {
   std::vector<int64_t> parameter_non_finite;  // By parameter, in the gradient.
   // By node (GraphSpec order), one per output.
   std::vector<std::vector<ValueDiagnostics>> nodes;
-  double forward_micros = 0;
+  // By node (GraphSpec order): time in its forward and its backward pass (profiling).
+  std::vector<double> node_forward_micros, node_backward_micros;
+  double forward_micros = 0;  // Including the loss.
+  double loss_micros = 0;
   double backward_micros = 0;
   int64_t peak_bytes = 0;  // Measured: buffers held at once (values, gradients, statistics).
 };

@@ -331,6 +331,12 @@ absl::StatusOr<Graph> Graph::Create(const GraphSpec& spec, const PlanOptions& op
     g.steps_.push_back(std::move(step));
   }
   for (ValueInfo& v : values) v.elements = NumElements(v.type.shape);
+  for (size_t v = 0; v < values.size(); ++v) values[v].alias_root = static_cast<int>(v);
+  for (const Step& step : g.steps_) {
+    if (step.kernel->output_aliases_input() && step.inputs[0] >= 0) {
+      values[step.outputs[0]].alias_root = values[step.inputs[0]].alias_root;
+    }
+  }
 
   // Uses in the forward pass.
   std::vector<int> uses(values.size(), 0);
@@ -485,14 +491,26 @@ absl::StatusOr<Graph> Graph::Create(const GraphSpec& spec, const PlanOptions& op
     }
   }
 
-  // Costs: simulate the executor's schedule (executor.cc allocates exactly these buffers).
+  // Costs: simulate the executor's schedule (executor.cc allocates exactly these buffers;
+  // aliases share their root's buffer, which is free when the last holder is released).
   const int64_t t_size = DTypeSize(options.dtype);
   auto bytes = [&](int v) { return values[v].elements * DTypeSize(values[v].type.dtype); };
   PlanCosts& costs = g.costs_;
   int64_t live = 0, peak = 0;
+  std::vector<int> holders(values.size(), 0);
+  auto hold = [&](int v) {
+    const int root = values[v].alias_root;
+    if (values[root].kind != ValueKind::kNode) return;
+    if (holders[root]++ == 0) live += bytes(root);
+  };
+  auto drop = [&](int v) {
+    const int root = values[v].alias_root;
+    if (values[root].kind != ValueKind::kNode) return;
+    if (--holders[root] == 0) live -= bytes(root);
+  };
   for (const Step& step : g.steps_) {
     const int64_t saved = step.kernel->saved_elements() * t_size;
-    for (int v : step.outputs) live += bytes(v);
+    for (int v : step.outputs) hold(v);
     live += saved;
     peak = std::max(peak, live + step.kernel->workspace_elements() * t_size);
     costs.forward_flops += step.kernel->forward_flops();
@@ -502,10 +520,10 @@ absl::StatusOr<Graph> Graph::Create(const GraphSpec& spec, const PlanOptions& op
     } else {
       live -= saved;
     }
-    for (int v : step.release_after_forward) live -= bytes(v);
+    for (int v : step.release_after_forward) drop(v);
   }
-  for (const ValueInfo& v : values) {
-    if (v.kept) costs.kept_bytes += v.elements * DTypeSize(v.type.dtype);
+  for (size_t v = 0; v < values.size(); ++v) {
+    if (values[v].kept && values[v].alias_root == static_cast<int>(v)) costs.kept_bytes += bytes(v);
   }
   std::vector<bool> has_grad(values.size(), false);
   if (values[g.loss_output_].needs_grad) {
@@ -513,7 +531,7 @@ absl::StatusOr<Graph> Graph::Create(const GraphSpec& spec, const PlanOptions& op
     has_grad[g.loss_output_] = true;
   }
   peak = std::max(peak, live);
-  for (int v : g.release_after_loss_) live -= bytes(v);
+  for (int v : g.release_after_loss_) drop(v);
   for (int t = static_cast<int>(g.steps_.size()) - 1; t >= 0; --t) {
     const Step& step = g.steps_[t];
     if (!step.backward) continue;
@@ -521,22 +539,28 @@ absl::StatusOr<Graph> Graph::Create(const GraphSpec& spec, const PlanOptions& op
     for (int v : step.outputs) {
       if (IsFloat(values[v].type.dtype) && !has_grad[v]) transient += bytes(v);  // Zeros.
     }
+    bool handed = false;  // Output 0's gradient buffer passed through to an input.
     for (size_t j = 0; j < step.inputs.size(); ++j) {
       const int v = step.inputs[j];
       if (v < 0 || !(step.kernel->differentiable_inputs() >> j & 1) || !values[v].needs_grad)
         continue;
       if (has_grad[v]) {
         transient += bytes(v);  // A later contribution: scratch, then added.
-      } else {
-        has_grad[v] = true;
-        if (values[v].kind == ValueKind::kNode) live += bytes(v);  // Else the caller's buffer.
+        continue;
       }
+      has_grad[v] = true;
+      if (values[v].kind != ValueKind::kNode) continue;  // The caller's buffer.
+      if ((step.kernel->gradient_passthrough() >> j & 1) && !handed && has_grad[step.outputs[0]]) {
+        handed = true;
+        continue;
+      }
+      live += bytes(v);
     }
     peak = std::max(peak, live + transient);
-    for (int v : step.outputs) {
-      if (has_grad[v]) live -= bytes(v);
+    for (size_t o = 0; o < step.outputs.size(); ++o) {
+      if (has_grad[step.outputs[o]] && !(o == 0 && handed)) live -= bytes(step.outputs[o]);
     }
-    for (int v : step.release_after_backward) live -= bytes(v);
+    for (int v : step.release_after_backward) drop(v);
     live -= step.kernel->saved_elements() * t_size;
   }
   costs.peak_bytes = peak;

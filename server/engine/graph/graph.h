@@ -62,6 +62,9 @@ struct ValueInfo {
   bool kept = false;            // A node output kept from the forward pass for some backward.
   int last_forward_use = -1;    // Last step reading it in the forward pass (-1: none).
   int first_backward_use = -1;  // Lowest step whose backward reads it (released after it).
+  // The value whose buffer this one shares (itself if none): Reshape, Squeeze, Unsqueeze and
+  // Identity outputs alias their input, transitively.
+  int alias_root = -1;
 };
 
 // One node in execution order.

@@ -145,6 +145,12 @@ class OpKernel {
   double backward_flops() const { return backward_flops_; }
   // Temporary elements (of T) Forward or Backward allocates for themselves, at most.
   int64_t workspace_elements() const { return workspace_elements_; }
+  // Bit i: dL/d(input i) is dL/d(output 0) itself (same shape, no arithmetic), so the executor
+  // may hand the output's gradient buffer to the input instead of having Backward copy it.
+  uint32_t gradient_passthrough() const { return passthrough_; }
+  // Output 0 is input 0's bytes unchanged (Reshape, Squeeze, Unsqueeze, Identity): the executor
+  // shares the buffer instead of running Forward.
+  bool output_aliases_input() const { return aliases_input_; }
 
  protected:
   uint32_t reads_inputs_ = 0;
@@ -154,6 +160,8 @@ class OpKernel {
   double forward_flops_ = 0;
   double backward_flops_ = 0;
   int64_t workspace_elements_ = 0;
+  uint32_t passthrough_ = 0;
+  bool aliases_input_ = false;
 };
 
 // Implements the four virtual entry points with Derived::Fwd<T> / Derived::Bwd<T> templates.
@@ -207,6 +215,12 @@ absl::StatusOr<std::unique_ptr<OpKernel>> MakeSlice(OpContext&, std::vector<Valu
 absl::StatusOr<std::unique_ptr<OpKernel>> MakeGather(OpContext&, std::vector<ValueType>*);
 absl::StatusOr<std::unique_ptr<OpKernel>> MakeTrilu(OpContext&, std::vector<ValueType>*);
 absl::StatusOr<std::unique_ptr<OpKernel>> MakeConstant(OpContext&, std::vector<ValueType>*);
+
+// Planner fusions (Note [Fusions] in graph.cc): a MatMul of rank >= 2 operands a and b as
+// stored, reading a (ta) or b (tb) transposed in its last two axes, with a bias [N] as input 2
+// added to its output (bias). REQUIRES: shapes that MakeMatMul accepted, once transposed.
+std::unique_ptr<OpKernel> MakeFusedMatMul(const Shape& a, bool ta, const Shape& b, bool tb,
+                                          bool bias);
 
 // Constant nodes: the value their `value_*` attribute defines (the planner folds them into
 // constants). REQUIRES: the node was accepted by MakeConstant.

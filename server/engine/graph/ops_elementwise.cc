@@ -39,6 +39,10 @@ class UnaryKernel final : public Kernel<UnaryKernel> {
   UnaryKernel(Unary kind, double alpha, int64_t n, int64_t element_bytes, bool differentiable)
       : kind_(kind), alpha_(alpha), n_(n), element_bytes_(element_bytes) {
     differentiable_ = differentiable ? 1u : 0u;
+    if (kind == Unary::kIdentity) {
+      passthrough_ = differentiable_;
+      aliases_input_ = true;
+    }
     switch (kind) {
       case Unary::kRelu:
       case Unary::kSigmoid:
@@ -195,6 +199,9 @@ class BinaryKernel final : public Kernel<BinaryKernel> {
         reduce_b_(out, b) {
     differentiable_ = 3;
     if (kind == Binary::kMul || kind == Binary::kDiv) reads_inputs_ = 3;
+    // d(a + b)/da, d(a + b)/db and d(a - b)/da are dY itself where no axis is broadcast.
+    if (kind == Binary::kAdd || kind == Binary::kSub) passthrough_ |= a_full_ ? 1u : 0u;
+    if (kind == Binary::kAdd) passthrough_ |= b_full_ ? 2u : 0u;
     forward_flops_ = static_cast<double>(n_);
     backward_flops_ = 3.0 * static_cast<double>(n_);
     if (!a_full_ || !b_full_) workspace_elements_ = n_;
@@ -407,6 +414,7 @@ class DropoutKernel final : public Kernel<DropoutKernel> {
   DropoutKernel(double ratio, bool training, int64_t seed, int64_t n, bool has_mask)
       : ratio_(ratio), active_(training && ratio > 0), seed_(seed), n_(n), has_mask_(has_mask) {
     differentiable_ = 1;
+    if (!active_) passthrough_ = 1;
     forward_flops_ = static_cast<double>(n);
     backward_flops_ = static_cast<double>(n);
   }

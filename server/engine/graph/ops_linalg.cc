@@ -118,12 +118,16 @@ class GemmKernel final : public Kernel<GemmKernel> {
 
 // numpy matmul: [..., M, K] x [..., K, N] -> [..., M, N], batch axes broadcast; a 1-D A is a
 // row [1, K] and a 1-D B a column [K, 1], their unit axis dropped from the output.
+// Planner fusions (Note [Fusions] in graph.cc) add: A or B stored transposed in its last two
+// axes (ta, tb: a Transpose feeding the MatMul, read in place by the Gemm), and a bias [N]
+// (an Add after it) written into Y before the product is accumulated onto it, as the chain's
+// Linear layer does.
 class MatMulKernel final : public Kernel<MatMulKernel> {
  public:
   MatMulKernel(int64_t m, int64_t n, int64_t k, const Shape& batch_a, const Shape& batch_b,
-               const Shape& batch_out)
-      : m_(m), n_(n), k_(k) {
-    differentiable_ = 3;
+               const Shape& batch_out, bool ta = false, bool tb = false, bool bias = false)
+      : m_(m), n_(n), k_(k), ta_(ta), tb_(tb), bias_(bias) {
+    differentiable_ = bias ? 7 : 3;
     reads_inputs_ = 3;
     batches_ = NumElements(batch_out);
     a_batches_ = NumElements(batch_a);
@@ -151,6 +155,10 @@ class MatMulKernel final : public Kernel<MatMulKernel> {
       a_index_[i] = ia;
       b_index_[i] = ib;
     }
+    // x [..., M, K] W [K, N] (W shared by every batch, A not transposed): one product over all
+    // batches' rows.
+    one_product_ = b_batches_ == 1 && a_batches_ == batches_ && !ta_;
+    if (bias) bias_reduce_ = SumToShape({batches_ * m, n}, {n});
     forward_flops_ = 2.0 * batches_ * m * n * k;
     backward_flops_ = 2.0 * forward_flops_;
   }
@@ -160,13 +168,22 @@ class MatMulKernel final : public Kernel<MatMulKernel> {
     const T* a = static_cast<const T*>(args.in[0]);
     const T* b = static_cast<const T*>(args.in[1]);
     T* y = static_cast<T*>(args.out[0]);
-    if (b_batches_ == 1 && a_batches_ == batches_) {  // x [..., M, K] W [K, N]: one product.
-      Gemm<T>(Op::kPlain, Op::kPlain, batches_ * m_, n_, k_, a, b, y);
+    Into into = Into::kOverwrite;
+    if (bias_) {
+      const T* bias = static_cast<const T*>(args.in[2]);
+      const int64_t n = n_;
+      ForEachIndex(batches_ * m_, batches_ * m_ * n_ >= kParallelElements,
+                   [=](int64_t r) { std::memcpy(y + r * n, bias, sizeof(T) * n); });
+      into = Into::kAccumulate;
+    }
+    const Op op_a = OpOf(ta_), op_b = OpOf(tb_);
+    if (one_product_) {
+      Gemm<T>(op_a, op_b, batches_ * m_, n_, k_, a, b, y, into);
       return absl::OkStatus();
     }
     ForBatches(/*writes_private_slices=*/true, [&](int64_t i) {
-      Gemm<T>(Op::kPlain, Op::kPlain, m_, n_, k_, a + a_index_[i] * m_ * k_,
-              b + b_index_[i] * k_ * n_, y + i * m_ * n_);
+      Gemm<T>(op_a, op_b, m_, n_, k_, a + a_index_[i] * m_ * k_, b + b_index_[i] * k_ * n_,
+              y + i * m_ * n_, into);
     });
     return absl::OkStatus();
   }
@@ -176,26 +193,43 @@ class MatMulKernel final : public Kernel<MatMulKernel> {
     const T* a = static_cast<const T*>(args.in[0]);
     const T* b = static_cast<const T*>(args.in[1]);
     const T* dy = args.dout[0];
-    if (T* da = args.din[0]) {  // dA = dY B^T, summed over the batches A was broadcast to.
-      if (b_batches_ == 1 && a_batches_ == batches_) {
-        Gemm<T>(Op::kPlain, Op::kTransposed, batches_ * m_, k_, n_, dy, b, da);
+    const int64_t m = m_, n = n_, k = k_;
+    // dA_i = dY_i op(B_i)^T (stored [M, K], or [K, M] when A is transposed: op(B_i) dY_i^T),
+    // summed over the batches A was broadcast to.
+    auto da_product = [&](int64_t rows, const T* g, const T* bi, T* dai, Into into) {
+      if (!ta_) {
+        Gemm<T>(Op::kPlain, tb_ ? Op::kPlain : Op::kTransposed, rows, k, n, g, bi, dai, into);
+      } else {
+        Gemm<T>(tb_ ? Op::kTransposed : Op::kPlain, Op::kTransposed, k, rows, n, bi, g, dai, into);
+      }
+    };
+    // dB_i = op(A_i)^T dY_i (stored [K, N], or [N, K] when B is transposed: dY_i^T op(A_i)).
+    auto db_product = [&](int64_t rows, const T* ai, const T* g, T* dbi, Into into) {
+      if (!tb_) {
+        Gemm<T>(ta_ ? Op::kPlain : Op::kTransposed, Op::kPlain, k, n, rows, ai, g, dbi, into);
+      } else {
+        Gemm<T>(Op::kTransposed, ta_ ? Op::kTransposed : Op::kPlain, n, k, rows, g, ai, dbi, into);
+      }
+    };
+    if (T* da = args.din[0]) {
+      if (one_product_) {
+        da_product(batches_ * m, dy, b, da, Into::kOverwrite);
       } else {
         Accumulate(a_index_, a_batches_ == batches_, [&](int64_t i, Into into) {
-          Gemm<T>(Op::kPlain, Op::kTransposed, m_, k_, n_, dy + i * m_ * n_,
-                  b + b_index_[i] * k_ * n_, da + a_index_[i] * m_ * k_, into);
+          da_product(m, dy + i * m * n, b + b_index_[i] * k * n, da + a_index_[i] * m * k, into);
         });
       }
     }
-    if (T* db = args.din[1]) {                          // dB = A^T dY, likewise.
-      if (b_batches_ == 1 && a_batches_ == batches_) {  // One product over all rows.
-        Gemm<T>(Op::kTransposed, Op::kPlain, k_, n_, batches_ * m_, a, dy, db);
+    if (T* db = args.din[1]) {
+      if (one_product_) {  // One product over all rows.
+        db_product(batches_ * m, a, dy, db, Into::kOverwrite);
       } else {
         Accumulate(b_index_, b_batches_ == batches_, [&](int64_t i, Into into) {
-          Gemm<T>(Op::kTransposed, Op::kPlain, k_, n_, m_, a + a_index_[i] * m_ * k_,
-                  dy + i * m_ * n_, db + b_index_[i] * k_ * n_, into);
+          db_product(m, a + a_index_[i] * m * k, dy + i * m * n, db + b_index_[i] * k * n, into);
         });
       }
     }
+    if (T* dbias = bias_ ? args.din[2] : nullptr) bias_reduce_.Run(dy, dbias, 1.0);
   }
 
  private:
@@ -230,8 +264,11 @@ class MatMulKernel final : public Kernel<MatMulKernel> {
   }
 
   int64_t m_, n_, k_;
+  bool ta_, tb_, bias_;
+  bool one_product_ = false;
   int64_t batches_ = 1, a_batches_ = 1, b_batches_ = 1;
   std::vector<int64_t> a_index_, b_index_;
+  SumToShape bias_reduce_;
 };
 
 }  // namespace
@@ -309,6 +346,18 @@ absl::StatusOr<std::unique_ptr<OpKernel>> MakeMatMul(OpContext& c, std::vector<V
   if (!b_vector) y.push_back(n);
   out->push_back({c.input(0)->dtype, y});
   return std::make_unique<MatMulKernel>(m, n, k, batch_a, batch_b, batch);
+}
+
+std::unique_ptr<OpKernel> MakeFusedMatMul(const Shape& a, bool ta, const Shape& b, bool tb,
+                                          bool bias) {
+  const int64_t m = ta ? a.back() : a[a.size() - 2];
+  const int64_t k = ta ? a[a.size() - 2] : a.back();
+  const int64_t n = tb ? b[b.size() - 2] : b.back();
+  const Shape batch_a(a.begin(), a.end() - 2);
+  const Shape batch_b(b.begin(), b.end() - 2);
+  Shape batch;
+  BroadcastShapes(batch_a, batch_b, &batch);
+  return std::make_unique<MatMulKernel>(m, n, k, batch_a, batch_b, batch, ta, tb, bias);
 }
 
 }  // namespace gradserve::engine::graph

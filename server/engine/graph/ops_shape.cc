@@ -61,6 +61,43 @@ class StridedCopy {
     const int64_t si = src_.back();
     const int64_t di = dst_.back();
     const int outer_rank = static_cast<int>(sizes_.size()) - 1;
+    // A transpose (one side strided along the inner axis): copy in square tiles between the
+    // inner axis and the outer axis that is contiguous on the strided side, so both sides are
+    // read and written a cache line at a time.
+    int tiled = -1;
+    if (si != 1 || di != 1) {
+      for (int d = 0; d < outer_rank; ++d) {
+        if ((si != 1 && src_[d] == 1) || (di != 1 && dst_[d] == 1)) tiled = d;
+      }
+    }
+    if (tiled >= 0) {
+      constexpr int64_t kTile = 32;
+      const int64_t rows = sizes_[tiled];
+      const int64_t others = rows_ / rows;
+      const int64_t row_tiles = (rows + kTile - 1) / kTile;
+      const int64_t sp = src_[tiled], dp = dst_[tiled];
+      ForEachIndex(others * row_tiles, elements_ >= kParallelElements, [&](int64_t task) {
+        int64_t rest = task / row_tiles;
+        const int64_t i0 = (task % row_tiles) * kTile;
+        int64_t so = src_offset_, dof = dst_offset_;
+        for (int d = outer_rank - 1; d >= 0; --d) {
+          if (d == tiled) continue;
+          const int64_t i = rest % sizes_[d];
+          rest /= sizes_[d];
+          so += i * src_[d];
+          dof += i * dst_[d];
+        }
+        const int64_t i1 = std::min(rows, i0 + kTile);
+        for (int64_t j0 = 0; j0 < inner; j0 += kTile) {
+          const int64_t j1 = std::min(inner, j0 + kTile);
+          for (int64_t i = i0; i < i1; ++i) {
+            for (int64_t j = j0; j < j1; ++j)
+              dst[dof + i * dp + j * di] = src[so + i * sp + j * si];
+          }
+        }
+      });
+      return;
+    }
     ForEachIndex(rows_, elements_ >= kParallelElements, [&](int64_t r) {
       int64_t so = src_offset_, dof = dst_offset_, rest = r;
       for (int d = outer_rank - 1; d >= 0; --d) {
@@ -77,6 +114,7 @@ class StridedCopy {
     });
   }
 
+ private:
   std::vector<int64_t> sizes_, src_, dst_;
   int64_t src_offset_ = 0, dst_offset_ = 0;
   int64_t rows_ = 1;
@@ -96,6 +134,8 @@ class CopyKernel final : public Kernel<CopyKernel> {
  public:
   CopyKernel(int64_t n, int64_t element_bytes, bool differentiable) : bytes_(n * element_bytes) {
     differentiable_ = differentiable ? 1 : 0;
+    passthrough_ = differentiable_;
+    aliases_input_ = true;
   }
   template <typename T>
   absl::Status Fwd(const ForwardArgs<T>& a) const {
