@@ -211,6 +211,50 @@ TEST(GraphModels, TwoBlockGptDecoderWithTiedHeadMatchesFiniteDifferences) {
   EXPECT_GRADIENTS_MATCH(h);
 }
 
+TEST(GraphModels, FusedAndUnfusedPlansAgreeAndBothMatchFiniteDifferences) {
+  Harness fused = MakeGpt(GptConfig{}, 5);
+  GptConfig c;
+  Harness plain(GptSpec(c), {{c.batch, c.seq}, {c.batch, c.seq}});
+  plain.options_.fuse = false;
+  ASSERT_TRUE(plain.Plan().ok());
+  plain.params_ = fused.params_;
+  plain.floats_ = fused.floats_;
+  plain.ints_ = fused.ints_;
+  // Every Linear's weight Transpose is read in place by its MatMul, and its bias Add folded in
+  // (4 per block); the tied head's Transpose too.
+  const int linears = 4 * c.blocks;
+  EXPECT_EQ(plain.graph().steps().size(), fused.graph().steps().size() + 2 * linears + 1);
+  for (const Step& step : fused.graph().steps()) {
+    EXPECT_NE(fused.spec_.nodes[step.node].name, "lm_head");
+  }
+  absl::StatusOr<GraphRunResult> a = fused.Run();
+  absl::StatusOr<GraphRunResult> b = plain.Run();
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_NEAR(a->loss, b->loss, 1e-14);
+  for (size_t p = 0; p < fused.grads_.size(); ++p) {
+    for (size_t j = 0; j < fused.grads_[p].size(); ++j) {
+      ASSERT_NEAR(fused.grads_[p][j], plain.grads_[p][j], 1e-13) << fused.spec_.parameters[p].name;
+    }
+  }
+  EXPECT_GRADIENTS_MATCH(plain);
+}
+
+TEST(GraphModels, ATransposeReadBySeveralNodesIsKept) {
+  SpecBuilder b;
+  b.Param("a", {3, 4}).Param("m", {3, 5});
+  b.Node("Transpose", {"a"}, {"at"});    // [4, 3]
+  b.Node("MatMul", {"at", "m"}, {"p"});  // Fused: reads a transposed...
+  b.Node("Tanh", {"at"}, {"t"});         // ... but Tanh reads the Transpose.
+  b.Node("ReduceSum", {"t"}, {"s"}, {{"keepdims", int64_t{1}}});
+  b.Node("Mul", {"p", "s"}, {"y"});
+  Harness h(b.WeightedSum("y"), {{4, 5}});
+  ASSERT_TRUE(h.Plan().ok()) << h.Plan();
+  EXPECT_EQ(h.graph().steps().size(), 5u);
+  h.Fill(6);
+  ASSERT_TRUE(h.Run().ok());
+  EXPECT_GRADIENTS_MATCH(h);
+}
+
 TEST(GraphModels, GptRunsAreBitIdenticalRunToRunInFloat32) {
   GptConfig c;
   c.batch = 4, c.seq = 32, c.vocab = 64, c.d = 64, c.heads = 4, c.blocks = 2;

@@ -222,7 +222,8 @@ class Executor {
     result.node_backward_micros.assign(spec.nodes.size(), 0.0);
     if (backward) {
       result.nodes.resize(spec.nodes.size());
-      for (const Step& step : graph_.steps()) result.nodes[step.node].resize(step.outputs.size());
+      for (size_t n = 0; n < spec.nodes.size(); ++n)
+        result.nodes[n].resize(spec.nodes[n].outputs.size());
     }
     for (size_t v = 0; v < values_.size(); ++v) {
       const ValueInfo& info = values_[v];
@@ -264,8 +265,9 @@ class Executor {
           const int v = step.outputs[o];
           if (!IsFloat(values_[v].type.dtype)) continue;
           const NormAndNonFinite m = Measure(static_cast<const T*>(data_[v]), values_[v].elements);
-          result.nodes[step.node][o].value_norm = m.norm;
-          result.nodes[step.node][o].non_finite_count += m.non_finite;
+          ValueDiagnostics& d = result.nodes[values_[v].node][values_[v].slot];
+          d.value_norm = m.norm;
+          d.non_finite_count += m.non_finite;
         }
       }
       if (saved > 0 && !(backward && step.backward)) ReleaseSaved(t);
@@ -361,8 +363,9 @@ class Executor {
       } else if (grad_[v] != nullptr) {
         // dL/dv is complete: every consumer ran before its producer.
         const NormAndNonFinite m = Measure(grad_[v], values_[v].elements);
-        result->nodes[step.node][o].grad_norm = m.norm;
-        result->nodes[step.node][o].non_finite_count += m.non_finite;
+        ValueDiagnostics& d = result->nodes[values_[v].node][values_[v].slot];
+        d.grad_norm = m.norm;
+        d.non_finite_count += m.non_finite;
         dout.push_back(grad_[v]);
       } else {
         void* z = pool_->Acquire(Bytes(v));

@@ -64,7 +64,113 @@ std::vector<uint64_t> ConstantBytes(const ConstantValue& c, DType float_dtype) {
   return storage;
 }
 
+// The permutation of a Transpose node (ONNX's default: the axes reversed).
+std::vector<int64_t> TransposePerm(const NodeSpec& node, size_t rank) {
+  for (const AttributeSpec& a : node.attributes) {
+    if (a.name == "perm") {
+      std::vector<int64_t> perm = std::get<std::vector<int64_t>>(a.value);
+      for (int64_t& p : perm) p = p < 0 ? p + static_cast<int64_t>(rank) : p;
+      return perm;
+    }
+  }
+  std::vector<int64_t> perm(rank);
+  for (size_t d = 0; d < rank; ++d) perm[d] = static_cast<int64_t>(rank - 1 - d);
+  return perm;
+}
+
 }  // namespace
+
+// Note [Fusions]
+// After inference, two patterns that cost a pass over memory each are folded into the MatMul
+// they touch, so that a Linear layer written as ONNX exports it (MatMul with a transposed weight,
+// then Add of the bias) runs as the chain's Linear does:
+//  * MatMul(Transpose(u, perm swapping the last two axes only), .) reads u in place, the Gemm
+//    transposing it (either operand). The Transpose node is dropped if nothing else reads it.
+//  * Add(MatMul(a, b), c) with c a bias over the last axis ([N], or [1, .., N]), where nothing
+//    else reads the product and c is available before the MatMul: the MatMul writes c into its
+//    output and accumulates the product onto it, defining the Add's output itself; dL/dc is the
+//    column sums of dL/dY (as the chain's bias gradient). The product value is never computed.
+// Values a fusion makes unnecessary are marked !materialized (diagnostics 0). The kept order of
+// the remaining steps is unchanged. Each pattern is matched once per node: O(nodes).
+void Graph::Fuse(const std::unordered_map<std::string_view, int>& by_name, Graph* g) {
+  std::vector<ValueInfo>& values = g->values_;
+  std::vector<Step>& steps = g->steps_;
+  const GraphSpec& spec = g->spec_;
+  std::vector<int> readers(values.size(), 0);
+  for (const Step& step : steps) {
+    for (int v : step.inputs) {
+      if (v >= 0) ++readers[v];
+    }
+  }
+  for (const std::string& name : spec.outputs) {
+    if (auto it = by_name.find(name); it != by_name.end()) ++readers[it->second];
+  }
+  auto step_of = [&](int v) { return values[v].kind == ValueKind::kNode ? values[v].index : -1; };
+  auto op_of = [&](int t) -> const std::string& { return spec.nodes[steps[t].node].op_type; };
+  std::vector<bool> dead(steps.size(), false);
+  std::vector<bool> trans_a(steps.size(), false), trans_b(steps.size(), false);
+  std::vector<bool> bias(steps.size(), false);
+  auto rank2 = [&](int v) { return v >= 0 && values[v].type.shape.size() >= 2; };
+  for (size_t t = 0; t < steps.size(); ++t) {
+    if (op_of(t) != "MatMul" || !rank2(steps[t].inputs[0]) || !rank2(steps[t].inputs[1])) continue;
+    for (int j = 0; j < 2; ++j) {
+      const int v = steps[t].inputs[j];
+      const int p = step_of(v);
+      if (p < 0 || dead[p] || op_of(p) != "Transpose" || steps[p].inputs[0] < 0) continue;
+      const int u = steps[p].inputs[0];
+      const size_t rank = values[u].type.shape.size();
+      if (rank < 2 || !IsFloat(values[u].type.dtype)) continue;
+      const std::vector<int64_t> perm = TransposePerm(spec.nodes[steps[p].node], rank);
+      bool swap = perm[rank - 1] == static_cast<int64_t>(rank - 2) &&
+                  perm[rank - 2] == static_cast<int64_t>(rank - 1);
+      for (size_t d = 0; d + 2 < rank; ++d) swap = swap && perm[d] == static_cast<int64_t>(d);
+      if (!swap) continue;
+      steps[t].inputs[j] = u;
+      (j == 0 ? trans_a : trans_b)[t] = true;
+      ++readers[u];
+      if (--readers[v] == 0) {
+        dead[p] = true;
+        values[v].materialized = false;
+        --readers[u];
+      }
+    }
+  }
+  for (size_t t = 0; t < steps.size(); ++t) {
+    if (op_of(t) != "Add") continue;
+    for (int j = 0; j < 2; ++j) {
+      const int v = steps[t].inputs[j];
+      const int c = steps[t].inputs[1 - j];
+      const int p = step_of(v);
+      if (p < 0 || dead[p] || bias[p] || op_of(p) != "MatMul" || readers[v] != 1) continue;
+      if (!rank2(steps[p].inputs[0]) || !rank2(steps[p].inputs[1])) continue;
+      const Shape& y = values[v].type.shape;
+      const Shape& cs = values[c].type.shape;
+      bool is_bias = !cs.empty() && cs.size() <= y.size() && cs.back() == y.back() &&
+                     NumElements(cs) == y.back() && values[steps[t].outputs[0]].type.shape == y;
+      if (!is_bias || step_of(c) >= p) continue;
+      steps[p].inputs.push_back(c);
+      steps[p].outputs[0] = steps[t].outputs[0];
+      values[steps[t].outputs[0]].index = p;
+      values[v].materialized = false;
+      bias[p] = true;
+      dead[t] = true;
+      break;
+    }
+  }
+  // Rebuild the fused kernels, then drop the dead steps (indices shift down).
+  for (size_t t = 0; t < steps.size(); ++t) {
+    if (dead[t] || !(trans_a[t] || trans_b[t] || bias[t])) continue;
+    steps[t].kernel = MakeFusedMatMul(values[steps[t].inputs[0]].type.shape, trans_a[t],
+                                      values[steps[t].inputs[1]].type.shape, trans_b[t], bias[t]);
+  }
+  std::vector<Step> kept;
+  for (size_t t = 0; t < steps.size(); ++t) {
+    if (dead[t]) continue;
+    for (int v : steps[t].outputs) values[v].index = static_cast<int>(kept.size());
+    kept.push_back(std::move(steps[t]));
+  }
+  steps = std::move(kept);
+}
 
 int Graph::FindParameter(absl::string_view name) const {
   for (size_t p = 0; p < spec_.parameters.size(); ++p) {
@@ -226,6 +332,7 @@ absl::StatusOr<Graph> Graph::Create(const GraphSpec& spec, const PlanOptions& op
     for (int o = 0; o < outs; ++o) {
       ValueInfo v;
       v.kind = ValueKind::kNode;
+      v.node = i;
       v.slot = o;
       RETURN_IF_ERROR(
           define(node.outputs[o], absl::StrCat(where, ".outputs[", o, "]"), std::move(v)));
@@ -331,6 +438,7 @@ absl::StatusOr<Graph> Graph::Create(const GraphSpec& spec, const PlanOptions& op
     g.steps_.push_back(std::move(step));
   }
   for (ValueInfo& v : values) v.elements = NumElements(v.type.shape);
+  if (options.fuse) Fuse(by_name, &g);
   for (size_t v = 0; v < values.size(); ++v) values[v].alias_root = static_cast<int>(v);
   for (const Step& step : g.steps_) {
     if (step.kernel->output_aliases_input() && step.inputs[0] >= 0) {
@@ -480,7 +588,7 @@ absl::StatusOr<Graph> Graph::Create(const GraphSpec& spec, const PlanOptions& op
   held[g.loss_output_] = true;
   for (size_t v = 0; v < values.size(); ++v) {
     const ValueInfo& info = values[v];
-    if (info.kind != ValueKind::kNode) continue;
+    if (info.kind != ValueKind::kNode || !info.materialized) continue;
     if (info.kept) {
       g.steps_[info.first_backward_use].release_after_backward.push_back(static_cast<int>(v));
     } else if (held[v]) {

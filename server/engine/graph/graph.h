@@ -27,6 +27,8 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "server/engine/graph/op.h"
@@ -43,7 +45,11 @@ struct GraphLimits {
 };
 
 struct PlanOptions {
-  DType dtype = DType::kFloat32;             // The call's floating dtype: kFloat32 or kFloat64.
+  DType dtype = DType::kFloat32;  // The call's floating dtype: kFloat32 or kFloat64.
+  // Note [Fusions] in graph.cc: a Transpose of the last two axes feeding a MatMul is read in
+  // place, and an Add of a bias [N] after a MatMul is done by it. Same values to rounding (the
+  // bias is added first, as the chain's Linear does).
+  bool fuse = true;
   std::vector<Shape> input_shapes;           // One per GraphSpec::inputs, in order.
   std::vector<std::string> input_gradients;  // Floating inputs whose dL/d(input) is wanted.
   GraphLimits limits;
@@ -56,8 +62,12 @@ struct ValueInfo {
   ValueType type;
   int64_t elements = 0;
   ValueKind kind = ValueKind::kNode;
-  int index = -1;               // Input, parameter or constant index; for kNode the producing step.
-  int slot = 0;                 // kNode: which output of the producer.
+  int index = -1;  // Input, parameter or constant index; for kNode the producing step.
+  int node = -1;   // kNode: the GraphSpec node that defines it (diagnostics are by node).
+  int slot = 0;    // kNode: which output of that node.
+  // False for a node output a fusion made unnecessary (Note [Fusions] in graph.cc): it is never
+  // computed, and its diagnostics stay 0.
+  bool materialized = true;
   bool needs_grad = false;      // dL/d(value) is computed in the backward pass.
   bool kept = false;            // A node output kept from the forward pass for some backward.
   int last_forward_use = -1;    // Last step reading it in the forward pass (-1: none).
@@ -121,6 +131,7 @@ class Graph {
 
  private:
   Graph() = default;
+  static void Fuse(const std::unordered_map<std::string_view, int>& by_name, Graph* g);
 
   GraphSpec spec_;
   DType dtype_ = DType::kFloat32;
