@@ -1,6 +1,7 @@
 // Graph::Create: a table of malformed graphs, each with its status and the field its message
 // names; limits enforced before anything is allocated; the deterministic order; the plan's
 // costs and what it keeps; backward skipped where nothing needs it.
+#include <chrono>
 #include <functional>
 #include <string>
 #include <vector>
@@ -95,6 +96,8 @@ std::vector<Malformed> Table() {
        "graph.parameters[1].name: empty"},
       {"OutputUndefined", [](GraphSpec& g, PlanOptions&) { g.outputs.push_back("z"); }, kInvalid,
        "graph.outputs[1]: value \"z\" is not defined"},
+      {"OutputListedTwice", [](GraphSpec& g, PlanOptions&) { g.outputs.push_back("y"); }, kInvalid,
+       "graph.outputs[1]: \"y\" is already graph.outputs[0]"},
       {"LossOutputNotAGraphOutput", [](GraphSpec& g, PlanOptions&) { g.loss.output = "h"; },
        kInvalid, "graph.loss.output: \"h\" is not one of graph.outputs"},
       {"LossTargetNotAnInput", [](GraphSpec& g, PlanOptions&) { g.loss.target = "W"; }, kInvalid,
@@ -309,6 +312,36 @@ TEST(GraphPlan, OnlyWhatSomeBackwardReadsIsKept) {
   }
   EXPECT_EQ(kept, std::vector<std::string>{"y"});
   EXPECT_EQ(graph->costs().kept_bytes, 2 * 3 * 8);
+}
+
+// Planning is linear in the graph's size: a long chain with a long list of outputs plans in
+// well under a second (a quadratic step would take minutes here).
+TEST(GraphPlan, ALongGraphPlansQuickly) {
+  constexpr int kNodes = 20000;
+  SpecBuilder b;
+  b.Input("x").Input("t");
+  std::string previous = "x";
+  std::vector<std::string> outputs;
+  for (int i = 0; i < kNodes; ++i) {
+    const std::string name = "v" + std::to_string(i);
+    b.Node(i % 2 ? "Tanh" : "Neg", {previous}, {name});
+    if (i % 4 == 0) outputs.push_back(name);
+    previous = name;
+  }
+  GraphSpec spec = b.WithLoss(previous, LossKind::kMse, "t");
+  outputs.push_back(previous);
+  spec.outputs = outputs;
+  PlanOptions options;
+  options.dtype = DType::kFloat64;
+  options.input_shapes = {{2}, {2}};
+  options.input_gradients = {"x"};
+  const auto start = std::chrono::steady_clock::now();
+  absl::StatusOr<Graph> graph = Graph::Create(spec, options);
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  ASSERT_TRUE(graph.ok()) << graph.status();
+  EXPECT_EQ(graph->steps().size(), static_cast<size_t>(kNodes));
+  EXPECT_LT(seconds, 5.0);
 }
 
 TEST(GraphPlan, EveryRegisteredOpIsFoundByName) {

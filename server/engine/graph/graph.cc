@@ -173,17 +173,13 @@ void Graph::Fuse(const std::unordered_map<std::string_view, int>& by_name, Graph
 }
 
 int Graph::FindParameter(absl::string_view name) const {
-  for (size_t p = 0; p < spec_.parameters.size(); ++p) {
-    if (spec_.parameters[p].name == name) return static_cast<int>(p);
-  }
-  return -1;
+  auto it = parameter_index_.find(std::string(name));
+  return it == parameter_index_.end() ? -1 : it->second;
 }
 
 int Graph::FindInput(absl::string_view name) const {
-  for (size_t i = 0; i < spec_.inputs.size(); ++i) {
-    if (spec_.inputs[i].name == name) return static_cast<int>(i);
-  }
-  return -1;
+  auto it = input_index_.find(std::string(name));
+  return it == input_index_.end() ? -1 : it->second;
 }
 
 const void* Graph::constant_data(int v) const {
@@ -256,6 +252,7 @@ absl::StatusOr<Graph> Graph::Create(const GraphSpec& spec, const PlanOptions& op
     v.index = static_cast<int>(i);
     RETURN_IF_ERROR(define(in.name, field, std::move(v)));
     g.input_values_.push_back(static_cast<int>(values.size()) - 1);
+    g.input_index_[in.name] = static_cast<int>(i);
   }
   for (size_t p = 0; p < s.parameters.size(); ++p) {
     const std::string field = absl::StrCat("graph.parameters[", p, "]");
@@ -266,6 +263,7 @@ absl::StatusOr<Graph> Graph::Create(const GraphSpec& spec, const PlanOptions& op
     v.index = static_cast<int>(p);
     RETURN_IF_ERROR(define(s.parameters[p].name, field, std::move(v)));
     g.parameter_values_.push_back(static_cast<int>(values.size()) - 1);
+    g.parameter_index_[s.parameters[p].name] = static_cast<int>(p);
   }
   auto add_constant = [&](int value, ConstantValue c) {
     g.constant_slot_[value] = static_cast<int>(g.constant_storage_.size());
@@ -463,17 +461,16 @@ absl::StatusOr<Graph> Graph::Create(const GraphSpec& spec, const PlanOptions& op
   }
 
   // Outputs and loss.
+  std::unordered_map<int, int> output_seen;  // Value id -> output index.
   for (size_t o = 0; o < s.outputs.size(); ++o) {
     const std::string field = absl::StrCat("graph.outputs[", o, "]");
     auto it = by_name.find(s.outputs[o]);
     if (it == by_name.end()) {
       return Invalid(field, absl::StrCat("value \"", s.outputs[o], "\" is not defined"));
     }
-    for (size_t p = 0; p < o; ++p) {
-      if (s.outputs[p] == s.outputs[o]) {
-        return Invalid(field,
-                       absl::StrCat("\"", s.outputs[o], "\" is already graph.outputs[", p, "]"));
-      }
+    if (!output_seen.emplace(it->second, static_cast<int>(o)).second) {
+      return Invalid(field, absl::StrCat("\"", s.outputs[o], "\" is already graph.outputs[",
+                                         output_seen[it->second], "]"));
     }
     g.output_values_.push_back(it->second);
   }

@@ -120,7 +120,7 @@ class Graph {
   int loss_output() const { return loss_output_; }
   int loss_target() const { return loss_target_input_; }  // An input index.
   bool input_gradient_requested(int i) const { return input_grad_requested_[i]; }
-  // The index in GraphSpec::parameters / inputs with this name, or -1.
+  // The index in GraphSpec::parameters / inputs with this name, or -1 (a hash lookup).
   int FindParameter(absl::string_view name) const;
   int FindInput(absl::string_view name) const;
   // Bytes of constant (or folded Constant node) value v in the call's dtype.
@@ -138,6 +138,7 @@ class Graph {
   std::vector<ValueInfo> values_;
   std::vector<Step> steps_;
   std::vector<int> input_values_, parameter_values_, output_values_;
+  std::unordered_map<std::string, int> input_index_, parameter_index_;  // By name.
   std::vector<bool> input_grad_requested_;
   std::vector<int> release_after_loss_;  // Outputs and the loss's input, unless kept.
   int loss_output_ = -1;

@@ -132,28 +132,25 @@ class MatMulKernel final : public Kernel<MatMulKernel> {
     batches_ = NumElements(batch_out);
     a_batches_ = NumElements(batch_a);
     b_batches_ = NumElements(batch_b);
-    // Each output batch's A and B batch index (broadcast axes map to 0).
-    a_index_.resize(batches_);
-    b_index_.resize(batches_);
+    // Each output batch's A and B batch index, computed per batch from the batch axes (broadcast
+    // axes have stride 0): nothing sized by the batch count is held by the plan.
     const int rank = static_cast<int>(batch_out.size());
-    for (int64_t i = 0; i < batches_; ++i) {
-      int64_t rest = i, ia = 0, ib = 0, sa = 1, sb = 1;
-      for (int d = rank - 1; d >= 0; --d) {
-        const int64_t idx = rest % batch_out[d];
-        rest /= batch_out[d];
-        const int da = d - (rank - static_cast<int>(batch_a.size()));
-        const int db = d - (rank - static_cast<int>(batch_b.size()));
-        if (da >= 0) {
-          if (batch_a[da] != 1) ia += idx * sa;
-          sa *= batch_a[da];
-        }
-        if (db >= 0) {
-          if (batch_b[db] != 1) ib += idx * sb;
-          sb *= batch_b[db];
-        }
+    int64_t sa = 1, sb = 1;
+    batch_dims_.resize(rank);
+    a_strides_.assign(rank, 0);
+    b_strides_.assign(rank, 0);
+    for (int d = rank - 1; d >= 0; --d) {
+      batch_dims_[d] = batch_out[d];
+      const int da = d - (rank - static_cast<int>(batch_a.size()));
+      const int db = d - (rank - static_cast<int>(batch_b.size()));
+      if (da >= 0) {
+        if (batch_a[da] != 1) a_strides_[d] = sa;
+        sa *= batch_a[da];
       }
-      a_index_[i] = ia;
-      b_index_[i] = ib;
+      if (db >= 0) {
+        if (batch_b[db] != 1) b_strides_[d] = sb;
+        sb *= batch_b[db];
+      }
     }
     // x [..., M, K] W [K, N] (W shared by every batch, A not transposed): one product over all
     // batches' rows.
@@ -182,7 +179,7 @@ class MatMulKernel final : public Kernel<MatMulKernel> {
       return absl::OkStatus();
     }
     ForBatches(/*writes_private_slices=*/true, [&](int64_t i) {
-      Gemm<T>(op_a, op_b, m_, n_, k_, a + a_index_[i] * m_ * k_, b + b_index_[i] * k_ * n_,
+      Gemm<T>(op_a, op_b, m_, n_, k_, a + AIndex(i) * m_ * k_, b + BIndex(i) * k_ * n_,
               y + i * m_ * n_, into);
     });
     return absl::OkStatus();
@@ -215,8 +212,8 @@ class MatMulKernel final : public Kernel<MatMulKernel> {
       if (one_product_) {
         da_product(batches_ * m, dy, b, da, Into::kOverwrite);
       } else {
-        Accumulate(a_index_, a_batches_ == batches_, [&](int64_t i, Into into) {
-          da_product(m, dy + i * m * n, b + b_index_[i] * k * n, da + a_index_[i] * m * k, into);
+        Accumulate(/*a_side=*/true, a_batches_ == batches_, [&](int64_t i, Into into) {
+          da_product(m, dy + i * m * n, b + BIndex(i) * k * n, da + AIndex(i) * m * k, into);
         });
       }
     }
@@ -224,8 +221,8 @@ class MatMulKernel final : public Kernel<MatMulKernel> {
       if (one_product_) {  // One product over all rows.
         db_product(batches_ * m, a, dy, db, Into::kOverwrite);
       } else {
-        Accumulate(b_index_, b_batches_ == batches_, [&](int64_t i, Into into) {
-          db_product(m, a + a_index_[i] * m * k, dy + i * m * n, db + b_index_[i] * k * n, into);
+        Accumulate(/*a_side=*/false, b_batches_ == batches_, [&](int64_t i, Into into) {
+          db_product(m, a + AIndex(i) * m * k, dy + i * m * n, db + BIndex(i) * k * n, into);
         });
       }
     }
@@ -251,23 +248,35 @@ class MatMulKernel final : public Kernel<MatMulKernel> {
   // fn(i, into) for each output batch i: the operand's slice index[i] is overwritten by its
   // first contribution and accumulated onto by later ones, in ascending i (a fixed order).
   template <typename Fn>
-  void Accumulate(const std::vector<int64_t>& index, bool one_to_one, const Fn& fn) const {
+  void Accumulate(bool a_side, bool one_to_one, const Fn& fn) const {
     if (one_to_one) {
       ForBatches(true, [&](int64_t i) { fn(i, Into::kOverwrite); });
       return;
     }
-    std::vector<bool> written(batches_, false);
+    std::vector<bool> written(a_side ? a_batches_ : b_batches_, false);
     for (int64_t i = 0; i < batches_; ++i) {
-      fn(i, written[index[i]] ? Into::kAccumulate : Into::kOverwrite);
-      written[index[i]] = true;
+      const int64_t slice = a_side ? AIndex(i) : BIndex(i);
+      fn(i, written[slice] ? Into::kAccumulate : Into::kOverwrite);
+      written[slice] = true;
     }
   }
+
+  int64_t Index(int64_t i, const std::vector<int64_t>& strides) const {
+    int64_t index = 0;
+    for (int d = static_cast<int>(batch_dims_.size()) - 1; d >= 0; --d) {
+      index += (i % batch_dims_[d]) * strides[d];
+      i /= batch_dims_[d];
+    }
+    return index;
+  }
+  int64_t AIndex(int64_t i) const { return Index(i, a_strides_); }
+  int64_t BIndex(int64_t i) const { return Index(i, b_strides_); }
 
   int64_t m_, n_, k_;
   bool ta_, tb_, bias_;
   bool one_product_ = false;
   int64_t batches_ = 1, a_batches_ = 1, b_batches_ = 1;
-  std::vector<int64_t> a_index_, b_index_;
+  std::vector<int64_t> batch_dims_, a_strides_, b_strides_;
   SumToShape bias_reduce_;
 };
 
