@@ -234,44 +234,12 @@ class Executor {
 
     auto start = Clock::now();
     const std::vector<Step>& steps = graph_.steps();
+    const Schedule& schedule = graph_.schedule();
     for (size_t t = 0; t < steps.size(); ++t) {
       if (Stopped()) return absl::CancelledError("the call was cancelled");
-      const Step& step = steps[t];
-      absl::InlinedVector<const void*, 4> in;
-      absl::InlinedVector<void*, 2> out;
-      for (int v : step.inputs) in.push_back(v < 0 ? nullptr : data_[v]);
-      if (step.kernel->output_aliases_input()) {  // Shares its input's buffer: nothing to run.
-        const int v = step.outputs[0];
-        data_[v] = data_[step.inputs[0]];
-        Hold(v);
-        for (int r : step.release_after_forward) ReleaseValue(r);
-        continue;
-      }
-      for (int v : step.outputs) {
-        void* p = pool_->Acquire(Bytes(v));
-        data_[v] = p;
-        buffer_[v] = p;
-        Hold(v);
-        out.push_back(p);
-      }
-      const int64_t saved = step.kernel->saved_elements();
-      if (saved > 0) saved_[t] = static_cast<T*>(pool_->Acquire(saved * sizeof(T)));
-      const ForwardArgs<T> args{in.data(), out.data(), saved_[t], &call_};
-      const auto node_start = Clock::now();
-      RETURN_IF_ERROR(step.kernel->Forward(args));
-      result.node_forward_micros[step.node] = MicrosSince(node_start);
-      if (backward) {
-        for (size_t o = 0; o < step.outputs.size(); ++o) {
-          const int v = step.outputs[o];
-          if (!IsFloat(values_[v].type.dtype)) continue;
-          const NormAndNonFinite m = Measure(static_cast<const T*>(data_[v]), values_[v].elements);
-          ValueDiagnostics& d = result.nodes[values_[v].node][values_[v].slot];
-          d.value_norm = m.norm;
-          d.non_finite_count += m.non_finite;
-        }
-      }
-      if (saved > 0 && !(backward && step.backward)) ReleaseSaved(t);
-      for (int v : step.release_after_forward) ReleaseValue(v);
+      const bool stored = !schedule.segments[schedule.segment_of[t]].recompute;
+      RETURN_IF_ERROR(ForwardStep(static_cast<int>(t), backward && steps[t].backward && stored,
+                                  backward ? &result : nullptr, schedule.release_after_forward[t]));
     }
     const int loss_v = graph_.loss_output();
     const T* output = static_cast<const T*>(data_[loss_v]);
@@ -288,20 +256,34 @@ class Executor {
         std::memcpy(outputs_->outputs[o], data_[v], Bytes(v));
       }
     }
-    for (int v : graph_.release_after_loss()) ReleaseValue(v);
+    for (int v : schedule.release_after_loss) ReleaseValue(v);
     result.forward_micros = MicrosSince(start);
     if (!backward) return result;
 
+    // Segments from last to first (Note [Graph checkpointing] in graph.h): a recomputed one
+    // reruns its forward pass first, keeping what its backward reads.
     start = Clock::now();
     param_written_.assign(spec.parameters.size(), false);
     input_written_.assign(spec.inputs.size(), false);
-    for (int t = static_cast<int>(steps.size()) - 1; t >= 0; --t) {
-      const Step& step = steps[t];
-      if (!step.backward) continue;
-      if (Stopped()) return absl::CancelledError("the call was cancelled");
-      const auto node_start = Clock::now();
-      RETURN_IF_ERROR(BackwardStep(t, &result));
-      result.node_backward_micros[step.node] = MicrosSince(node_start);
+    for (int s = static_cast<int>(schedule.segments.size()) - 1; s >= 0; --s) {
+      const Segment& segment = schedule.segments[s];
+      if (segment.recompute) {
+        for (int t = segment.begin; t < segment.end; ++t) {
+          if (Stopped()) return absl::CancelledError("the call was cancelled");
+          RETURN_IF_ERROR(
+              ForwardStep(t, steps[t].backward, nullptr, schedule.release_after_recompute[t]));
+          ++result.steps_recomputed;
+        }
+      }
+      for (int t = segment.end - 1; t >= segment.begin; --t) {
+        const Step& step = steps[t];
+        if (!step.backward) continue;
+        if (Stopped()) return absl::CancelledError("the call was cancelled");
+        const auto node_start = Clock::now();
+        RETURN_IF_ERROR(BackwardStep(t, &result));
+        result.node_backward_micros[step.node] += MicrosSince(node_start);
+      }
+      for (int v : schedule.release_after_segment[s]) ReleaseValue(v);
     }
     // Tensors nothing reached: zeros.
     for (size_t p = 0; p < spec.parameters.size(); ++p) {
@@ -324,6 +306,50 @@ class Executor {
 
  private:
   bool Stopped() const { return options_.should_stop && options_.should_stop(); }
+
+  // Step t's forward pass into fresh buffers (or sharing its input's, for an alias); measures
+  // its outputs into `result` if set (the first pass of a run with backward); keeps its
+  // statistics if `keep_saved`; then releases `release`.
+  absl::Status ForwardStep(int t, bool keep_saved, GraphRunResult* result,
+                           const std::vector<int>& release) {
+    const Step& step = graph_.steps()[t];
+    absl::InlinedVector<const void*, 4> in;
+    absl::InlinedVector<void*, 2> out;
+    for (int v : step.inputs) in.push_back(v < 0 ? nullptr : data_[v]);
+    if (step.kernel->output_aliases_input()) {  // Shares its input's buffer: nothing to run.
+      const int v = step.outputs[0];
+      data_[v] = data_[step.inputs[0]];
+      Hold(v);
+      for (int r : release) ReleaseValue(r);
+      return absl::OkStatus();
+    }
+    for (int v : step.outputs) {
+      void* p = pool_->Acquire(Bytes(v));
+      data_[v] = p;
+      buffer_[v] = p;
+      Hold(v);
+      out.push_back(p);
+    }
+    const int64_t saved = step.kernel->saved_elements();
+    if (saved > 0) saved_[t] = static_cast<T*>(pool_->Acquire(saved * sizeof(T)));
+    const ForwardArgs<T> args{in.data(), out.data(), saved_[t], &call_};
+    const auto node_start = Clock::now();
+    RETURN_IF_ERROR(step.kernel->Forward(args));
+    if (result != nullptr) {
+      result->node_forward_micros[step.node] = MicrosSince(node_start);
+      for (size_t o = 0; o < step.outputs.size(); ++o) {
+        const int v = step.outputs[o];
+        if (!IsFloat(values_[v].type.dtype)) continue;
+        const NormAndNonFinite m = Measure(static_cast<const T*>(data_[v]), values_[v].elements);
+        ValueDiagnostics& d = result->nodes[values_[v].node][values_[v].slot];
+        d.value_norm = m.norm;
+        d.non_finite_count += m.non_finite;
+      }
+    }
+    if (saved > 0 && !keep_saved) ReleaseSaved(t);
+    for (int v : release) ReleaseValue(v);
+    return absl::OkStatus();
+  }
   int64_t Bytes(int v) const { return values_[v].elements * DTypeSize(values_[v].type.dtype); }
 
   // Buffers are counted by the values holding them (a value and its aliases).
@@ -435,7 +461,7 @@ class Executor {
       if (grad_[v] != nullptr && !(o == 0 && handed)) pool_->Release(grad_[v]);
       grad_[v] = nullptr;
     }
-    for (int v : step.release_after_backward) ReleaseValue(v);
+    for (int v : graph_.schedule().release_after_backward[t]) ReleaseValue(v);
     ReleaseSaved(t);
     return absl::OkStatus();
   }

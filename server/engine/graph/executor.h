@@ -58,7 +58,8 @@ struct GraphRunResult {
   double forward_micros = 0;  // Including the loss.
   double loss_micros = 0;
   double backward_micros = 0;
-  int64_t peak_bytes = 0;  // Measured: buffers held at once (values, gradients, statistics).
+  int64_t peak_bytes = 0;        // Measured: buffers held at once (values, gradients, statistics).
+  int64_t steps_recomputed = 0;  // Forward steps rerun by checkpointing.
 };
 
 // Forward, loss and backward. REQUIRES: buffers sized as the plan's values say. Returns

@@ -78,6 +78,34 @@ std::vector<int64_t> TransposePerm(const NodeSpec& node, size_t rank) {
   return perm;
 }
 
+// Plan-time data of a folded value (op.h's ConstantValue) from its bytes in the call's dtype.
+ConstantValue ConstantFromBytes(const void* data, const ValueType& type) {
+  ConstantValue c;
+  c.dtype = type.dtype;
+  c.shape = type.shape;
+  const int64_t n = NumElements(type.shape);
+  for (int64_t j = 0; j < n; ++j) {
+    switch (type.dtype) {
+      case DType::kFloat32:
+        c.floats.push_back(static_cast<const float*>(data)[j]);
+        break;
+      case DType::kFloat64:
+        c.floats.push_back(static_cast<const double*>(data)[j]);
+        break;
+      case DType::kInt64:
+        c.ints.push_back(static_cast<const int64_t*>(data)[j]);
+        break;
+      case DType::kBool:
+        c.ints.push_back(static_cast<const uint8_t*>(data)[j]);
+        break;
+    }
+  }
+  return c;
+}
+
+constexpr double kFoldFlops = 1e7;
+constexpr int64_t kFoldElements = int64_t{1} << 22;
+
 }  // namespace
 
 // Note [Fusions]
@@ -419,6 +447,51 @@ absl::StatusOr<Graph> Graph::Create(const GraphSpec& spec, const PlanOptions& op
       return absl::InternalError(absl::StrCat(context.where(), ": inferred ", out_types.size(),
                                               " outputs for ", num_outputs[i]));
     }
+    for (int o = 0; o < num_outputs[i]; ++o) {
+      RETURN_IF_ERROR(CheckShape(out_types[o].shape, limits,
+                                 absl::StrCat(context.where(), ".outputs[", o, "]")));
+    }
+    // Note [Constant folding]: a node whose inputs are all constants (a causal mask made by
+    // Trilu, a Where on constants...) is computed now, by its own kernel in the call's dtype,
+    // and its outputs become constants: nothing to run per call, and they do not count as live
+    // values between segments (Note [Graph checkpointing]). Only cheap nodes are folded, so
+    // planning stays bounded; Dropout never is (its masks depend on the call).
+    bool foldable = node.op_type != "Dropout" && kernel->forward_flops() <= kFoldFlops;
+    int64_t out_elements = 0;
+    for (const ValueType& t : out_types) out_elements += NumElements(t.shape);
+    foldable = foldable && out_elements <= kFoldElements;
+    for (int v : node_inputs[i]) foldable = foldable && (v < 0 || constant_of[v] >= 0);
+    if (foldable) {
+      std::vector<std::vector<uint64_t>> buffers;
+      std::vector<void*> out_ptrs;
+      for (const ValueType& t : out_types) {
+        buffers.emplace_back((NumElements(t.shape) * DTypeSize(t.dtype) + 7) / 8 + 1, 0);
+        out_ptrs.push_back(buffers.back().data());
+      }
+      std::vector<const void*> in_ptrs;
+      for (int v : node_inputs[i]) in_ptrs.push_back(v < 0 ? nullptr : g.constant_data(v));
+      std::vector<double> saved(kernel->saved_elements() + 1);
+      const CallContext call;
+      const absl::Status folded =
+          options.dtype == DType::kFloat32
+              ? kernel->Forward(ForwardArgs<float>{in_ptrs.data(), out_ptrs.data(),
+                                                   reinterpret_cast<float*>(saved.data()), &call})
+              : kernel->Forward(
+                    ForwardArgs<double>{in_ptrs.data(), out_ptrs.data(), saved.data(), &call});
+      RETURN_IF_ERROR(folded);
+      for (int o = 0; o < num_outputs[i]; ++o) {
+        const int v = node_outputs[i][o];
+        values[v].type = out_types[o];
+        values[v].kind = ValueKind::kConstant;
+        values[v].index = -1;
+        g.constant_slot_[v] = static_cast<int>(g.constant_storage_.size());
+        g.costs_.constant_bytes += static_cast<int64_t>(buffers[o].size() * 8);
+        constant_of[v] = static_cast<int>(constant_values.size());
+        constant_values.push_back(ConstantFromBytes(buffers[o].data(), out_types[o]));
+        g.constant_storage_.push_back(std::move(buffers[o]));
+      }
+      continue;
+    }
     Step step;
     step.node = i;
     step.kernel = std::move(kernel);
@@ -426,8 +499,6 @@ absl::StatusOr<Graph> Graph::Create(const GraphSpec& spec, const PlanOptions& op
     step.outputs = node_outputs[i];
     const int step_index = static_cast<int>(g.steps_.size());
     for (int o = 0; o < num_outputs[i]; ++o) {
-      RETURN_IF_ERROR(CheckShape(out_types[o].shape, limits,
-                                 absl::StrCat(context.where(), ".outputs[", o, "]")));
       ValueInfo& v = values[step.outputs[o]];
       v.type = out_types[o];
       v.index = step_index;
@@ -579,28 +650,153 @@ absl::StatusOr<Graph> Graph::Create(const GraphSpec& spec, const PlanOptions& op
     }
   }
 
-  // Release points.
+  RETURN_IF_ERROR(g.PlanSchedule(options));
+  g.SimulateCosts();
+  return g;
+}
+
+absl::Status Graph::PlanSchedule(const PlanOptions& options) {
+  std::vector<ValueInfo>& values = values_;
+  const int n = static_cast<int>(steps_.size());
   std::vector<bool> held(values.size(), false);
-  for (int v : g.output_values_) held[v] = true;
-  held[g.loss_output_] = true;
+  for (int v : output_values_) held[v] = true;
+  held[loss_output_] = true;
+  auto is_node = [&](int v) {
+    return values[v].kind == ValueKind::kNode && values[v].materialized;
+  };
+
+  // Cut points: after step t, the values produced at or before t that are still needed (read
+  // later, or held to the loss) are exactly t's single output. A sweep: O(steps + values).
+  std::vector<int> live_delta(n + 1, 0);
+  auto death = [&](int v) {
+    return held[v] ? n : std::max(values[v].index, values[v].last_forward_use);
+  };
   for (size_t v = 0; v < values.size(); ++v) {
-    const ValueInfo& info = values[v];
-    if (info.kind != ValueKind::kNode || !info.materialized) continue;
-    if (info.kept) {
-      g.steps_[info.first_backward_use].release_after_backward.push_back(static_cast<int>(v));
-    } else if (held[v]) {
-      g.release_after_loss_.push_back(static_cast<int>(v));
-    } else {
-      g.steps_[std::max(info.last_forward_use, info.index)].release_after_forward.push_back(
-          static_cast<int>(v));
+    if (!is_node(static_cast<int>(v))) continue;
+    const int p = values[v].index;
+    const int d = death(static_cast<int>(v));
+    if (d > p) {
+      ++live_delta[p];
+      --live_delta[d];
+    }
+  }
+  cut_points_.clear();
+  int live = 0;
+  for (int t = 0; t + 1 < n; ++t) {
+    live += live_delta[t];
+    if (live == 1 && steps_[t].outputs.size() == 1 && death(steps_[t].outputs[0]) > t) {
+      cut_points_.push_back(t);
     }
   }
 
-  // Costs: simulate the executor's schedule (executor.cc allocates exactly these buffers;
-  // aliases share their root's buffer, which is free when the last holder is released).
-  const int64_t t_size = DTypeSize(options.dtype);
+  // Segments.
+  Schedule& sch = schedule_;
+  int64_t k = 0;
+  switch (options.checkpoint) {
+    case CheckpointMode::kNone:
+      break;
+    case CheckpointMode::kSqrt:
+      k = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(cut_points_.size() + 1))));
+      break;
+    case CheckpointMode::kEveryK:
+      if (options.every_k < 1) return Invalid("checkpoint.every_k", "must be at least 1");
+      k = options.every_k;
+      break;
+    case CheckpointMode::kMemoryBudget:
+      return absl::UnimplementedError(
+          "checkpoint.mode: MEMORY_BUDGET is not supported on graphs yet (use SQRT or EVERY_K)");
+  }
+  int begin = 0;
+  if (k > 0) {
+    for (size_t c = static_cast<size_t>(k) - 1; c < cut_points_.size(); c += k) {
+      sch.segments.push_back({begin, cut_points_[c] + 1, true});
+      begin = cut_points_[c] + 1;
+    }
+  }
+  sch.segments.push_back({begin, n, false});
+  const int num_segments = static_cast<int>(sch.segments.size());
+  sch.segment_of.assign(n, 0);
+  for (int s = 0; s < num_segments; ++s) {
+    for (int t = sch.segments[s].begin; t < sch.segments[s].end; ++t) sch.segment_of[t] = s;
+    if (sch.segments[s].recompute) {
+      costs_.steps_recomputed += sch.segments[s].end - sch.segments[s].begin;
+    }
+  }
+  sch.release_after_forward.assign(n, {});
+  sch.release_after_recompute.assign(n, {});
+  sch.release_after_backward.assign(n, {});
+  sch.release_after_segment.assign(num_segments, {});
+
+  // The lowest step of its own segment whose backward reads each value (-1: none).
+  std::vector<int> own_reader(values.size(), -1);
+  for (int t = 0; t < n; ++t) {
+    const Step& step = steps_[t];
+    if (!step.backward) continue;
+    auto note = [&](int v) {
+      if (v < 0 || !is_node(v) || sch.segment_of[values[v].index] != sch.segment_of[t]) return;
+      if (own_reader[v] < 0) own_reader[v] = t;
+    };
+    for (size_t j = 0; j < step.inputs.size(); ++j) {
+      if (step.kernel->backward_reads_inputs() >> j & 1) note(step.inputs[j]);
+    }
+    for (size_t o = 0; o < step.outputs.size(); ++o) {
+      if (step.kernel->backward_reads_outputs() >> o & 1) note(step.outputs[o]);
+    }
+  }
+  for (size_t vi = 0; vi < values.size(); ++vi) {
+    const int v = static_cast<int>(vi);
+    if (!is_node(v)) continue;
+    const ValueInfo& info = values[v];
+    const int p = info.index;
+    const int s = sch.segment_of[p];
+    const Segment& seg = sch.segments[s];
+    const bool boundary = s + 1 < num_segments && p == seg.end - 1;
+    const int forward_end = std::max(info.last_forward_use, p);
+    if (!seg.recompute) {
+      if (boundary && sch.segments[s + 1].recompute) {
+        // The next segment restarts from it: held until that segment's backward is done, or
+        // later if this segment's backward reads it.
+        if (own_reader[v] >= 0) {
+          sch.release_after_backward[own_reader[v]].push_back(v);
+        } else {
+          sch.release_after_segment[s + 1].push_back(v);
+        }
+      } else if (info.kept) {
+        sch.release_after_backward[info.first_backward_use].push_back(v);
+      } else if (held[v]) {
+        sch.release_after_loss.push_back(v);
+      } else {
+        sch.release_after_forward[forward_end].push_back(v);
+      }
+      continue;
+    }
+    // A recomputed segment: the first pass keeps only the boundary...
+    if (boundary) {
+      sch.release_after_segment[s + 1].push_back(v);
+    } else if (held[v]) {
+      sch.release_after_loss.push_back(v);
+    } else {
+      sch.release_after_forward[forward_end].push_back(v);
+    }
+    // ... and the rerun keeps what this segment's backward reads.
+    if (own_reader[v] >= 0) {
+      sch.release_after_backward[own_reader[v]].push_back(v);
+    } else {
+      sch.release_after_recompute[boundary ? p : forward_end].push_back(v);
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Replays the executor's schedule (executor.cc) on sizes alone: what it allocates and releases,
+// in the same order, so the peak is exactly what a run will hold (op workspaces included as
+// declared). Aliases share their root's buffer, free when its last holder is released.
+void Graph::SimulateCosts() {
+  const std::vector<ValueInfo>& values = values_;
+  const Schedule& sch = schedule_;
+  const int64_t t_size = DTypeSize(dtype_);
   auto bytes = [&](int v) { return values[v].elements * DTypeSize(values[v].type.dtype); };
-  PlanCosts& costs = g.costs_;
+  PlanCosts& costs = costs_;
   int64_t live = 0, peak = 0;
   std::vector<int> holders(values.size(), 0);
   auto hold = [&](int v) {
@@ -613,63 +809,77 @@ absl::StatusOr<Graph> Graph::Create(const GraphSpec& spec, const PlanOptions& op
     if (values[root].kind != ValueKind::kNode) return;
     if (--holders[root] == 0) live -= bytes(root);
   };
-  for (const Step& step : g.steps_) {
+  // One forward step; `keep_saved`: its statistics stay for its backward.
+  auto forward = [&](const Step& step, bool keep_saved, const std::vector<int>& release) {
     const int64_t saved = step.kernel->saved_elements() * t_size;
     for (int v : step.outputs) hold(v);
     live += saved;
     peak = std::max(peak, live + step.kernel->workspace_elements() * t_size);
+    if (!keep_saved) live -= saved;
+    for (int v : release) drop(v);
+  };
+  const int n = static_cast<int>(steps_.size());
+  for (int t = 0; t < n; ++t) {
+    const Step& step = steps_[t];
     costs.forward_flops += step.kernel->forward_flops();
-    if (step.backward) {
-      costs.backward_flops += step.kernel->backward_flops();
-      costs.kept_bytes += saved;
-    } else {
-      live -= saved;
-    }
-    for (int v : step.release_after_forward) drop(v);
-  }
-  for (size_t v = 0; v < values.size(); ++v) {
-    if (values[v].kept && values[v].alias_root == static_cast<int>(v)) costs.kept_bytes += bytes(v);
+    if (step.backward) costs.backward_flops += step.kernel->backward_flops();
+    const bool recompute = sch.segments[sch.segment_of[t]].recompute;
+    if (recompute) costs.backward_flops += step.kernel->forward_flops();
+    forward(step, step.backward && !recompute, sch.release_after_forward[t]);
   }
   std::vector<bool> has_grad(values.size(), false);
-  if (values[g.loss_output_].needs_grad) {
-    live += bytes(g.loss_output_);
-    has_grad[g.loss_output_] = true;
+  int64_t loss_grad = 0;
+  if (values[loss_output_].needs_grad) {
+    loss_grad = bytes(loss_output_);
+    live += loss_grad;
+    has_grad[loss_output_] = true;
   }
   peak = std::max(peak, live);
-  for (int v : g.release_after_loss_) drop(v);
-  for (int t = static_cast<int>(g.steps_.size()) - 1; t >= 0; --t) {
-    const Step& step = g.steps_[t];
-    if (!step.backward) continue;
-    int64_t transient = step.kernel->workspace_elements() * t_size;
-    for (int v : step.outputs) {
-      if (IsFloat(values[v].type.dtype) && !has_grad[v]) transient += bytes(v);  // Zeros.
-    }
-    bool handed = false;  // Output 0's gradient buffer passed through to an input.
-    for (size_t j = 0; j < step.inputs.size(); ++j) {
-      const int v = step.inputs[j];
-      if (v < 0 || !(step.kernel->differentiable_inputs() >> j & 1) || !values[v].needs_grad)
-        continue;
-      if (has_grad[v]) {
-        transient += bytes(v);  // A later contribution: scratch, then added.
-        continue;
+  for (int v : sch.release_after_loss) drop(v);
+  costs.kept_bytes = live - loss_grad;
+  for (int s = static_cast<int>(sch.segments.size()) - 1; s >= 0; --s) {
+    const Segment& seg = sch.segments[s];
+    if (seg.recompute) {
+      for (int t = seg.begin; t < seg.end; ++t) {
+        forward(steps_[t], steps_[t].backward, sch.release_after_recompute[t]);
       }
-      has_grad[v] = true;
-      if (values[v].kind != ValueKind::kNode) continue;  // The caller's buffer.
-      if ((step.kernel->gradient_passthrough() >> j & 1) && !handed && has_grad[step.outputs[0]]) {
-        handed = true;
-        continue;
+    }
+    for (int t = seg.end - 1; t >= seg.begin; --t) {
+      const Step& step = steps_[t];
+      if (!step.backward) continue;
+      int64_t transient = step.kernel->workspace_elements() * t_size;
+      for (int v : step.outputs) {
+        if (IsFloat(values[v].type.dtype) && !has_grad[v]) transient += bytes(v);  // Zeros.
       }
-      live += bytes(v);
+      bool handed = false;  // Output 0's gradient buffer passed through to an input.
+      for (size_t j = 0; j < step.inputs.size(); ++j) {
+        const int v = step.inputs[j];
+        if (v < 0 || !(step.kernel->differentiable_inputs() >> j & 1) || !values[v].needs_grad) {
+          continue;
+        }
+        if (has_grad[v]) {
+          transient += bytes(v);  // A later contribution: scratch, then added.
+          continue;
+        }
+        has_grad[v] = true;
+        if (values[v].kind != ValueKind::kNode) continue;  // The caller's buffer.
+        if ((step.kernel->gradient_passthrough() >> j & 1) && !handed &&
+            has_grad[step.outputs[0]]) {
+          handed = true;
+          continue;
+        }
+        live += bytes(v);
+      }
+      peak = std::max(peak, live + transient);
+      for (size_t o = 0; o < step.outputs.size(); ++o) {
+        if (has_grad[step.outputs[o]] && !(o == 0 && handed)) live -= bytes(step.outputs[o]);
+      }
+      for (int v : sch.release_after_backward[t]) drop(v);
+      live -= step.kernel->saved_elements() * t_size;
     }
-    peak = std::max(peak, live + transient);
-    for (size_t o = 0; o < step.outputs.size(); ++o) {
-      if (has_grad[step.outputs[o]] && !(o == 0 && handed)) live -= bytes(step.outputs[o]);
-    }
-    for (int v : step.release_after_backward) drop(v);
-    live -= step.kernel->saved_elements() * t_size;
+    for (int v : sch.release_after_segment[s]) drop(v);
   }
   costs.peak_bytes = peak;
-  return g;
 }
 
 }  // namespace gradserve::engine::graph

@@ -31,6 +31,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "server/engine/checkpoint.h"
 #include "server/engine/graph/op.h"
 #include "server/engine/graph/spec.h"
 
@@ -50,6 +51,9 @@ struct PlanOptions {
   // place, and an Add of a bias [N] after a MatMul is done by it. Same values to rounding (the
   // bias is added first, as the chain's Linear does).
   bool fuse = true;
+  // Note [Graph checkpointing]: kNone, kSqrt or kEveryK (every_k cut points per segment).
+  CheckpointMode checkpoint = CheckpointMode::kNone;
+  int64_t every_k = 0;
   std::vector<Shape> input_shapes;           // One per GraphSpec::inputs, in order.
   std::vector<std::string> input_gradients;  // Floating inputs whose dL/d(input) is wanted.
   GraphLimits limits;
@@ -81,19 +85,44 @@ struct ValueInfo {
 struct Step {
   int node = -1;  // Index in GraphSpec::nodes.
   std::unique_ptr<OpKernel> kernel;
-  std::vector<int> inputs;                  // Value ids; -1 where an optional input is absent.
-  std::vector<int> outputs;                 // Value ids.
-  bool backward = false;                    // Runs in the backward pass.
-  std::vector<int> release_after_forward;   // Node values whose buffers are free after it.
-  std::vector<int> release_after_backward;  // Kept values free after its backward.
+  std::vector<int> inputs;   // Value ids; -1 where an optional input is absent.
+  std::vector<int> outputs;  // Value ids.
+  bool backward = false;     // Runs in the backward pass.
+};
+
+// Note [Graph checkpointing]
+// The steps are cut into segments at cut points: a step after which exactly one node value --
+// its own single output -- is still needed (every path from the inputs to the loss passes
+// through it, like the residual stream between blocks; parameters, inputs and constants are
+// always at hand). A recomputed segment keeps nothing from its first forward pass except that
+// boundary value; its backward pass first reruns its forward from the previous boundary (same
+// kernels, same bits: Dropout masks come from hashes, every kernel rounds the same wherever its
+// buffers sit), keeping what its backward reads. The last segment is always stored. kSqrt puts
+// a boundary after every ceil(sqrt(cut points + 1))-th cut point, kEveryK after every k-th;
+// kNone is one stored segment. The schedule says when each buffer is released in each pass.
+struct Segment {
+  int begin = 0;  // Steps [begin, end).
+  int end = 0;
+  bool recompute = false;
+};
+
+struct Schedule {
+  std::vector<Segment> segments;
+  std::vector<int> segment_of;  // By step.
+  // By step: node values free after its forward in the first pass, after its forward when its
+  // segment is recomputed, and after its backward; by segment: free once its backward is done.
+  std::vector<std::vector<int>> release_after_forward, release_after_recompute,
+      release_after_backward, release_after_segment;
+  std::vector<int> release_after_loss;  // Graph outputs and the loss's input, unless kept.
 };
 
 struct PlanCosts {
   double forward_flops = 0;
   double backward_flops = 0;
-  int64_t kept_bytes = 0;      // Forward values (and op statistics) kept for backward.
-  int64_t peak_bytes = 0;      // Most bytes of values, gradients and workspace live at once.
-  int64_t constant_bytes = 0;  // Constants converted to the call's dtype, held by the plan.
+  int64_t kept_bytes = 0;        // Forward values (and op statistics) kept for backward.
+  int64_t peak_bytes = 0;        // Most bytes of values, gradients and workspace live at once.
+  int64_t constant_bytes = 0;    // Constants converted to the call's dtype, held by the plan.
+  int64_t steps_recomputed = 0;  // Forward steps the backward pass reruns.
 };
 
 // Immutable after Create; thread-safe to share between concurrent runs.
@@ -125,13 +154,15 @@ class Graph {
   int FindInput(absl::string_view name) const;
   // Bytes of constant (or folded Constant node) value v in the call's dtype.
   const void* constant_data(int v) const;
-  // Node values held until the loss is computed and then released (graph outputs, the loss's
-  // input) unless kept for backward.
-  const std::vector<int>& release_after_loss() const { return release_after_loss_; }
+  const Schedule& schedule() const { return schedule_; }
+  // Steps after which a segment boundary may go (Note [Graph checkpointing]).
+  const std::vector<int>& cut_points() const { return cut_points_; }
 
  private:
   Graph() = default;
   static void Fuse(const std::unordered_map<std::string_view, int>& by_name, Graph* g);
+  absl::Status PlanSchedule(const PlanOptions& options);
+  void SimulateCosts();
 
   GraphSpec spec_;
   DType dtype_ = DType::kFloat32;
@@ -140,7 +171,8 @@ class Graph {
   std::vector<int> input_values_, parameter_values_, output_values_;
   std::unordered_map<std::string, int> input_index_, parameter_index_;  // By name.
   std::vector<bool> input_grad_requested_;
-  std::vector<int> release_after_loss_;  // Outputs and the loss's input, unless kept.
+  Schedule schedule_;
+  std::vector<int> cut_points_;
   int loss_output_ = -1;
   int loss_target_input_ = -1;
   std::vector<std::vector<uint64_t>> constant_storage_;  // By constant index (8-byte aligned).
