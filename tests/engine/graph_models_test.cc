@@ -525,6 +525,7 @@ TEST(GraphCheckpointingModels, DropoutMasksAreRegeneratedWhenASegmentIsRecompute
     GraphSpec g = ResidualMlpSpec(6, 10, 3, 4);
     g.constants.push_back({"ratio", DType::kFloat64, {}, {0.3}, {}});
     g.constants.push_back({"train", DType::kBool, {}, {}, {1}});
+    std::vector<NodeSpec> dropouts;  // Appended after the loop: g.nodes must not grow in it.
     for (NodeSpec& node : g.nodes) {
       if (node.op_type != "Gelu") continue;
       const std::string raw = node.outputs[0] + ".raw";
@@ -532,10 +533,11 @@ TEST(GraphCheckpointingModels, DropoutMasksAreRegeneratedWhenASegmentIsRecompute
                        "Dropout",
                        {raw, "ratio", "train"},
                        {node.outputs[0]},
-                       {{"seed", int64_t{static_cast<int64_t>(g.nodes.size())}}}};
+                       {{"seed", int64_t{static_cast<int64_t>(dropouts.size()) + 1}}}};
       node.outputs[0] = raw;
-      g.nodes.push_back(dropout);
+      dropouts.push_back(dropout);
     }
+    g.nodes.insert(g.nodes.end(), dropouts.begin(), dropouts.end());
     return g;
   }();
   Harness none(spec, {{5, 6}, {5, 3}});

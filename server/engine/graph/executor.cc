@@ -216,6 +216,7 @@ class Executor {
     const bool backward = outputs_ != nullptr;
     GraphRunResult result;
     const GraphSpec& spec = graph_.spec();
+    RETURN_IF_ERROR(CheckBuffers());
     const void* target = inputs_.inputs[graph_.loss_target()];
     RETURN_IF_ERROR(CheckTargets(graph_, target));
     result.node_forward_micros.assign(spec.nodes.size(), 0.0);
@@ -306,6 +307,36 @@ class Executor {
 
  private:
   bool Stopped() const { return options_.should_stop && options_.should_stop(); }
+
+  // The caller's buffers are sized by the service; this checks only that each one is there.
+  absl::Status CheckBuffers() const {
+    const GraphSpec& spec = graph_.spec();
+    if (inputs_.inputs.size() != spec.inputs.size() ||
+        inputs_.parameters.size() != spec.parameters.size()) {
+      return absl::InvalidArgumentError("one buffer per graph input and parameter is required");
+    }
+    for (size_t i = 0; i < spec.inputs.size(); ++i) {
+      if (inputs_.inputs[i] == nullptr) {
+        return absl::InvalidArgumentError(absl::StrCat("inputs[", i, "]: no data"));
+      }
+    }
+    if (outputs_ == nullptr) return absl::OkStatus();
+    if (outputs_->parameter_gradients.size() != spec.parameters.size()) {
+      return absl::InvalidArgumentError("one gradient buffer per parameter is required");
+    }
+    for (size_t i = 0; i < spec.inputs.size(); ++i) {
+      if (graph_.input_gradient_requested(static_cast<int>(i)) &&
+          (outputs_->input_gradients.size() != spec.inputs.size() ||
+           outputs_->input_gradients[i] == nullptr)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("inputs[", i, "]: its gradient was planned but has no buffer"));
+      }
+    }
+    if (!outputs_->outputs.empty() && outputs_->outputs.size() != spec.outputs.size()) {
+      return absl::InvalidArgumentError("outputs: one buffer (or null) per graph output");
+    }
+    return absl::OkStatus();
+  }
 
   // Step t's forward pass into fresh buffers (or sharing its input's, for an alias); measures
   // its outputs into `result` if set (the first pass of a run with backward); keeps its
