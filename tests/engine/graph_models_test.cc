@@ -625,7 +625,7 @@ TEST(GraphModels, DISABLED_GptStepTime) {
       }
       if (s == 0 && getenv("GRAPH_DEBUG")) {
         for (size_t n = 0; n < spec.nodes.size(); ++n) {
-          if (spec.nodes[n].op_type == "Reshape" || spec.nodes[n].op_type == "Transpose") {
+          if (spec.nodes[n].op_type == "MatMul" && spec.nodes[n].name.rfind("h.0.", 0) == 0) {
             std::printf("%s fwd %.3f bwd %.3f\n", spec.nodes[n].name.c_str(),
                         result->node_forward_micros[n] / 1e3,
                         result->node_backward_micros[n] / 1e3);

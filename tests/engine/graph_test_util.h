@@ -2,11 +2,12 @@
 // and checks its gradients against central finite differences in float64.
 //
 // Note [Finite-difference floor]
-// Each checked entry reports |a - n| / max(|a|, |n|, kFdAtol), a = analytic, n = numeric
-// (central differences, step kFdStep, of the float64 forward loss). The numeric gradient's
-// rounding error is about eps * |L| / h ~ 2e-16 / 1e-6 = 2e-10 (times |L|) and its truncation
-// error h^2 |L'''| / 6 ~ 1e-13, so with kFdAtol = 1e-4 a correct gradient reports below ~1e-5
-// (typically 1e-9..1e-7), and a wrong one reports O(1). kFdTolerance is the pass mark.
+// Each checked entry reports |a - n| / max(|a|, |n|, atol), a = analytic, n = numeric (central
+// differences, step kFdStep, of the float64 forward loss L), atol = kFdAtol * max(1, |L|). The
+// numeric gradient's rounding error is about eps |L| / h ~ 2e-16 |L| / 1e-6 = 2e-10 |L| and its
+// truncation error h^2 |L'''| / 6 ~ 1e-13, so entries far below |L| are compared on the scale
+// of |L|: a correct gradient reports below ~1e-5 (typically 1e-9..1e-7), a wrong one O(1).
+// kFdTolerance is the pass mark.
 #ifndef GRADSERVE_TESTS_ENGINE_GRAPH_TEST_UTIL_H_
 #define GRADSERVE_TESTS_ENGINE_GRAPH_TEST_UTIL_H_
 
@@ -187,6 +188,7 @@ class Harness {
   FdReport Check(int samples = 48, uint64_t seed = 1) {
     FdReport report;
     std::mt19937_64 rng(seed);
+    const double atol = kFdAtol * std::max(1.0, std::abs(Loss()));
     auto check = [&](const std::string& name, std::vector<double>& x,
                      const std::vector<double>& g) {
       std::vector<int64_t> entries;
@@ -206,8 +208,8 @@ class Harness {
         x[j] = saved;
         const double numeric = (up - down) / (2 * kFdStep);
         const double analytic = g[j];
-        const double error = std::abs(analytic - numeric) /
-                             std::max({std::abs(analytic), std::abs(numeric), kFdAtol});
+        const double error =
+            std::abs(analytic - numeric) / std::max({std::abs(analytic), std::abs(numeric), atol});
         ++report.checked;
         if (!(error <= report.max_rel_error)) {
           report.max_rel_error = std::isnan(error) ? INFINITY : error;
