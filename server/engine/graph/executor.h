@@ -1,11 +1,12 @@
 // Runs a planned Graph: forward in plan order, the loss, and the backward pass in reverse,
 // writing gradients into caller-provided buffers.
 //
-// Parameters and inputs are read in place (caller memory, any alignment); gradients are written
-// into the caller's buffers by parameter (and requested input) index in GraphSpec order (use
-// Graph::FindParameter for names). A run is deterministic: the same plan, data and thread count
-// give the same bits (Note [Gradient accumulation] in executor.cc says in which order fan-out
-// and tied-weight gradients are summed).
+// Parameters and inputs are read in place (caller memory at any address aligned to its element
+// type, as for the chain); gradients are written into the caller's buffers by parameter (and
+// requested input) index in GraphSpec order (Graph::FindParameter maps names). A run is
+// deterministic: the same plan, data and thread count give the same bits, whatever the
+// checkpoint segments (Note [Gradient accumulation] in executor.cc says in which order fan-out
+// and tied-weight gradients are summed). Thread-safe: concurrent runs may share one Graph.
 #ifndef GRADSERVE_ENGINE_GRAPH_EXECUTOR_H_
 #define GRADSERVE_ENGINE_GRAPH_EXECUTOR_H_
 

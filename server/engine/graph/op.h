@@ -10,6 +10,23 @@
 // Softmax, ReduceMean/ReduceSum), ops_shape.cc (Transpose, Reshape, Split, Concat, Slice,
 // Squeeze/Unsqueeze, Gather, Trilu, Identity, Constant).
 //
+// Operators (FindOp; ONNX opset 17 names, attributes and semantics unless said):
+//   Add Sub Mul Div (numpy broadcasting)  Neg Relu LeakyRelu(alpha) Sigmoid Tanh Erf Sqrt Exp
+//   Identity  Gelu(approximate "none"|"tanh": opset 20)  Pow (exponent a constant scalar)
+//   Gemm(alpha, beta, transA, transB; C broadcast to [M, N])  MatMul (numpy, batched)
+//   LayerNormalization(axis, epsilon; output Y only; Scale/B of the normalised shape exactly)
+//   RMSNormalization(axis, epsilon: opset 23)  Softmax(axis, default -1)
+//   ReduceMean(axes attribute, keepdims)  ReduceSum(axes constant input, keepdims,
+//   noop_with_empty_axes)  Gather(axis; int64 indices, negative ones from the end)
+//   Transpose(perm)  Reshape(constant shape; 0 and -1; allowzero 0 only)  Squeeze Unsqueeze
+//   (constant axes)  Split(axis; constant split input, or num_outputs: opset 18, or equal parts
+//   by output count)  Concat(axis)  Slice(constant starts/ends/axes/steps)  Where(bool
+//   condition)  Trilu(upper; constant k)  Constant(value_float(s), value_int(s); tensor values
+//   go in GraphSpec::constants)  Dropout(constant ratio and training_mode inputs; seed required
+//   when training: masks are a hash of it, Note [Dropout masks]; optional bool mask output).
+// Shape-like inputs (Reshape's shape, Slice's starts, ...) must be constants, or computed from
+// constants only (the planner folds such nodes).
+//
 // Buffers: every value is a contiguous row-major array of its dtype (T for floating values,
 // int64_t, or uint8_t for bool). Forward writes every element of its outputs; Backward writes
 // every element of each non-null din (overwriting: the executor sums fan-out, Note [Gradient
