@@ -1,8 +1,13 @@
 // Graph::Create: a table of malformed graphs, each with its status and the field its message
 // names; limits enforced before anything is allocated; the deterministic order; the plan's
 // costs and what it keeps; backward skipped where nothing needs it.
+#include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <functional>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -342,6 +347,158 @@ TEST(GraphPlan, ALongGraphPlansQuickly) {
   ASSERT_TRUE(graph.ok()) << graph.status();
   EXPECT_EQ(graph->steps().size(), static_cast<size_t>(kNodes));
   EXPECT_LT(seconds, 5.0);
+}
+
+// Random small graphs (random ops, names, attributes and shapes, many of them malformed) either
+// plan or are refused with INVALID_ARGUMENT; those that plan run to OK (or INVALID_ARGUMENT for
+// an index out of range) twice with the same bits. Under ASan and TSan this is a small fuzzer.
+TEST(GraphPlan, RandomGraphsPlanOrAreRefusedAndRunDeterministically) {
+  // GRAPH_FUZZ_SEED and GRAPH_FUZZ_TRIALS run it longer by hand.
+  const char* seed = std::getenv("GRAPH_FUZZ_SEED");
+  const char* trials_env = std::getenv("GRAPH_FUZZ_TRIALS");
+  const int trials = trials_env != nullptr ? std::atoi(trials_env) : 150;
+  std::mt19937_64 rng(seed != nullptr ? std::strtoull(seed, nullptr, 10) : 2026);
+  auto pick = [&](int n) { return static_cast<int>(rng() % static_cast<uint64_t>(n)); };
+  const std::vector<absl::string_view> ops = SupportedOps();
+  const std::vector<std::string> attribute_names = {
+      "axis",        "perm",        "transA",     "transB", "alpha", "beta",
+      "epsilon",     "keepdims",    "axes",       "upper",  "seed",  "approximate",
+      "num_outputs", "value_float", "value_ints", "bogus"};
+  auto random_shape = [&] {
+    Shape shape(pick(4));
+    for (int64_t& d : shape) d = 1 + pick(3);
+    return shape;
+  };
+  auto random_attribute = [&](const std::string& name) -> AttributeSpec {
+    switch (pick(5)) {
+      case 0:
+        return {name, static_cast<int64_t>(pick(5)) - 2};
+      case 1:
+        return {name, 0.5 * pick(4)};
+      case 2:
+        return {name, std::string(pick(2) ? "tanh" : "none")};
+      case 3: {
+        std::vector<int64_t> v(1 + pick(3));
+        for (int64_t& x : v) x = pick(4) - 1;
+        return {name, v};
+      }
+      default:
+        return {name, std::vector<double>{0.5, 1.0}};
+    }
+  };
+  // The spec with a loss: sum(w * ReduceSum(last)), w a scalar input; parameters no node reads
+  // (which would be refused as never used) left out.
+  auto with_loss = [](GraphSpec spec, const std::string& last) {
+    std::vector<ParameterSpec> used;
+    for (const ParameterSpec& p : spec.parameters) {
+      bool read = false;
+      for (const NodeSpec& node : spec.nodes) {
+        read =
+            read || std::find(node.inputs.begin(), node.inputs.end(), p.name) != node.inputs.end();
+      }
+      if (read) used.push_back(p);
+    }
+    spec.parameters = used;
+    spec.nodes.push_back({"sum", "ReduceSum", {last}, {"total"}, {{"keepdims", int64_t{0}}}});
+    spec.inputs.push_back({"w", DType::kFloat64});
+    spec.outputs = {"total"};
+    spec.loss.kind = LossKind::kExternal;
+    spec.loss.output = "total";
+    spec.loss.target = "w";
+    return spec;
+  };
+  int refused = 0, ran = 0;
+  for (int trial = 0; trial < trials; ++trial) {
+    GraphSpec spec;
+    std::vector<std::string> names;  // Constants first, so that recent picks are float values.
+    spec.constants.push_back({"c_ints", DType::kInt64, {2}, {}, {pick(3) - 1, pick(4) - 1}});
+    spec.constants.push_back({"c_bool", DType::kBool, {2, 2}, {}, {1, 0, 1, 1}});
+    spec.constants.push_back({"c_one", DType::kFloat64, {}, {1.5}, {}});
+    for (const ConstantSpec& c : spec.constants) names.push_back(c.name);
+    std::vector<Shape> input_shapes;
+    spec.inputs.push_back({"ids", DType::kInt64});
+    input_shapes.push_back({1 + pick(3)});
+    names.push_back("ids");
+    const int float_inputs = 1 + pick(2);
+    for (int i = 0; i < float_inputs; ++i) {
+      spec.inputs.push_back({"x" + std::to_string(i), DType::kFloat64});
+      input_shapes.push_back(random_shape());
+      names.push_back(spec.inputs.back().name);
+    }
+    for (int p = 0; p < 1 + pick(3); ++p) {
+      spec.parameters.push_back({"p" + std::to_string(p), random_shape()});
+      names.push_back(spec.parameters.back().name);
+    }
+    PlanOptions options;
+    options.dtype = DType::kFloat64;
+    options.input_shapes = input_shapes;
+    options.input_shapes.push_back({});  // w
+    if (pick(3) == 0) options.checkpoint = CheckpointMode::kSqrt;
+    // Grow the graph a node at a time; a node that makes it invalid must be refused with
+    // INVALID_ARGUMENT, and is dropped.
+    std::string last = names.back();
+    for (int attempt = 0; attempt < 12; ++attempt) {
+      NodeSpec node;
+      node.name = "n" + std::to_string(attempt);
+      node.op_type = std::string(ops[pick(static_cast<int>(ops.size()))]);
+      const OpInfo* info = FindOp(node.op_type);
+      int arity = info->min_inputs + pick(std::min(info->max_inputs, 5) - info->min_inputs + 1);
+      if (pick(10) == 0) arity = pick(4);  // Sometimes the wrong arity.
+      if (pick(30) == 0) node.op_type = "NotAnOp";
+      for (int j = 0; j < arity; ++j) {
+        const int r = pick(40);
+        const int recent = std::max(0, static_cast<int>(names.size()) - 1 - pick(3));
+        node.inputs.push_back(r == 0   ? ""
+                              : r == 1 ? "undefined"
+                              : r < 30 ? names[recent]
+                                       : names[pick(static_cast<int>(names.size()))]);
+      }
+      const int outs = node.op_type == "Split" ? 1 + pick(2) : 1;
+      for (int o = 0; o < outs; ++o) node.outputs.push_back(node.name + "_" + std::to_string(o));
+      for (int a = 0; a < pick(3); ++a) {
+        node.attributes.push_back(
+            random_attribute(attribute_names[pick(static_cast<int>(attribute_names.size()))]));
+      }
+      GraphSpec candidate = spec;
+      candidate.nodes.push_back(node);
+      const absl::Status status =
+          Graph::Create(with_loss(candidate, node.outputs[0]), options).status();
+      if (!status.ok()) {
+        EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+        ++refused;
+        continue;
+      }
+      spec = std::move(candidate);
+      for (const std::string& o : node.outputs) names.push_back(o);
+      last = node.outputs[0];
+    }
+    if (spec.nodes.empty()) continue;
+    testing::Harness h(with_loss(spec, last), options.input_shapes);
+    h.options_ = options;
+    ASSERT_TRUE(h.Plan().ok()) << h.Plan();
+    h.Fill(trial);
+    std::vector<int64_t> ids(NumElements(input_shapes[0]));
+    for (int64_t& v : ids) v = pick(5) - 2;
+    h.SetInts("ids", ids);
+    const int threads = 1 + pick(2);
+    absl::StatusOr<GraphRunResult> first = h.Run(threads);
+    if (!first.ok()) {  // A Gather index out of range.
+      EXPECT_EQ(first.status().code(), absl::StatusCode::kInvalidArgument) << first.status();
+      continue;
+    }
+    ++ran;
+    const auto grads = h.grads_;
+    ASSERT_TRUE(h.Run(threads).ok());
+    for (size_t p = 0; p < grads.size(); ++p) {
+      ASSERT_EQ(grads[p].size(), h.grads_[p].size());
+      EXPECT_EQ(std::memcmp(grads[p].data(), h.grads_[p].data(), sizeof(double) * grads[p].size()),
+                0);
+    }
+  }
+  // The generator must reach both the checks and the executor often enough to mean something.
+  std::printf("random graphs: %d nodes refused, %d graphs ran\n", refused, ran);
+  EXPECT_GT(refused, 2 * trials);
+  EXPECT_GT(ran, trials / 3);
 }
 
 TEST(GraphPlan, EveryRegisteredOpIsFoundByName) {
