@@ -104,6 +104,7 @@ ConstantValue ConstantFromBytes(const void* data, const ValueType& type) {
 }
 
 constexpr double kFoldFlops = 1e7;
+constexpr int64_t kPlanTimeConstantElements = 4096;
 constexpr int64_t kFoldElements = int64_t{1} << 22;
 
 }  // namespace
@@ -214,7 +215,7 @@ const void* Graph::constant_data(int v) const {
   return constant_storage_[constant_slot_[v]].data();
 }
 
-absl::StatusOr<Graph> Graph::Create(const GraphSpec& spec, const PlanOptions& options) {
+absl::StatusOr<Graph> Graph::Create(GraphSpec spec, const PlanOptions& options) {
   const GraphLimits& limits = options.limits;
   // Limits first, from the spec's sizes alone.
   if (static_cast<int64_t>(spec.nodes.size()) > limits.max_nodes) {
@@ -238,7 +239,7 @@ absl::StatusOr<Graph> Graph::Create(const GraphSpec& spec, const PlanOptions& op
   }
 
   Graph g;
-  g.spec_ = spec;
+  g.spec_ = std::move(spec);  // Moved, not copied, when the caller gives it up.
   g.dtype_ = options.dtype;
   const GraphSpec& s = g.spec_;
   std::vector<ValueInfo>& values = g.values_;
@@ -293,11 +294,14 @@ absl::StatusOr<Graph> Graph::Create(const GraphSpec& spec, const PlanOptions& op
     g.parameter_values_.push_back(static_cast<int>(values.size()) - 1);
     g.parameter_index_[s.parameters[p].name] = static_cast<int>(p);
   }
+  // Constants are held once, in the call's dtype (constant_storage_); ops that read one at plan
+  // time (shapes, axes, exponents) see its values only if it is small.
   auto add_constant = [&](int value, ConstantValue c) {
     g.constant_slot_[value] = static_cast<int>(g.constant_storage_.size());
     g.constant_storage_.push_back(ConstantBytes(c, options.dtype));
     g.costs_.constant_bytes += static_cast<int64_t>(g.constant_storage_.back().size() * 8);
     constant_of[value] = static_cast<int>(constant_values.size());
+    if (NumElements(c.shape) > kPlanTimeConstantElements) c.ints.clear(), c.floats.clear();
     constant_values.push_back(std::move(c));
   };
   for (size_t k = 0; k < s.constants.size(); ++k) {
@@ -323,6 +327,10 @@ absl::StatusOr<Graph> Graph::Create(const GraphSpec& spec, const PlanOptions& op
     v.index = static_cast<int>(k);
     RETURN_IF_ERROR(define(c.name, field, std::move(v)));
     add_constant(static_cast<int>(values.size()) - 1, {c.dtype, c.shape, c.ints, c.floats});
+  }
+  for (ConstantSpec& c : g.spec_.constants) {  // Converted above: not kept twice.
+    std::vector<double>().swap(c.floats);
+    std::vector<int64_t>().swap(c.ints);
   }
 
   // Node outputs; then every input reference resolved, and the edges of the sort.
@@ -428,8 +436,9 @@ absl::StatusOr<Graph> Graph::Create(const GraphSpec& spec, const PlanOptions& op
     std::vector<const ConstantValue*> in_constants;
     for (int v : node_inputs[i]) {
       in_types.push_back(v < 0 ? nullptr : &values[v].type);
-      in_constants.push_back(v < 0 || constant_of[v] < 0 ? nullptr
-                                                         : &constant_values[constant_of[v]]);
+      const bool readable = v >= 0 && constant_of[v] >= 0 &&
+                            NumElements(values[v].type.shape) <= kPlanTimeConstantElements;
+      in_constants.push_back(readable ? &constant_values[constant_of[v]] : nullptr);
     }
     OpContext context(node, i, options.dtype, std::move(in_types), std::move(in_constants));
     if (node.op_type == "Constant") {
@@ -487,7 +496,10 @@ absl::StatusOr<Graph> Graph::Create(const GraphSpec& spec, const PlanOptions& op
         g.constant_slot_[v] = static_cast<int>(g.constant_storage_.size());
         g.costs_.constant_bytes += static_cast<int64_t>(buffers[o].size() * 8);
         constant_of[v] = static_cast<int>(constant_values.size());
-        constant_values.push_back(ConstantFromBytes(buffers[o].data(), out_types[o]));
+        constant_values.push_back(
+            NumElements(out_types[o].shape) <= kPlanTimeConstantElements
+                ? ConstantFromBytes(buffers[o].data(), out_types[o])
+                : ConstantValue{out_types[o].dtype, out_types[o].shape, {}, {}});
         g.constant_storage_.push_back(std::move(buffers[o]));
       }
       continue;

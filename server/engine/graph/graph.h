@@ -135,11 +135,13 @@ class Graph {
   // Validates `spec` for these input shapes. INVALID_ARGUMENT names the field as the API does
   // ("graph.nodes[3] (\"attn.qkv\", MatMul).inputs[1] (\"w\"): shape [64, 32] does not match
   // ..."); RESOURCE_EXHAUSTED for a limit.
-  static absl::StatusOr<Graph> Create(const GraphSpec& spec, const PlanOptions& options);
+  // Pass the spec as an rvalue to avoid copying its constants.
+  static absl::StatusOr<Graph> Create(GraphSpec spec, const PlanOptions& options);
 
   Graph(Graph&&) = default;
   Graph& operator=(Graph&&) = default;
 
+  // The spec as given, except the constants' data (held once, converted: constant_data).
   const GraphSpec& spec() const { return spec_; }
   DType dtype() const { return dtype_; }
   const std::vector<ValueInfo>& values() const { return values_; }
