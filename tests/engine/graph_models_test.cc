@@ -554,7 +554,7 @@ TEST(GraphCheckpointingModels, DropoutMasksAreRegeneratedWhenASegmentIsRecompute
   EXPECT_GRADIENTS_MATCH(sqrt);
 }
 
-TEST(GraphCheckpointingModels, UnsupportedModesAreRefusedAtPlanTime) {
+TEST(GraphCheckpointingModels, BadOptionsAndUnreachableBudgetsAreRefusedAtPlanTime) {
   PlanOptions options;
   options.dtype = DType::kFloat64;
   options.input_shapes = {{2, 3}, {2, 3}};
@@ -564,7 +564,46 @@ TEST(GraphCheckpointingModels, UnsupportedModesAreRefusedAtPlanTime) {
   EXPECT_THAT(std::string(Graph::Create(spec, options).status().message()),
               ::testing::HasSubstr("checkpoint.every_k"));
   options.checkpoint = CheckpointMode::kMemoryBudget;
-  EXPECT_EQ(Graph::Create(spec, options).status().code(), absl::StatusCode::kUnimplemented);
+  options.memory_budget_bytes = 0;
+  EXPECT_THAT(std::string(Graph::Create(spec, options).status().message()),
+              ::testing::HasSubstr("checkpoint.memory_budget_bytes: must be positive"));
+  options.memory_budget_bytes = 16;
+  const absl::Status tiny = Graph::Create(spec, options).status();
+  EXPECT_EQ(tiny.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(tiny.message()), ::testing::HasSubstr("the least is"));
+}
+
+TEST(GraphCheckpointingModels, MemoryBudgetNeverRecomputesMoreThanSqrtAtSqrtsPeak) {
+  GptConfig c;
+  c.batch = 2, c.seq = 16, c.vocab = 32, c.d = 32, c.heads = 4, c.blocks = 6;
+  c.dtype = DType::kFloat32;
+  const Float32Gpt g = MakeFloat32Gpt(c);
+  PlanOptions options;
+  options.dtype = DType::kFloat32;
+  options.input_shapes = {{c.batch, c.seq}, {c.batch, c.seq}};
+  absl::StatusOr<Graph> none = Graph::Create(g.spec, options);
+  options.checkpoint = CheckpointMode::kSqrt;
+  absl::StatusOr<Graph> sqrt = Graph::Create(g.spec, options);
+  ASSERT_TRUE(none.ok() && sqrt.ok());
+  options.checkpoint = CheckpointMode::kMemoryBudget;
+  options.memory_budget_bytes = sqrt->costs().peak_bytes;
+  absl::StatusOr<Graph> budget = Graph::Create(g.spec, options);
+  ASSERT_TRUE(budget.ok()) << budget.status();
+  EXPECT_LE(budget->costs().peak_bytes, sqrt->costs().peak_bytes);
+  EXPECT_LE(budget->costs().steps_recomputed, sqrt->costs().steps_recomputed);
+  // A budget that fits everything recomputes nothing.
+  options.memory_budget_bytes = none->costs().peak_bytes;
+  absl::StatusOr<Graph> roomy = Graph::Create(g.spec, options);
+  ASSERT_TRUE(roomy.ok());
+  EXPECT_EQ(roomy->costs().steps_recomputed, 0);
+  // And it computes the same bits.
+  const Float32Run a = RunFloat32(*none, g, 2);
+  const Float32Run b = RunFloat32(*budget, g, 2);
+  for (size_t p = 0; p < a.grads.size(); ++p) {
+    EXPECT_EQ(std::memcmp(a.grads[p].data(), b.grads[p].data(), sizeof(float) * a.grads[p].size()),
+              0);
+  }
+  EXPECT_LE(b.result.peak_bytes, budget->costs().peak_bytes);
 }
 
 // The bench's GPT-2 case (e) (4 blocks, d = 256, 4 heads, T = 128, vocabulary 1024, batch 8,

@@ -701,23 +701,69 @@ absl::Status Graph::PlanSchedule(const PlanOptions& options) {
     }
   }
 
-  // Segments.
-  Schedule& sch = schedule_;
-  int64_t k = 0;
+  // Segments: a boundary after every k-th cut point (k = 0: none).
+  const int64_t cuts = static_cast<int64_t>(cut_points_.size());
   switch (options.checkpoint) {
     case CheckpointMode::kNone:
-      break;
+      BuildSchedule(0, held);
+      return absl::OkStatus();
     case CheckpointMode::kSqrt:
-      k = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(cut_points_.size() + 1))));
-      break;
+      BuildSchedule(static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(cuts + 1)))),
+                    held);
+      return absl::OkStatus();
     case CheckpointMode::kEveryK:
       if (options.every_k < 1) return Invalid("checkpoint.every_k", "must be at least 1");
-      k = options.every_k;
-      break;
+      BuildSchedule(options.every_k, held);
+      return absl::OkStatus();
     case CheckpointMode::kMemoryBudget:
-      return absl::UnimplementedError(
-          "checkpoint.mode: MEMORY_BUDGET is not supported on graphs yet (use SQRT or EVERY_K)");
+      break;
   }
+  // MEMORY_BUDGET: the plan that recomputes least among those whose replayed peak fits: no
+  // checkpointing, and a boundary every k cut points for k = 1, 2, 3, 4, 6, 8, 12, ... (about
+  // 2 log2(cuts) candidates, SQRT's k among them, so it never recomputes more than SQRT when
+  // SQRT fits). Each candidate costs one schedule and one replay: O(log(cuts) (steps + values)).
+  if (options.memory_budget_bytes <= 0) {
+    return Invalid("checkpoint.memory_budget_bytes", "must be positive");
+  }
+  std::vector<int64_t> candidates = {0};
+  for (int64_t k = 1; k <= cuts; k = k < 4 ? k + 1 : k + k / 2) candidates.push_back(k);
+  candidates.push_back(static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(cuts + 1)))));
+  int64_t best_k = -1, best_recomputed = 0, least_peak = -1, least_k = 0;
+  for (int64_t k : candidates) {
+    if (k > cuts) continue;
+    BuildSchedule(k, held);
+    SimulateCosts();
+    if (least_peak < 0 || costs_.peak_bytes < least_peak) {
+      least_peak = costs_.peak_bytes;
+      least_k = k;
+    }
+    if (costs_.peak_bytes <= options.memory_budget_bytes &&
+        (best_k < 0 || costs_.steps_recomputed < best_recomputed)) {
+      best_k = k;
+      best_recomputed = costs_.steps_recomputed;
+    }
+  }
+  if (best_k < 0) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("checkpoint.memory_budget_bytes: ", options.memory_budget_bytes,
+                     " bytes is less than any plan needs (the least is ", least_peak,
+                     " bytes, a segment every ", least_k, " cut points)"));
+  }
+  BuildSchedule(best_k, held);
+  return absl::OkStatus();
+}
+
+// Segments with a boundary after every k-th cut point (none for k = 0), the last one stored,
+// and when each buffer is released in each pass.
+void Graph::BuildSchedule(int64_t k, const std::vector<bool>& held) {
+  std::vector<ValueInfo>& values = values_;
+  const int n = static_cast<int>(steps_.size());
+  auto is_node = [&](int v) {
+    return values[v].kind == ValueKind::kNode && values[v].materialized;
+  };
+  schedule_ = Schedule();
+  costs_.steps_recomputed = 0;
+  Schedule& sch = schedule_;
   int begin = 0;
   if (k > 0) {
     for (size_t c = static_cast<size_t>(k) - 1; c < cut_points_.size(); c += k) {
@@ -797,7 +843,6 @@ absl::Status Graph::PlanSchedule(const PlanOptions& options) {
       sch.release_after_recompute[boundary ? p : forward_end].push_back(v);
     }
   }
-  return absl::OkStatus();
 }
 
 // Replays the executor's schedule (executor.cc) on sizes alone: what it allocates and releases,
@@ -809,6 +854,8 @@ void Graph::SimulateCosts() {
   const int64_t t_size = DTypeSize(dtype_);
   auto bytes = [&](int v) { return values[v].elements * DTypeSize(values[v].type.dtype); };
   PlanCosts& costs = costs_;
+  costs.forward_flops = costs.backward_flops = 0;
+  costs.kept_bytes = costs.peak_bytes = 0;
   int64_t live = 0, peak = 0;
   std::vector<int> holders(values.size(), 0);
   auto hold = [&](int v) {

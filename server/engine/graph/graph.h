@@ -55,9 +55,11 @@ struct PlanOptions {
   // place, and an Add of a bias [N] after a MatMul is done by it. Same values to rounding (the
   // bias is added first, as the chain's Linear does).
   bool fuse = true;
-  // Note [Graph checkpointing]: kNone, kSqrt or kEveryK (every_k cut points per segment).
+  // Note [Graph checkpointing]: kNone, kSqrt, kEveryK (every_k cut points per segment) or
+  // kMemoryBudget (the least recomputation whose peak_bytes fits memory_budget_bytes).
   CheckpointMode checkpoint = CheckpointMode::kNone;
   int64_t every_k = 0;
+  int64_t memory_budget_bytes = 0;
   std::vector<Shape> input_shapes;           // One per GraphSpec::inputs, in order.
   std::vector<std::string> input_gradients;  // Floating inputs whose dL/d(input) is wanted.
   GraphLimits limits;
@@ -103,7 +105,10 @@ struct Step {
 // kernels, same bits: Dropout masks come from hashes, every kernel rounds the same wherever its
 // buffers sit), keeping what its backward reads. The last segment is always stored. kSqrt puts
 // a boundary after every ceil(sqrt(cut points + 1))-th cut point, kEveryK after every k-th;
-// kNone is one stored segment. The schedule says when each buffer is released in each pass.
+// kNone is one stored segment; kMemoryBudget tries none and a bounded set of k (graph.cc) and
+// takes the least recomputation whose replayed peak fits the budget (RESOURCE_EXHAUSTED, with
+// the least peak any of them reaches, if none does). The schedule says when each buffer is
+// released in each pass.
 struct Segment {
   int begin = 0;  // Steps [begin, end).
   int end = 0;
@@ -168,6 +173,7 @@ class Graph {
   Graph() = default;
   static void Fuse(const std::unordered_map<std::string_view, int>& by_name, Graph* g);
   absl::Status PlanSchedule(const PlanOptions& options);
+  void BuildSchedule(int64_t k, const std::vector<bool>& held);
   void SimulateCosts();
 
   GraphSpec spec_;
