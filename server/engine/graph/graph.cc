@@ -110,15 +110,18 @@ constexpr int64_t kFoldElements = int64_t{1} << 22;
 }  // namespace
 
 // Note [Fusions]
-// After inference, two patterns that cost a pass over memory each are folded into the MatMul
-// they touch, so that a Linear layer written as ONNX exports it (MatMul with a transposed weight,
-// then Add of the bias) runs as the chain's Linear does:
+// After inference, patterns that cost a pass over memory each are folded into one node. Two
+// into the MatMul they touch, so that a Linear layer written as ONNX exports it (MatMul with a
+// transposed weight, then Add of the bias) runs as the chain's Linear does:
 //  * MatMul(Transpose(u, perm swapping the last two axes only), .) reads u in place, the Gemm
 //    transposing it (either operand). The Transpose node is dropped if nothing else reads it.
 //  * Add(MatMul(a, b), c) with c a bias over the last axis ([N], or [1, .., N]), where nothing
 //    else reads the product and c is available before the MatMul: the MatMul writes c into its
 //    output and accumulates the product onto it, defining the Add's output itself; dL/dc is the
 //    column sums of dL/dY (as the chain's bias gradient). The product value is never computed.
+//  * Softmax over the last axis of Where(constant mask, Mul(x, constant scalar) or x, constant
+//    scalar) -- attention's scale and causal mask -- is one kernel (MakeMaskedSoftmax) giving
+//    the same bits, storing neither the scores' scaled nor their masked copy.
 // Values a fusion makes unnecessary are marked !materialized (diagnostics 0). The kept order of
 // the remaining steps is unchanged. Each pattern is matched once per node: O(nodes).
 void Graph::Fuse(const std::unordered_map<std::string_view, int>& by_name, Graph* g) {
@@ -185,6 +188,50 @@ void Graph::Fuse(const std::unordered_map<std::string_view, int>& by_name, Graph
       dead[t] = true;
       break;
     }
+  }
+  // Softmax over the last axis of Where(constant mask, x [* constant scalar], constant scalar).
+  auto constant_scalar = [&](int v) {
+    return v >= 0 && values[v].kind == ValueKind::kConstant && IsFloat(values[v].type.dtype) &&
+           NumElements(values[v].type.shape) == 1;
+  };
+  for (size_t t = 0; t < steps.size(); ++t) {
+    if (dead[t] || op_of(t) != "Softmax") continue;
+    const int v = steps[t].inputs[0];
+    const Shape& shape = values[v].type.shape;
+    const int rank = static_cast<int>(shape.size());
+    int64_t axis = -1;
+    for (const AttributeSpec& a : spec.nodes[steps[t].node].attributes) {
+      if (a.name == "axis") axis = std::get<int64_t>(a.value);
+    }
+    if (rank == 0 || (axis != -1 && axis != rank - 1)) continue;
+    const int w = step_of(v);
+    if (w < 0 || dead[w] || op_of(w) != "Where" || readers[v] != 1) continue;
+    const int mask = steps[w].inputs[0];
+    int x = steps[w].inputs[1];
+    const int fill = steps[w].inputs[2];
+    const Shape& mask_shape = values[mask].type.shape;
+    if (values[mask].kind != ValueKind::kConstant || !constant_scalar(fill) ||
+        values[x].type.shape != shape || mask_shape.size() > shape.size() ||
+        (!mask_shape.empty() && mask_shape.back() != shape.back() && mask_shape.back() != 1)) {
+      continue;
+    }
+    int scale = -1;
+    const int m = step_of(x);
+    if (m >= 0 && !dead[m] && op_of(m) == "Mul" && readers[x] == 1) {
+      for (int j = 0; j < 2; ++j) {
+        const int a = steps[m].inputs[j], b = steps[m].inputs[1 - j];
+        if (constant_scalar(b) && values[a].type.shape == shape && scale < 0) {
+          dead[m] = true;
+          values[x].materialized = false;
+          scale = b;
+          x = a;
+        }
+      }
+    }
+    dead[w] = true;
+    values[v].materialized = false;
+    steps[t].inputs = {x, scale, mask, fill};
+    steps[t].kernel = MakeMaskedSoftmax(shape, mask_shape, scale >= 0);
   }
   // Rebuild the fused kernels, then drop the dead steps (indices shift down).
   for (size_t t = 0; t < steps.size(); ++t) {

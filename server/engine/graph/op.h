@@ -239,6 +239,11 @@ absl::StatusOr<std::unique_ptr<OpKernel>> MakeConstant(OpContext&, std::vector<V
 std::unique_ptr<OpKernel> MakeFusedMatMul(const Shape& a, bool ta, const Shape& b, bool tb,
                                           bool bias);
 
+// y = Softmax(Where(mask, x * scale, fill)) over x's last axis: inputs x, scale (a constant
+// scalar; null if has_scale is false), mask (constant bool, broadcast to x, last axis x's or 1),
+// fill (constant scalar). The same bits as the three nodes.
+std::unique_ptr<OpKernel> MakeMaskedSoftmax(const Shape& x, const Shape& mask, bool has_scale);
+
 // Constant nodes: the value their `value_*` attribute defines (the planner folds them into
 // constants). REQUIRES: the node was accepted by MakeConstant.
 absl::StatusOr<ConstantValue> ConstantNodeValue(OpContext& context);

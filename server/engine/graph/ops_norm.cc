@@ -254,6 +254,113 @@ class SoftmaxKernel final : public Kernel<SoftmaxKernel> {
   int64_t outer_, length_, inner_;
 };
 
+// Planner fusion (Note [Fusions] in graph.cc): y = Softmax(Where(mask, x * scale, fill)) over
+// the last axis, the masked, scaled attention scores of a transformer, in one pass per row.
+// Inputs: x, scale (a constant scalar, or absent), mask (a constant bool broadcast to x, its
+// last axis x's or 1), fill (a constant scalar). Every element gets the operations the three
+// unfused nodes would give it, in the same order, so the results are the same bits; the scores
+// x and the masked, scaled ones are never stored, and nothing but y is kept for backward.
+class MaskedSoftmaxKernel final : public Kernel<MaskedSoftmaxKernel> {
+ public:
+  MaskedSoftmaxKernel(const Shape& x, const Shape& mask, bool has_scale)
+      : n_(x.back()),
+        rows_(NumElements(x) / std::max<int64_t>(1, x.back())),
+        has_scale_(has_scale) {
+    differentiable_ = 1;
+    reads_inputs_ = 4 | (has_scale ? 2 : 0);  // The mask, the scale.
+    reads_outputs_ = 1;
+    forward_flops_ = 14.0 * rows_ * n_;
+    backward_flops_ = 6.0 * rows_ * n_;
+    // Each row's mask row: x's leading axes mapped onto the mask's (right-aligned, size-1 axes
+    // broadcast).
+    const int rank = static_cast<int>(x.size());
+    const int mrank = static_cast<int>(mask.size());
+    lead_.assign(x.begin(), x.end() - 1);
+    mask_strides_.assign(rank - 1, 0);
+    int64_t stride = mrank > 0 ? mask.back() : 1;
+    for (int d = rank - 2; d >= 0; --d) {
+      const int md = d - (rank - mrank);
+      if (md < 0) break;
+      if (mask[md] != 1) mask_strides_[d] = stride;
+      stride *= mask[md];
+    }
+    mask_inner_ = mrank > 0 && mask.back() == n_ ? 1 : 0;
+  }
+
+  template <typename T>
+  absl::Status Fwd(const ForwardArgs<T>& a) const {
+    const T* x = static_cast<const T*>(a.in[0]);
+    const T scale = has_scale_ ? *static_cast<const T*>(a.in[1]) : T(1);
+    const uint8_t* mask = static_cast<const uint8_t*>(a.in[2]);
+    const T fill = *static_cast<const T*>(a.in[3]);
+    T* y = static_cast<T*>(a.out[0]);
+    const int64_t n = n_;
+    ForEachIndex(rows_, rows_ * n >= kParallelElements, [&](int64_t r) {
+      const T* xr = x + r * n;
+      const uint8_t* mr = mask + MaskRow(r);
+      T* yr = y + r * n;
+      // Where(mask, x * scale, fill), then the Softmax kernel's last-axis pass on it, in place.
+      if (has_scale_) {
+        for (int64_t j = 0; j < n; ++j) yr[j] = mr[j * mask_inner_] ? xr[j] * scale : fill;
+      } else {
+        for (int64_t j = 0; j < n; ++j) yr[j] = mr[j * mask_inner_] ? xr[j] : fill;
+      }
+      T max = yr[0];
+      for (int64_t j = 1; j < n; ++j) max = yr[j] > max ? yr[j] : max;
+      if (max == -std::numeric_limits<T>::infinity()) max = T(0);
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) yr[j] = ExpOf<T>(yr[j] - max);
+      const T inv = static_cast<T>(1.0 / LaneSum(n, [&](int64_t j) { return double(yr[j]); }));
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) yr[j] = yr[j] * inv;
+    });
+    return absl::OkStatus();
+  }
+
+  // Softmax's backward, then Where's (zero where masked), then Mul's (times the scale).
+  template <typename T>
+  void Bwd(const BackwardArgs<T>& a) const {
+    T* dx = a.din[0];
+    if (dx == nullptr) return;
+    const T scale = has_scale_ ? *static_cast<const T*>(a.in[1]) : T(1);
+    const uint8_t* mask = static_cast<const uint8_t*>(a.in[2]);
+    const T* y = static_cast<const T*>(a.out[0]);
+    const T* dy = a.dout[0];
+    const int64_t n = n_;
+    ForEachIndex(rows_, rows_ * n >= kParallelElements, [&](int64_t r) {
+      const T* yr = y + r * n;
+      const T* gr = dy + r * n;
+      const uint8_t* mr = mask + MaskRow(r);
+      T* dxr = dx + r * n;
+      const T dot =
+          static_cast<T>(LaneSum(n, [&](int64_t j) { return static_cast<double>(gr[j] * yr[j]); }));
+      if (has_scale_) {
+        for (int64_t j = 0; j < n; ++j) {
+          dxr[j] = (mr[j * mask_inner_] ? yr[j] * (gr[j] - dot) : T(0)) * scale;
+        }
+      } else {
+        for (int64_t j = 0; j < n; ++j) dxr[j] = mr[j * mask_inner_] ? yr[j] * (gr[j] - dot) : T(0);
+      }
+    });
+  }
+
+ private:
+  int64_t MaskRow(int64_t r) const {
+    int64_t offset = 0;
+    for (int d = static_cast<int>(lead_.size()) - 1; d >= 0; --d) {
+      offset += (r % lead_[d]) * mask_strides_[d];
+      r /= lead_[d];
+    }
+    return offset;
+  }
+
+  int64_t n_, rows_;
+  bool has_scale_;
+  Shape lead_;
+  std::vector<int64_t> mask_strides_;
+  int64_t mask_inner_ = 1;
+};
+
 // ReduceSum / ReduceMean: out = scale * sum over the reduced axes (kept as 1s in `kept`).
 class ReduceKernel final : public Kernel<ReduceKernel> {
  public:
@@ -354,6 +461,10 @@ absl::StatusOr<std::unique_ptr<OpKernel>> MakeSoftmax(OpContext& c, std::vector<
   for (int64_t d = axis + 1; d < rank; ++d) inner *= x[d];
   out->push_back(*c.input(0));
   return std::make_unique<SoftmaxKernel>(outer, x[axis], inner);
+}
+
+std::unique_ptr<OpKernel> MakeMaskedSoftmax(const Shape& x, const Shape& mask, bool has_scale) {
+  return std::make_unique<MaskedSoftmaxKernel>(x, mask, has_scale);
 }
 
 absl::StatusOr<std::unique_ptr<OpKernel>> MakeReduce(OpContext& c, std::vector<ValueType>* out) {
