@@ -4,11 +4,8 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
-#include <cstdio>
 #include <cstring>
-#include <map>
 #include <random>
 #include <vector>
 
@@ -670,100 +667,6 @@ TEST(GraphCheckpointingModels, MemoryBudgetNeverRecomputesMoreThanSqrtAtSqrtsPea
               0);
   }
   EXPECT_LE(b.result.peak_bytes, budget->costs().peak_bytes);
-}
-
-// The bench's GPT-2 case (e) (4 blocks, d = 256, 4 heads, T = 128, vocabulary 1024, batch 8,
-// float32): milliseconds per forward + backward step, and the slowest ops. Not run by CI:
-//   graph_engine_test --gtest_also_run_disabled_tests --gtest_filter='*GptStepTime*'
-TEST(GraphModels, DISABLED_GptStepTime) {
-  GptConfig c;
-  c.batch = 8, c.seq = 128, c.vocab = 1024, c.d = 256, c.heads = 4, c.blocks = 4;
-  c.dtype = DType::kFloat32;
-  const GraphSpec spec = GptSpec(c);
-  PlanOptions options;
-  options.dtype = DType::kFloat32;
-  options.input_shapes = {{c.batch, c.seq}, {c.batch, c.seq}};
-  absl::StatusOr<Graph> graph = Graph::Create(spec, options);
-  ASSERT_TRUE(graph.ok()) << graph.status();
-  std::printf("plan: %.2f GFLOP forward, %.2f backward, kept %.1f MB, peak %.1f MB\n",
-              graph->costs().forward_flops / 1e9, graph->costs().backward_flops / 1e9,
-              graph->costs().kept_bytes / 1e6, graph->costs().peak_bytes / 1e6);
-  std::mt19937_64 rng(9);
-  std::normal_distribution<float> normal(0.0f, 0.02f);
-  std::vector<std::vector<float>> params, grads;
-  GraphInputs<float> in;
-  GraphOutputs<float> out;
-  for (const ParameterSpec& p : spec.parameters) {
-    params.emplace_back(NumElements(p.shape));
-    for (float& x : params.back()) x = normal(rng);
-    if (p.name.find("ln") != std::string::npos && p.name.find("weight") != std::string::npos) {
-      for (float& x : params.back()) x = 1.0f;
-    }
-    in.parameters.push_back(params.back().data());
-    grads.emplace_back(params.back().size());
-    out.parameter_gradients.push_back(grads.back().data());
-  }
-  std::vector<int64_t> ids(c.batch * c.seq), targets(c.batch * c.seq);
-  for (int64_t& v : ids) v = static_cast<int64_t>(rng() % c.vocab);
-  for (int64_t& v : targets) v = static_cast<int64_t>(rng() % c.vocab);
-  in.inputs = {ids.data(), targets.data()};
-  for (int threads : {1, 2}) {
-    GraphRunOptions run;
-    run.threads = threads;
-    if (getenv("GRAPH_RETAIN_MB"))
-      run.retained_workspace_bytes = atoll(getenv("GRAPH_RETAIN_MB")) << 20;
-    ASSERT_TRUE(RunGraph<float>(*graph, in, out, run).ok());
-    constexpr int kSteps = 5;
-    double best = 1e30;
-    std::vector<double> node_micros(spec.nodes.size(), 0.0);
-    for (int s = 0; s < kSteps; ++s) {
-      const auto start = std::chrono::steady_clock::now();
-      absl::StatusOr<GraphRunResult> result = RunGraph<float>(*graph, in, out, run);
-      const double ms =
-          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
-              .count();
-      ASSERT_TRUE(result.ok());
-      best = std::min(best, ms);
-      for (size_t n = 0; n < spec.nodes.size(); ++n) {
-        node_micros[n] +=
-            (result->node_forward_micros[n] + result->node_backward_micros[n]) / kSteps;
-      }
-      if (s == 0 && getenv("GRAPH_DEBUG")) {
-        for (size_t n = 0; n < spec.nodes.size(); ++n) {
-          if (spec.nodes[n].op_type == "MatMul" && spec.nodes[n].name.rfind("h.0.", 0) == 0) {
-            std::printf("%s fwd %.3f bwd %.3f\n", spec.nodes[n].name.c_str(),
-                        result->node_forward_micros[n] / 1e3,
-                        result->node_backward_micros[n] / 1e3);
-          }
-        }
-      }
-      if (s == 0) {
-        double fwd = 0, bwd = 0;
-        for (size_t n = 0; n < spec.nodes.size(); ++n) {
-          fwd += result->node_forward_micros[n];
-          bwd += result->node_backward_micros[n];
-        }
-        std::printf(
-            "loss %.4f (%.1f ms); forward %.1f ms (nodes %.1f), backward %.1f ms (nodes %.1f)\n",
-            result->loss, result->loss_micros / 1e3, result->forward_micros / 1e3, fwd / 1e3,
-            result->backward_micros / 1e3, bwd / 1e3);
-      }
-    }
-    std::printf("threads %d: best %.1f ms per step\n", threads, best);
-    std::map<std::string, double> by_op;
-    for (size_t n = 0; n < spec.nodes.size(); ++n) by_op[spec.nodes[n].op_type] += node_micros[n];
-    for (const auto& [op, micros] : by_op)
-      std::printf("  %-20s %8.2f ms\n", op.c_str(), micros / 1e3);
-    std::vector<std::pair<double, std::string>> slowest;
-    for (size_t n = 0; n < spec.nodes.size(); ++n) {
-      if (spec.nodes[n].op_type == "MatMul") continue;
-      slowest.push_back({node_micros[n], spec.nodes[n].name + " (" + spec.nodes[n].op_type + ")"});
-    }
-    std::sort(slowest.rbegin(), slowest.rend());
-    for (size_t i = 0; i < 12 && i < slowest.size(); ++i) {
-      std::printf("    %-32s %8.2f ms\n", slowest[i].second.c_str(), slowest[i].first / 1e3);
-    }
-  }
 }
 
 }  // namespace
