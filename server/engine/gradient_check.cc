@@ -6,6 +6,7 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "server/engine/status_macros.h"
 
 namespace gradserve::engine {
 namespace {

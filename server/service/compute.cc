@@ -6,6 +6,7 @@
 #include "server/engine/backprop.h"
 #include "server/engine/gemm.h"
 #include "server/engine/gradient_check.h"
+#include "server/engine/status_macros.h"
 #include "server/service/convert.h"
 
 namespace gradserve::service {

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "server/engine/status_macros.h"
 #include "server/engine/types.h"
 #include "server/service/compute.h"
 #include "server/service/convert.h"

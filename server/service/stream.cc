@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "server/engine/model.h"
+#include "server/engine/status_macros.h"
 #include "server/service/convert.h"
 
 namespace gradserve::service {

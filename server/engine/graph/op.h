@@ -42,6 +42,7 @@
 
 #include "absl/strings/string_view.h"
 #include "server/engine/graph/spec.h"
+#include "server/engine/status_macros.h"
 #include "server/engine/types.h"
 
 namespace gradserve::engine::graph {
