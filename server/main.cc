@@ -108,6 +108,16 @@ int main(int argc, char** argv) {
   app.add_option("--max-layers", limits.max_layers)->capture_default_str();
   app.add_option("--max-batch", limits.max_batch)->capture_default_str();
   app.add_option("--max-features", limits.max_features)->capture_default_str();
+  app.add_option("--max-graph-nodes", limits.max_graph_nodes, "nodes of a graph model")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 24));
+  app.add_option("--max-graph-values", limits.max_graph_values,
+                 "values of a graph model: inputs, parameters, constants and node outputs")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 26));
+  app.add_option("--max-graph-rank", limits.max_graph_rank, "rank of any value of a graph model")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{16}));
   app.add_option("--max-activation-bytes", limits.max_activation_bytes,
                  "activation memory one call may use")
       ->capture_default_str();

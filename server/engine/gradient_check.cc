@@ -32,6 +32,39 @@ std::vector<double> ToDouble(const T* data, int64_t n) {
   return data == nullptr ? std::vector<double>{} : std::vector<double>(data, data + n);
 }
 
+// Compares the analytic gradient of one tensor with central differences at its sampled
+// entries: `values` is the float64 copy that `loss` (the float64 forward loss) reads, perturbed
+// in place and restored. Appends one TensorCheck. CANCELLED once options.should_stop fires.
+template <typename T, typename Loss>
+absl::Status CheckTensor(std::string name, int layer_index, std::vector<double>& values,
+                         const std::vector<T>& analytic, const Loss& loss, double atol,
+                         const GradientCheckOptions& options, std::mt19937_64& rng,
+                         std::vector<TensorCheck>* checks) {
+  TensorCheck result;
+  result.tensor = std::move(name);
+  result.layer_index = layer_index;
+  const double h = options.step;
+  for (int64_t j :
+       SampleIndices(static_cast<int64_t>(values.size()), options.samples_per_tensor, rng)) {
+    if (options.should_stop && options.should_stop()) {
+      return absl::CancelledError("the call was cancelled");
+    }
+    const double saved = values[j];
+    values[j] = saved + h;
+    ASSIGN_OR_RETURN(const double plus, loss());
+    values[j] = saved - h;
+    ASSIGN_OR_RETURN(const double minus, loss());
+    values[j] = saved;
+    const double numerical = (plus - minus) / (2 * h);
+    const double a = static_cast<double>(analytic[j]);
+    result.max_abs_error = std::max(result.max_abs_error, std::abs(a - numerical));
+    result.max_rel_error = std::max(result.max_rel_error, RelativeError(a, numerical, atol));
+    ++result.samples;
+  }
+  checks->push_back(std::move(result));
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 template <typename T>
@@ -84,48 +117,22 @@ absl::StatusOr<std::vector<TensorCheck>> CheckGradients(const Model& model,
   batch64.targets.output_gradient =
       batch.targets.output_gradient ? output_gradient.data() : nullptr;
 
+  const double atol = RelativeErrorFloor(ForwardLoss<double>(model, params64, batch64));
   std::mt19937_64 rng(options.seed);
-  const double h = options.step;
   std::vector<TensorCheck> checks;
-  bool stopped = false;
-  auto check = [&](std::string name, int layer_index, std::vector<double>& values,
-                   const std::vector<T>& analytic) {
-    TensorCheck result;
-    result.tensor = std::move(name);
-    result.layer_index = layer_index;
-    for (int64_t j :
-         SampleIndices(static_cast<int64_t>(values.size()), options.samples_per_tensor, rng)) {
-      if (stopped || (options.should_stop && options.should_stop())) {
-        stopped = true;
-        return;
-      }
-      const double saved = values[j];
-      values[j] = saved + h;
-      const double plus = ForwardLoss<double>(model, params64, batch64);
-      values[j] = saved - h;
-      const double minus = ForwardLoss<double>(model, params64, batch64);
-      values[j] = saved;
-      const double numerical = (plus - minus) / (2 * h);
-      const double a = static_cast<double>(analytic[j]);
-      const double abs_error = std::abs(a - numerical);
-      const double scale = std::max(std::abs(a), std::abs(numerical));
-      result.max_abs_error = std::max(result.max_abs_error, abs_error);
-      if (scale > kRelativeFloor) {
-        result.max_rel_error = std::max(result.max_rel_error, abs_error / scale);
-      }
-      ++result.samples;
-    }
-    checks.push_back(std::move(result));
+  auto loss = [&]() -> absl::StatusOr<double> {
+    return ForwardLoss<double>(model, params64, batch64);
   };
   for (int l = 0; l < num_linear; ++l) {
     const int layer = model.linear_layer(l);
-    check(absl::StrCat("parameters[", l, "].weight"), layer, weights[l], weight_grads[l]);
+    RETURN_IF_ERROR(CheckTensor(absl::StrCat("parameters[", l, "].weight"), layer, weights[l],
+                                weight_grads[l], loss, atol, options, rng, &checks));
     if (model.layer(layer).bias) {
-      check(absl::StrCat("parameters[", l, "].bias"), layer, biases[l], bias_grads[l]);
+      RETURN_IF_ERROR(CheckTensor(absl::StrCat("parameters[", l, "].bias"), layer, biases[l],
+                                  bias_grads[l], loss, atol, options, rng, &checks));
     }
   }
-  check("inputs", -1, inputs, input_grad);
-  if (stopped) return absl::CancelledError("the call was cancelled");
+  RETURN_IF_ERROR(CheckTensor("inputs", -1, inputs, input_grad, loss, atol, options, rng, &checks));
   return checks;
 }
 
@@ -135,5 +142,74 @@ template absl::StatusOr<std::vector<TensorCheck>> CheckGradients<float>(
 template absl::StatusOr<std::vector<TensorCheck>> CheckGradients<double>(
     const Model&, const CheckpointPlan&, std::span<const LinearParamsView<double>>,
     const BatchView<double>&, const GradientCheckOptions&);
+
+template <typename T>
+absl::StatusOr<std::vector<TensorCheck>> CheckGraphGradients(
+    const graph::Graph& graph, const graph::Graph& graph64, const graph::GraphInputs<T>& inputs,
+    const std::vector<int>& input_gradients, const GradientCheckOptions& options) {
+  const graph::GraphSpec& spec = graph.spec();
+  const size_t num_parameters = spec.parameters.size();
+  auto elements = [&graph](int value) { return graph.values()[value].elements; };
+
+  // Analytic gradients in the call's dtype.
+  std::vector<std::vector<T>> parameter_grads(num_parameters);
+  graph::GraphOutputs<T> outputs;
+  for (size_t p = 0; p < num_parameters; ++p) {
+    parameter_grads[p].resize(elements(graph.parameter_value(p)));
+    outputs.parameter_gradients.push_back(parameter_grads[p].data());
+  }
+  std::vector<std::vector<T>> input_grads(spec.inputs.size());
+  if (!input_gradients.empty()) {
+    outputs.input_gradients.assign(spec.inputs.size(), nullptr);
+    for (int i : input_gradients) {
+      input_grads[i].resize(elements(graph.input_value(i)));
+      outputs.input_gradients[i] = input_grads[i].data();
+    }
+  }
+  graph::GraphRunOptions run_options;
+  run_options.threads = options.threads;
+  run_options.should_stop = options.should_stop;
+  RETURN_IF_ERROR(graph::RunGraph<T>(graph, inputs, outputs, run_options).status());
+
+  // A float64 copy of everything floating the loss depends on (integer inputs read in place).
+  std::vector<std::vector<double>> parameters(num_parameters), floats(spec.inputs.size());
+  graph::GraphInputs<double> inputs64;
+  for (size_t p = 0; p < num_parameters; ++p) {
+    parameters[p] = ToDouble(inputs.parameters[p], elements(graph.parameter_value(p)));
+    inputs64.parameters.push_back(parameters[p].data());
+  }
+  for (size_t i = 0; i < spec.inputs.size(); ++i) {
+    if (!graph::IsFloat(spec.inputs[i].dtype)) {
+      inputs64.inputs.push_back(inputs.inputs[i]);
+      continue;
+    }
+    floats[i] = ToDouble(static_cast<const T*>(inputs.inputs[i]), elements(graph.input_value(i)));
+    inputs64.inputs.push_back(floats[i].data());
+  }
+  graph::GraphRunOptions loss_options;
+  loss_options.threads = options.threads;
+  auto loss = [&] { return graph::GraphForwardLoss<double>(graph64, inputs64, loss_options); };
+  ASSIGN_OR_RETURN(const double unperturbed, loss());
+  const double atol = RelativeErrorFloor(unperturbed);
+
+  std::mt19937_64 rng(options.seed);
+  std::vector<TensorCheck> checks;
+  for (size_t p = 0; p < num_parameters; ++p) {
+    RETURN_IF_ERROR(CheckTensor(spec.parameters[p].name, -1, parameters[p], parameter_grads[p],
+                                loss, atol, options, rng, &checks));
+  }
+  for (int i : input_gradients) {
+    RETURN_IF_ERROR(CheckTensor(spec.inputs[i].name, -1, floats[i], input_grads[i], loss, atol,
+                                options, rng, &checks));
+  }
+  return checks;
+}
+
+template absl::StatusOr<std::vector<TensorCheck>> CheckGraphGradients<float>(
+    const graph::Graph&, const graph::Graph&, const graph::GraphInputs<float>&,
+    const std::vector<int>&, const GradientCheckOptions&);
+template absl::StatusOr<std::vector<TensorCheck>> CheckGraphGradients<double>(
+    const graph::Graph&, const graph::Graph&, const graph::GraphInputs<double>&,
+    const std::vector<int>&, const GradientCheckOptions&);
 
 }  // namespace gradserve::engine

@@ -190,11 +190,152 @@ absl::StatusOr<std::unique_ptr<PreparedRequest>> PrepareCheck(
   return prepared;
 }
 
+template <typename T>
+absl::Status RunGraphTimed(const GraphViews& views, const ComputeContext& context,
+                           v1::ComputeGradientsResponse* response) {
+  const Clock::time_point start = Clock::now();
+  engine::graph::GraphRunOptions options;
+  options.threads = context.threads;
+  options.should_stop = context.should_stop;
+  double compute = 0;
+  const absl::Status status = RunGraphRequest<T>(views, options, response, &compute);
+  if (context.phase_times != nullptr) {
+    context.phase_times->compute = compute;
+    if (status.ok()) context.phase_times->encode = Seconds(Clock::now() - start) - compute;
+  }
+  return status;
+}
+
+// The graph form of CheckGradients' request: `planner` (with a cache) plans it in the
+// request's dtype and, for the numerical gradients, in float64.
+template <typename T>
+absl::Status RunGraphCheck(const GraphViews& views, GraphPlanner* planner,
+                           const engine::GradientCheckOptions& options, PhaseTimes* phase_times,
+                           v1::CheckGradientsResponse* response) {
+  const engine::graph::Graph& graph = *views.graph;
+  std::vector<engine::graph::Shape> shapes;
+  for (size_t i = 0; i < graph.spec().inputs.size(); ++i) {
+    shapes.push_back(graph.values()[graph.input_value(i)].type.shape);
+  }
+  ASSIGN_OR_RETURN(std::shared_ptr<const engine::graph::Graph> graph64,
+                   planner->Plan(engine::graph::DType::kFloat64, shapes));
+  engine::graph::GraphInputs<T> inputs;
+  inputs.inputs = views.inputs;
+  for (const void* p : views.parameters) inputs.parameters.push_back(static_cast<const T*>(p));
+  const Clock::time_point compute_start = Clock::now();
+  absl::StatusOr<std::vector<engine::TensorCheck>> run =
+      engine::CheckGraphGradients<T>(graph, *graph64, inputs, views.input_gradients, options);
+  const Clock::time_point compute_end = Clock::now();
+  if (phase_times != nullptr) phase_times->compute = Seconds(compute_end - compute_start);
+  if (!run.ok()) return run.status();
+  for (const engine::TensorCheck& check : *run) {
+    v1::TensorCheck* out = response->add_checks();
+    out->set_tensor(check.tensor);
+    out->set_layer_index(-1);
+    out->set_samples(check.samples);
+    out->set_max_abs_error(check.max_abs_error);
+    out->set_max_rel_error(check.max_rel_error);
+    response->set_max_abs_error(std::max(response->max_abs_error(), check.max_abs_error));
+    response->set_max_rel_error(std::max(response->max_rel_error(), check.max_rel_error));
+  }
+  response->set_analytic_dtype(views.dtype);
+  if (phase_times != nullptr) phase_times->encode = Seconds(Clock::now() - compute_end);
+  return absl::OkStatus();
+}
+
+// CheckGradients' forward passes per analytic pass (for the plan's FLOPs check).
+double CheckFlopsFactor(int samples, int tensors) { return 1 + 2.0 * samples * tensors / 3; }
+
+absl::Status CheckGraph(const v1::CheckGradientsRequest& request, const ServiceLimits& limits,
+                        const ComputeContext& context, engine::GradientCheckOptions options,
+                        Clock::time_point decode_start, v1::CheckGradientsResponse* response) {
+  auto decoded = [&] {
+    if (context.phase_times != nullptr) {
+      context.phase_times->decode = Seconds(Clock::now() - decode_start);
+    }
+  };
+  // The same checks of samples_per_tensor and step as the chain's (PrepareCheck).
+  options.seed = request.seed();
+  if (request.samples_per_tensor() < 0 || request.samples_per_tensor() > limits.max_check_samples) {
+    decoded();
+    return absl::InvalidArgumentError(absl::StrCat("samples_per_tensor: expected 0 .. ",
+                                                   limits.max_check_samples, ", got ",
+                                                   request.samples_per_tensor()));
+  }
+  if (request.samples_per_tensor() > 0) options.samples_per_tensor = request.samples_per_tensor();
+  if (request.step() != 0) {
+    if (!(request.step() > 0 && request.step() < 1)) {
+      decoded();
+      return absl::InvalidArgumentError(
+          absl::StrCat("step: expected a value in (0, 1), got ", request.step()));
+    }
+    options.step = request.step();
+  }
+  const v1::ComputeGradientsRequest& inner = request.request();
+  absl::Status form = CheckModelForm(inner);
+  absl::StatusOr<std::unique_ptr<GraphPlanner>> planner =
+      form.ok() ? GraphPlanner::Create(inner.model(), inner.options(), limits, /*cache=*/true)
+                : form;
+  int64_t activation_bytes = 0;
+  absl::StatusOr<std::unique_ptr<GraphViews>> views =
+      planner.ok()
+          ? PrepareGraphRequest(inner, limits, planner->get(),
+                                CheckFlopsFactor(options.samples_per_tensor,
+                                                 inner.named_parameters_size() +
+                                                     inner.options().input_gradient_names_size()),
+                                &activation_bytes)
+          : planner.status();
+  decoded();
+  if (!views.ok()) return Prefixed(views.status(), "request.");
+  // The float64 plan of a float32 call holds as much again, and its copies of the data.
+  if ((*views)->dtype == v1::DTYPE_FLOAT32) activation_bytes *= 3;
+  if (context.reserve_memory) RETURN_IF_ERROR(context.reserve_memory(activation_bytes));
+  if ((*views)->dtype == v1::DTYPE_FLOAT32) {
+    return RunGraphCheck<float>(**views, planner->get(), options, context.phase_times, response);
+  }
+  return RunGraphCheck<double>(**views, planner->get(), options, context.phase_times, response);
+}
+
 }  // namespace
+
+absl::Status ComputeGraphGradients(const v1::ComputeGradientsRequest& request,
+                                   const ServiceLimits& limits, const ComputeContext& context,
+                                   GraphPlanner* planner, v1::ComputeGradientsResponse* response) {
+  const Clock::time_point decode_start = Clock::now();
+  int64_t activation_bytes = 0;
+  absl::StatusOr<std::unique_ptr<GraphViews>> views =
+      PrepareGraphRequest(request, limits, planner, 1, &activation_bytes);
+  if (context.phase_times != nullptr) {
+    context.phase_times->decode = Seconds(Clock::now() - decode_start);
+  }
+  if (!views.ok()) return views.status();
+  const double bytes = GraphResponseBytes(request) + (*views)->output_bytes;
+  if (bytes > limits.max_message_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat("the response would need about ", bytes,
+                                                     " bytes, over max_message_bytes (",
+                                                     limits.max_message_bytes, ")"));
+  }
+  if (context.reserve_memory) RETURN_IF_ERROR(context.reserve_memory(activation_bytes));
+  if ((*views)->dtype == v1::DTYPE_FLOAT32) return RunGraphTimed<float>(**views, context, response);
+  return RunGraphTimed<double>(**views, context, response);
+}
 
 absl::Status ComputeGradients(const v1::ComputeGradientsRequest& request,
                               const ServiceLimits& limits, const ComputeContext& context,
                               v1::ComputeGradientsResponse* response) {
+  if (IsGraphRequest(request)) {
+    const Clock::time_point decode_start = Clock::now();
+    RETURN_IF_ERROR(CheckModelForm(request));
+    absl::StatusOr<std::unique_ptr<GraphPlanner>> planner =
+        GraphPlanner::Create(request.model(), request.options(), limits, /*cache=*/false);
+    if (!planner.ok()) {
+      if (context.phase_times != nullptr) {
+        context.phase_times->decode = Seconds(Clock::now() - decode_start);
+      }
+      return planner.status();
+    }
+    return ComputeGraphGradients(request, limits, context, planner->get(), response);
+  }
   const Clock::time_point decode_start = Clock::now();
   absl::StatusOr<std::unique_ptr<PreparedRequest>> prepared_or =
       PrepareRequest(request, limits, /*needs_input_gradient=*/false, context.should_stop);
@@ -222,6 +363,9 @@ absl::Status CheckGradients(const v1::CheckGradientsRequest& request, const Serv
   options.threads = context.threads;
   options.should_stop = context.should_stop;
   const Clock::time_point decode_start = Clock::now();
+  if (IsGraphRequest(request.request())) {
+    return CheckGraph(request, limits, context, options, decode_start, response);
+  }
   absl::StatusOr<std::unique_ptr<PreparedRequest>> prepared =
       PrepareCheck(request, limits, &options);
   if (context.phase_times != nullptr) {
@@ -238,6 +382,7 @@ absl::Status CheckGradients(const v1::CheckGradientsRequest& request, const Serv
 }
 
 double ComputeGradientsCost(const v1::ComputeGradientsRequest& request) {
+  if (IsGraphRequest(request)) return GraphCallCost(request);
   const double batch = request.inputs().shape_size() > 0
                            ? std::max<double>(0, static_cast<double>(request.inputs().shape(0)))
                            : 0;
@@ -252,7 +397,10 @@ double ComputeGradientsCost(const v1::ComputeGradientsRequest& request) {
 
 double CheckGradientsCost(const v1::CheckGradientsRequest& request) {
   const int samples = request.samples_per_tensor() > 0 ? request.samples_per_tensor() : 16;
-  const int tensors = 2 * request.request().parameters_size() + 1;
+  const int tensors = IsGraphRequest(request.request())
+                          ? request.request().named_parameters_size() +
+                                request.request().options().input_gradient_names_size()
+                          : 2 * request.request().parameters_size() + 1;
   // One analytic pass, then two forward passes (a third of a full pass each) per sample.
   return ComputeGradientsCost(request.request()) * (1 + 2.0 * samples * tensors / 3);
 }
@@ -264,6 +412,10 @@ absl::Status CheckClaimedSizes(const v1::CheckGradientsRequest& request,
 
 int64_t ResponseBytesBound(const v1::ComputeGradientsRequest& request,
                            const ServiceLimits& limits) {
+  if (IsGraphRequest(request)) {
+    return static_cast<int64_t>(
+        std::min<double>(GraphResponseBytes(request), limits.max_message_bytes));
+  }
   // The gradients are as large as the parameters; the output and dx as large as the batch
   // times the widths claimed (not yet validated: the bound is clamped below).
   double bytes = 65536 + 256.0 * request.model().layers_size();
@@ -288,9 +440,15 @@ int64_t ResponseBytesBound(const v1::ComputeGradientsRequest& request,
 }
 
 int64_t ResponseBytesBound(const v1::CheckGradientsRequest& request, const ServiceLimits& limits) {
-  // One TensorCheck per parameter tensor and dx.
-  return std::min<int64_t>(65536 + 128 * (2 * int64_t{request.request().parameters_size()} + 1),
-                           limits.max_message_bytes);
+  // One TensorCheck per parameter tensor and dx (graphs: per parameter and input named).
+  int64_t bytes = 65536 + 128 * (2 * int64_t{request.request().parameters_size()} + 1);
+  for (const v1::NamedTensor& p : request.request().named_parameters()) {
+    bytes += 128 + static_cast<int64_t>(p.name().size());
+  }
+  for (const std::string& name : request.request().options().input_gradient_names()) {
+    bytes += 128 + static_cast<int64_t>(name.size());
+  }
+  return std::min<int64_t>(bytes, limits.max_message_bytes);
 }
 
 void GetServerInfo(const ServiceLimits& limits, int threads, v1::GetServerInfoResponse* response) {
@@ -320,6 +478,11 @@ void GetServerInfo(const ServiceLimits& limits, int threads, v1::GetServerInfoRe
   out->set_max_call_flops(limits.max_call_flops);
   out->set_max_call_seconds(limits.max_call_seconds);
   out->set_max_memory_bytes(limits.max_memory_bytes);
+  out->set_max_graph_nodes(limits.max_graph_nodes);
+  out->set_max_graph_values(limits.max_graph_values);
+  out->set_max_graph_rank(limits.max_graph_rank);
+  for (absl::string_view op : engine::graph::SupportedOps())
+    response->add_graph_ops(std::string(op));
   response->set_threads(threads);
   response->set_gemm_kernel(engine::GemmKernel());
   for (auto mode : {v1::Checkpointing::MODE_NONE, v1::Checkpointing::MODE_EVERY_K,

@@ -39,13 +39,24 @@ absl::Status ComputeGradients(const v1::ComputeGradientsRequest& request,
                               const ServiceLimits& limits, const ComputeContext& context,
                               v1::ComputeGradientsResponse* response);
 
+class GraphPlanner;
+
+// ComputeGradients for a graph model whose structure `planner` has validated (from
+// request.model and request.options): a stream passes its planner, which keeps one plan per
+// tuple of input shapes.
+absl::Status ComputeGraphGradients(const v1::ComputeGradientsRequest& request,
+                                   const ServiceLimits& limits, const ComputeContext& context,
+                                   GraphPlanner* planner, v1::ComputeGradientsResponse* response);
+
 absl::Status CheckGradients(const v1::CheckGradientsRequest& request, const ServiceLimits& limits,
                             const ComputeContext& context, v1::CheckGradientsResponse* response);
 
 void GetServerInfo(const ServiceLimits& limits, int threads, v1::GetServerInfoResponse* response);
 
 // Floating-point operations a call will take, from the request as sent (before validation):
-// 6 * batch * in * out per Linear layer, forward and backward; CheckGradients adds its
+// 6 * batch * in * out per Linear layer, forward and backward (graphs: 6 * rows * parameter
+// elements, GraphCallCost; the plan's own FLOPs are checked against max_call_flops once
+// planned); CheckGradients adds its
 // perturbed forward passes. Used to choose between one core and all of them (Note
 // [Scheduling]); a malformed request gets some estimate and then fails validation quickly.
 double ComputeGradientsCost(const v1::ComputeGradientsRequest& request);

@@ -451,6 +451,11 @@ absl::Status CheckInputs(const v1::ComputeGradientsRequest& request, const Servi
 absl::Status CheckClaimedSizes(const v1::ComputeGradientsRequest& request,
                                const ServiceLimits& limits) {
   if (!request.has_model()) return Invalid("model", "required");
+  RETURN_IF_ERROR(CheckModelForm(request));
+  if (IsGraphRequest(request)) {
+    return GraphPlanner::Create(request.model(), request.options(), limits, /*cache=*/false)
+        .status();
+  }
   RETURN_IF_ERROR(ToModelSpec(request.model(), limits).status());
   return CheckInputs(request, limits);
 }
@@ -459,6 +464,10 @@ absl::StatusOr<std::unique_ptr<PreparedRequest>> PrepareRequest(
     const v1::ComputeGradientsRequest& request, const ServiceLimits& limits,
     bool needs_input_gradient, std::function<bool()> should_stop) {
   if (!request.has_model()) return Invalid("model", "required");
+  RETURN_IF_ERROR(CheckModelForm(request));
+  if (IsGraphRequest(request)) {
+    return absl::InternalError("graph requests are prepared by PrepareGraphRequest");
+  }
   ASSIGN_OR_RETURN(engine::ModelSpec spec, ToModelSpec(request.model(), limits));
 
   RETURN_IF_ERROR(CheckInputs(request, limits));

@@ -20,6 +20,7 @@
 #include "server/engine/backprop.h"
 #include "server/engine/checkpoint.h"
 #include "server/engine/model.h"
+#include "server/service/convert_graph.h"
 #include "server/service/limits.h"
 
 namespace gradserve::service {

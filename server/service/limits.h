@@ -37,6 +37,11 @@ struct ServiceLimits {
   // Memory all calls together may hold: requests, answers until the client took them,
   // activations (Note [Memory budget]). main() sets DefaultMaxMemoryBytes().
   int64_t max_memory_bytes = int64_t{4} << 30;
+  // Graph models: most nodes, most values (inputs, parameters, constants, node outputs) and the
+  // highest rank of any value; checked from the request's counts before anything is planned.
+  int64_t max_graph_nodes = 100'000;
+  int64_t max_graph_values = 400'000;
+  int64_t max_graph_rank = 8;
 };
 
 }  // namespace gradserve::service
