@@ -381,18 +381,42 @@ absl::Status CheckGradients(const v1::CheckGradientsRequest& request, const Serv
   return RunCheck<double>(**prepared, options, context.phase_times, response);
 }
 
-double ComputeGradientsCost(const v1::ComputeGradientsRequest& request) {
-  if (IsGraphRequest(request)) return GraphCallCost(request);
-  const double batch = request.inputs().shape_size() > 0
-                           ? std::max<double>(0, static_cast<double>(request.inputs().shape(0)))
-                           : 0;
-  double multiply_adds = 0;
-  for (const v1::Layer& layer : request.model().layers()) {
-    if (!layer.has_linear()) continue;
-    multiply_adds += std::max<double>(0, static_cast<double>(layer.linear().in_features())) *
-                     std::max<double>(0, static_cast<double>(layer.linear().out_features()));
+double EstimatedFlops(const v1::Model& model, std::span<const v1::Tensor* const> batch) {
+  auto size = [](int64_t d) { return std::max<double>(0, static_cast<double>(d)); };
+  if (!model.has_graph()) {
+    const double rows = !batch.empty() && batch[0]->shape_size() > 0 ? size(batch[0]->shape(0)) : 0;
+    double multiply_adds = 0;
+    for (const v1::Layer& layer : model.layers()) {
+      if (!layer.has_linear()) continue;
+      multiply_adds += size(layer.linear().in_features()) * size(layer.linear().out_features());
+    }
+    return 6 * rows * multiply_adds;
   }
-  return 6 * batch * multiply_adds;
+  double parameter_elements = 0;
+  for (const v1::GraphParameter& p : model.graph().parameters()) {
+    double n = 1;
+    for (int64_t d : p.shape()) n *= size(d);
+    parameter_elements += n;
+  }
+  double rows = 0;
+  for (const v1::Tensor* t : batch) {
+    double n = 1;
+    for (int64_t d : t->shape()) n *= size(d);
+    const bool floating = t->dtype() == v1::DTYPE_FLOAT32 || t->dtype() == v1::DTYPE_FLOAT64;
+    if (floating && t->shape_size() > 0) n /= std::max(1.0, size(t->shape(t->shape_size() - 1)));
+    rows = std::max(rows, n);
+  }
+  return 6 * rows * parameter_elements;
+}
+
+double ComputeGradientsCost(const v1::ComputeGradientsRequest& request) {
+  std::vector<const v1::Tensor*> batch;
+  if (IsGraphRequest(request)) {
+    for (const v1::NamedTensor& in : request.graph_inputs()) batch.push_back(&in.tensor());
+  } else {
+    batch.push_back(&request.inputs());
+  }
+  return EstimatedFlops(request.model(), batch);
 }
 
 double CheckGradientsCost(const v1::CheckGradientsRequest& request) {

@@ -4,6 +4,7 @@
 #define GRADSERVE_SERVICE_COMPUTE_H_
 
 #include <functional>
+#include <span>
 
 #include "absl/status/status.h"
 #include "gradserve/v1/gradserve.pb.h"
@@ -53,12 +54,18 @@ absl::Status CheckGradients(const v1::CheckGradientsRequest& request, const Serv
 
 void GetServerInfo(const ServiceLimits& limits, int threads, v1::GetServerInfoResponse* response);
 
-// Floating-point operations a call will take, from the request as sent (before validation):
-// 6 * batch * in * out per Linear layer, forward and backward (graphs: 6 * rows * parameter
-// elements, GraphCallCost; the plan's own FLOPs are checked against max_call_flops once
-// planned); CheckGradients adds its
-// perturbed forward passes. Used to choose between one core and all of them (Note
-// [Scheduling]); a malformed request gets some estimate and then fails validation quickly.
+// Note [Call cost]
+// The one estimate of the floating-point operations of a gradient call, from the model and
+// the batch as sent (before validation), forward and backward: 6 * batch * in * out per Linear
+// layer of a chain (`batch` holds its inputs); 6 * rows * parameter elements for a graph
+// (`batch` holds its graph inputs; rows = the most of any floating input's elements over its
+// last axis, or of an integer input's elements), the same count for a graph of Linears. Unary
+// calls and stream steps both use it, to choose between one core and all of them (Note
+// [Scheduling]) and to refuse calls over max_call_flops before they are queued; a graph's plan
+// then counts its FLOPs exactly (attention included) and is checked against max_call_flops
+// again before it runs. A malformed request gets some estimate and then fails validation.
+double EstimatedFlops(const v1::Model& model, std::span<const v1::Tensor* const> batch);
+// EstimatedFlops of the request; CheckGradients adds its perturbed forward passes.
 double ComputeGradientsCost(const v1::ComputeGradientsRequest& request);
 double CheckGradientsCost(const v1::CheckGradientsRequest& request);
 

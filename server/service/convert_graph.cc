@@ -488,13 +488,12 @@ absl::StatusOr<std::unique_ptr<GraphPlanner>> GraphPlanner::Create(
     const v1::GraphParameter& param = graph.parameters(p);
     const std::string field = absl::StrCat("model.graph.parameters[", p, "]");
     RETURN_IF_ERROR(CheckName(param.name(), field + ".name"));
-    ASSIGN_OR_RETURN(const int64_t elements,
-                     CheckShape({param.shape().data(), static_cast<size_t>(param.shape_size())},
-                                field + ".shape", limits));
-    planner->parameter_elements_ += static_cast<double>(elements);
+    RETURN_IF_ERROR(CheckShape({param.shape().data(), static_cast<size_t>(param.shape_size())},
+                               field + ".shape", limits)
+                        .status());
     spec.parameters.push_back({param.name(), {param.shape().begin(), param.shape().end()}});
   }
-  int64_t constant_bytes = 0;
+  int64_t& constant_bytes = planner->constant_bytes_;
   for (int k = 0; k < graph.constants_size(); ++k) {
     const v1::NamedTensor& c = graph.constants(k);
     const std::string field = absl::StrCat("model.graph.constants[", k, "]");
@@ -617,6 +616,13 @@ absl::StatusOr<std::unique_ptr<GraphPlanner>> GraphPlanner::Create(
     }
     base.input_gradients.push_back(options.input_gradient_names(r));
   }
+  // Duplicate names are the engine's to report (it names both definitions); the first wins here.
+  for (size_t p = 0; p < spec.parameters.size(); ++p) {
+    planner->parameter_index_.emplace(spec.parameters[p].name, static_cast<int>(p));
+  }
+  for (size_t i = 0; i < spec.inputs.size(); ++i) {
+    planner->input_index_.emplace(spec.inputs[i].name, static_cast<int>(i));
+  }
   base.limits.max_nodes = limits.max_graph_nodes;
   base.limits.max_values = limits.max_graph_values;
   base.limits.max_rank = limits.max_graph_rank;
@@ -710,8 +716,26 @@ absl::StatusOr<std::shared_ptr<const eg::Graph>> GraphPlanner::Plan(
   if (!graph.ok()) return Rename(graph.status());
   ++plans_built_;
   auto plan = std::make_shared<const eg::Graph>(std::move(*graph));
-  if (cache_) plans_.emplace(std::make_pair(dtype, input_shapes), plan);
+  if (cache_) {
+    if (plans_.size() >= kMaxCachedPlans) {
+      plans_.erase(plan_order_.front());
+      plan_order_.pop_front();
+    }
+    PlanKey key(dtype, input_shapes);
+    plan_order_.push_back(key);
+    plans_.emplace(std::move(key), plan);
+  }
   return plan;
+}
+
+int GraphPlanner::FindParameter(const std::string& name) const {
+  const auto it = parameter_index_.find(name);
+  return it == parameter_index_.end() ? -1 : it->second;
+}
+
+int GraphPlanner::FindInput(const std::string& name) const {
+  const auto it = input_index_.find(name);
+  return it == input_index_.end() ? -1 : it->second;
 }
 
 absl::StatusOr<std::unique_ptr<GraphViews>> PrepareGraphRequest(
@@ -739,22 +763,16 @@ absl::StatusOr<std::unique_ptr<GraphViews>> PrepareGraphRequest(
   };
 
   // Graph inputs: each declared input once, by name.
-  std::unordered_map<std::string_view, int> input_by_name, parameter_by_name;
-  for (size_t i = 0; i < spec.inputs.size(); ++i) input_by_name.emplace(spec.inputs[i].name, i);
-  for (size_t p = 0; p < spec.parameters.size(); ++p) {
-    parameter_by_name.emplace(spec.parameters[p].name, p);
-  }
   std::vector<int> input_entry(spec.inputs.size(), -1);
   std::vector<eg::Shape> input_shapes(spec.inputs.size());
   for (int e = 0; e < request.graph_inputs_size(); ++e) {
     const v1::NamedTensor& named = request.graph_inputs(e);
     const std::string field = absl::StrCat("graph_inputs[", e, "]");
-    const auto it = input_by_name.find(named.name());
-    if (it == input_by_name.end()) {
+    const int i = planner->FindInput(named.name());
+    if (i < 0) {
       return Invalid(field + ".name", absl::StrCat("\"", named.name().substr(0, 64),
                                                    "\" is not an input of model.graph"));
     }
-    const int i = it->second;
     if (input_entry[i] >= 0) {
       return Invalid(field + ".name", absl::StrCat("\"", named.name(), "\" is also graph_inputs[",
                                                    input_entry[i], "]"));
@@ -794,12 +812,11 @@ absl::StatusOr<std::unique_ptr<GraphViews>> PrepareGraphRequest(
   for (int e = 0; e < request.named_parameters_size(); ++e) {
     const v1::NamedTensor& named = request.named_parameters(e);
     const std::string field = absl::StrCat("named_parameters[", e, "]");
-    const auto it = parameter_by_name.find(named.name());
-    if (it == parameter_by_name.end()) {
+    const int p = planner->FindParameter(named.name());
+    if (p < 0) {
       return Invalid(field + ".name", absl::StrCat("\"", named.name().substr(0, 64),
                                                    "\" is not a parameter of model.graph"));
     }
-    const int p = it->second;
     if (parameter_entry[p] >= 0) {
       return Invalid(field + ".name",
                      absl::StrCat("\"", named.name(), "\" is also named_parameters[",
@@ -922,25 +939,26 @@ absl::StatusOr<std::unique_ptr<GraphViews>> PrepareGraphRequest(
   return views;
 }
 
-double GraphCallCost(const v1::ComputeGradientsRequest& request) {
-  double parameter_elements = 0;
-  for (const v1::GraphParameter& p : request.model().graph().parameters()) {
-    double n = 1;
-    for (int64_t d : p.shape()) n *= std::max<double>(0, static_cast<double>(d));
-    parameter_elements += n;
-  }
-  double rows = 0;
+int64_t GraphLossDivisor(const v1::ComputeGradientsRequest& request) {
+  const v1::Graph& graph = request.model().graph();
+  const v1::Tensor* target = nullptr;
   for (const v1::NamedTensor& in : request.graph_inputs()) {
-    const v1::Tensor& t = in.tensor();
-    double n = 1;
-    for (int64_t d : t.shape()) n *= std::max<double>(0, static_cast<double>(d));
-    if (IsFloatDType(t.dtype()) && t.shape_size() > 0) {
-      n /= std::max<double>(1, static_cast<double>(t.shape(t.shape_size() - 1)));
-    }
-    rows = std::max(rows, n);
+    if (in.name() == graph.loss_target()) target = &in.tensor();
   }
-  // Forward 2 per multiply-add, backward twice that: a Linear's 6 * batch * in * out.
-  return 6 * rows * parameter_elements;
+  if (target == nullptr) return 0;
+  int64_t elements = 1;
+  for (int64_t d : target->shape()) elements *= d;
+  const v1::Loss& loss = request.model().loss();
+  if (!loss.has_cross_entropy()) return elements;
+  const int64_t ignore =
+      loss.cross_entropy().has_ignore_index() ? loss.cross_entropy().ignore_index() : -100;
+  int64_t counted = 0;
+  for (int64_t j = 0; j < elements; ++j) {
+    const int64_t value = target->dtype() == v1::DTYPE_INT32 ? LoadAt<int32_t>(target->data(), j)
+                                                             : LoadAt<int64_t>(target->data(), j);
+    counted += value != ignore;
+  }
+  return counted;
 }
 
 double GraphResponseBytes(const v1::ComputeGradientsRequest& request) {

@@ -12,10 +12,12 @@
 #define GRADSERVE_SERVICE_CONVERT_GRAPH_H_
 
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -66,9 +68,14 @@ class GraphPlanner {
   // Plans built so far (a stream builds one per batch shape).
   int64_t plans_built() const { return plans_built_; }
   engine::CheckpointMode checkpoint_mode() const { return base_.checkpoint; }
-  // Estimated FLOPs of a call before it is planned: 6 * rows * parameter elements, rows = the
-  // most rows (elements over the last axis; all elements for integer ids) of any input.
-  double parameter_elements() const { return parameter_elements_; }
+  // The index in model.graph.parameters / inputs with this name, or -1.
+  int FindParameter(const std::string& name) const;
+  int FindInput(const std::string& name) const;
+  // Bytes the spec's converted constants hold (8 per element).
+  int64_t constant_bytes() const { return constant_bytes_; }
+  // A cache keeps at most this many plans (the oldest goes first): a stream whose batches
+  // change shape every step cannot pile plans up.
+  static constexpr size_t kMaxCachedPlans = 8;
 
  private:
   GraphPlanner() = default;
@@ -83,10 +90,11 @@ class GraphPlanner {
   std::vector<int> node_index_;
   std::vector<std::vector<std::pair<std::string, int>>> attribute_index_;
   std::vector<int> constant_index_;  // Spec constant -> model.graph.constants (-1: a node's).
-  double parameter_elements_ = 0;
-  std::map<std::pair<engine::graph::DType, std::vector<engine::graph::Shape>>,
-           std::shared_ptr<const engine::graph::Graph>>
-      plans_;
+  int64_t constant_bytes_ = 0;
+  std::unordered_map<std::string, int> parameter_index_, input_index_;
+  using PlanKey = std::pair<engine::graph::DType, std::vector<engine::graph::Shape>>;
+  std::map<PlanKey, std::shared_ptr<const engine::graph::Graph>> plans_;
+  std::deque<PlanKey> plan_order_;  // Oldest first.
   int64_t plans_built_ = 0;
 };
 
@@ -107,9 +115,10 @@ absl::StatusOr<std::unique_ptr<GraphViews>> PrepareGraphRequest(
 // one set, named.
 absl::Status CheckModelForm(const v1::ComputeGradientsRequest& request);
 
-// Estimated FLOPs of a graph call before validation (one cost function with the chain's:
-// ComputeGradientsCost calls this for graph requests).
-double GraphCallCost(const v1::ComputeGradientsRequest& request);
+// What a graph call's MEAN loss divides by: the loss target's elements, or for cross-entropy
+// the target positions not equal to ignore_index (micro-batches are weighted by it). REQUIRES:
+// a request PrepareGraphRequest accepted.
+int64_t GraphLossDivisor(const v1::ComputeGradientsRequest& request);
 // An upper bound of the bytes of a graph call's answer before its outputs are known.
 double GraphResponseBytes(const v1::ComputeGradientsRequest& request);
 

@@ -8,6 +8,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
 #include "server/engine/model.h"
 #include "server/engine/status_macros.h"
@@ -22,12 +23,50 @@ absl::Status Invalid(absl::string_view field, absl::string_view what) {
 
 // A TensorChunk.field, parsed.
 struct FieldPath {
-  enum Kind { kInputs, kTargets, kOutputGradient, kParameters, kParameterUpdate } kind;
-  int index = 0;  // Linear layer, for the two parameter kinds.
+  enum Kind {
+    kInputs,
+    kTargets,
+    kOutputGradient,
+    kParameters,
+    kParameterUpdate,
+    kNamedParameters,
+    kNamedParameterUpdate,
+    kGraphInputs,
+  } kind;
+  int index = 0;  // Linear layer, for the two chain parameter kinds.
   bool bias = false;
+  std::string name{};  // The parameter or input, for the graph kinds.
 };
 
-std::optional<FieldPath> ParseFieldPath(absl::string_view path, int num_linear) {
+// Graph models: "named_parameters[NAME]", "named_parameter_update[NAME]" or
+// "graph_inputs[NAME]", NAME (verbatim up to the final ']') a declared parameter or input.
+std::optional<FieldPath> ParseGraphFieldPath(absl::string_view path,
+                                             const engine::graph::GraphSpec& spec) {
+  FieldPath field;
+  if (absl::ConsumePrefix(&path, "named_parameters[")) {
+    field.kind = FieldPath::kNamedParameters;
+  } else if (absl::ConsumePrefix(&path, "named_parameter_update[")) {
+    field.kind = FieldPath::kNamedParameterUpdate;
+  } else if (absl::ConsumePrefix(&path, "graph_inputs[")) {
+    field.kind = FieldPath::kGraphInputs;
+  } else {
+    return std::nullopt;
+  }
+  if (!absl::ConsumeSuffix(&path, "]")) return std::nullopt;
+  bool declared = false;
+  if (field.kind == FieldPath::kGraphInputs) {
+    for (const engine::graph::InputSpec& in : spec.inputs) declared |= in.name == path;
+  } else {
+    for (const engine::graph::ParameterSpec& p : spec.parameters) declared |= p.name == path;
+  }
+  if (!declared) return std::nullopt;
+  field.name = std::string(path);
+  return field;
+}
+
+std::optional<FieldPath> ParseFieldPath(absl::string_view path, int num_linear,
+                                        const GraphPlanner* planner) {
+  if (planner != nullptr) return ParseGraphFieldPath(path, planner->spec());
   if (path == "inputs") return FieldPath{FieldPath::kInputs};
   if (path == "targets") return FieldPath{FieldPath::kTargets};
   if (path == "output_gradient") return FieldPath{FieldPath::kOutputGradient};
@@ -81,45 +120,22 @@ absl::StatusOr<v1::Tensor*> StepTensor(v1::StreamStep* step, const FieldPath& pa
       if (path.bias ? entry->has_bias() : entry->has_weight()) return conflict;
       return path.bias ? entry->mutable_bias() : entry->mutable_weight();
     }
+    case FieldPath::kNamedParameters:
+    case FieldPath::kNamedParameterUpdate:
+    case FieldPath::kGraphInputs: {
+      auto* list = path.kind == FieldPath::kNamedParameters ? step->mutable_named_parameters()
+                   : path.kind == FieldPath::kNamedParameterUpdate
+                       ? step->mutable_named_parameter_update()
+                       : step->mutable_graph_inputs();
+      for (const v1::NamedTensor& entry : *list) {
+        if (entry.name() == path.name) return conflict;
+      }
+      v1::NamedTensor* entry = list->Add();
+      entry->set_name(path.name);
+      return entry->mutable_tensor();
+    }
   }
   return conflict;  // Unreachable: every kind is handled above.
-}
-
-template <typename T>
-T Load(const char* bytes, int64_t i) {
-  T value;
-  std::memcpy(&value, bytes + i * sizeof(T), sizeof(T));
-  return value;
-}
-
-template <typename T>
-void Store(char* bytes, int64_t i, T value) {
-  std::memcpy(bytes + i * sizeof(T), &value, sizeof(T));
-}
-
-// Adds the elements of `values` (T, little-endian) times `weight` to `sums`.
-template <typename T>
-void AddWeighted(const std::string& values, double weight, std::vector<double>* sums) {
-  for (size_t i = 0; i < sums->size(); ++i) {
-    (*sums)[i] += weight * static_cast<double>(Load<T>(values.data(), i));
-  }
-}
-
-// `sums` / divisor as a tensor of T with `shape`; returns the squared norm of what it wrote.
-template <typename T>
-double WriteTensor(const std::vector<double>& sums, double divisor, v1::DType dtype,
-                   const google::protobuf::RepeatedField<int64_t>& shape, v1::Tensor* out) {
-  out->set_dtype(dtype);
-  *out->mutable_shape() = shape;
-  std::string* data = out->mutable_data();
-  data->resize(sums.size() * sizeof(T));
-  double squared_norm = 0;
-  for (size_t i = 0; i < sums.size(); ++i) {
-    const T value = static_cast<T>(sums[i] / divisor);
-    Store<T>(data->data(), i, value);
-    squared_norm += static_cast<double>(value) * static_cast<double>(value);
-  }
-  return squared_norm;
 }
 
 bool SameShape(const v1::Tensor& a, const v1::Tensor& b) {
@@ -134,11 +150,12 @@ int64_t StreamSession::ParameterBytes() const {
   for (const v1::LinearParameters& p : request_.parameters()) {
     bytes += p.weight().data().size() + p.bias().data().size();
   }
+  for (const v1::NamedTensor& p : request_.named_parameters()) bytes += p.tensor().data().size();
   return bytes;
 }
 
 int64_t StreamSession::held_bytes() const {
-  return ParameterBytes() + staged_bytes_ + accumulation_.bytes;
+  return ParameterBytes() + staged_bytes_ + accumulation_.bytes + model_bytes_;
 }
 
 bool StreamSession::MeanReduction() const {
@@ -148,14 +165,19 @@ bool StreamSession::MeanReduction() const {
 
 double StreamSession::Cost(const v1::StreamGradientsRequest& message) const {
   if (!message.has_step()) return 0;
-  const v1::Tensor* inputs = nullptr;
-  if (message.step().has_inputs()) {
-    inputs = &message.step().inputs();
+  const v1::StreamStep& step = message.step();
+  std::vector<const v1::Tensor*> batch;
+  if (planner_ != nullptr) {
+    for (const v1::NamedTensor& in : step.graph_inputs()) batch.push_back(&in.tensor());
+    for (const auto& [name, staged] : staged_) {
+      if (absl::StartsWith(name, "graph_inputs[")) batch.push_back(&staged.tensor);
+    }
+  } else if (step.has_inputs()) {
+    batch.push_back(&step.inputs());
   } else if (const auto it = staged_.find("inputs"); it != staged_.end()) {
-    inputs = &it->second.tensor;
+    batch.push_back(&it->second.tensor);
   }
-  if (inputs == nullptr || inputs->shape_size() == 0) return 0;
-  return 6 * std::max<double>(0, static_cast<double>(inputs->shape(0))) * multiply_adds_;
+  return EstimatedFlops(request_.model(), batch);
 }
 
 absl::StatusOr<bool> StreamSession::Handle(v1::StreamGradientsRequest* message,
@@ -203,37 +225,98 @@ absl::StatusOr<bool> StreamSession::Handle(v1::StreamGradientsRequest* message,
 
 absl::Status StreamSession::Setup(v1::StreamSetup* setup) {
   if (!setup->has_model()) return Invalid("setup.model", "required");
-  ASSIGN_OR_RETURN(engine::ModelSpec spec, ToModelSpec(setup->model(), limits_));
-  if (setup->dtype() != v1::DTYPE_FLOAT32 && setup->dtype() != v1::DTYPE_FLOAT64) {
-    return Invalid("setup.dtype",
-                   absl::StrCat("expected DTYPE_FLOAT32 or DTYPE_FLOAT64, got ",
-                                v1::DType_IsValid(setup->dtype()) ? v1::DType_Name(setup->dtype())
-                                                                  : absl::StrCat(setup->dtype())));
+  if (setup->model().has_graph()) {
+    RETURN_IF_ERROR(SetupGraph(*setup));
+  } else {
+    ASSIGN_OR_RETURN(engine::ModelSpec spec, ToModelSpec(setup->model(), limits_));
+    if (setup->dtype() != v1::DTYPE_FLOAT32 && setup->dtype() != v1::DTYPE_FLOAT64) {
+      return Invalid("setup.dtype", absl::StrCat("expected DTYPE_FLOAT32 or DTYPE_FLOAT64, got ",
+                                                 v1::DType_IsValid(setup->dtype())
+                                                     ? v1::DType_Name(setup->dtype())
+                                                     : absl::StrCat(setup->dtype())));
+    }
+    num_linear_ = 0;
+    int64_t input_features = 0;
+    for (const engine::LayerSpec& layer : spec.layers) {
+      if (layer.kind != engine::LayerKind::kLinear) continue;
+      if (num_linear_++ == 0) input_features = layer.in_features;
+    }
+    // Width mismatches fail here rather than at the first step. Layers before the first Linear
+    // keep the width, so the inputs are as wide as it; a model without Linear layers takes any
+    // width and is checked at each step.
+    if (num_linear_ > 0) RETURN_IF_ERROR(engine::Model::Create(spec, input_features).status());
+    // A model without Linear layers has no parameters to send: every step may go straight on.
+    has_parameters_ = num_linear_ == 0;
   }
-  num_linear_ = 0;
-  multiply_adds_ = 0;
-  int64_t input_features = 0;
-  for (const engine::LayerSpec& layer : spec.layers) {
-    if (layer.kind != engine::LayerKind::kLinear) continue;
-    if (num_linear_++ == 0) input_features = layer.in_features;
-    multiply_adds_ += static_cast<double>(layer.in_features) * layer.out_features;
-  }
-  // Width mismatches fail here rather than at the first step. Layers before the first Linear
-  // keep the width, so the inputs are as wide as it; a model without Linear layers takes any
-  // width and is checked at each step.
-  if (num_linear_ > 0) RETURN_IF_ERROR(engine::Model::Create(spec, input_features).status());
-  // A model without Linear layers has no parameters to send: every step may go straight on.
-  has_parameters_ = num_linear_ == 0;
   dtype_ = setup->dtype();
   request_.mutable_model()->Swap(setup->mutable_model());
   request_.mutable_options()->Swap(setup->mutable_options());
+  if (planner_ != nullptr) {
+    // The planner holds the constants, converted; the stream keeps the rest of the model.
+    request_.mutable_model()->mutable_graph()->clear_constants();
+    model_bytes_ =
+        static_cast<int64_t>(request_.model().ByteSizeLong()) + planner_->constant_bytes();
+    if (held_bytes() > limits_.max_stream_bytes) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "setup.model: the stream would hold ", held_bytes(),
+          " bytes for the graph, over max_stream_bytes (", limits_.max_stream_bytes, ")"));
+    }
+  }
   set_up_ = true;
+  return absl::OkStatus();
+}
+
+// Note [Graph streams]
+// A graph is validated once, here (GraphPlanner::Create: names, ops, attributes, constants,
+// limits), and planned once per tuple of graph input shapes: the planner keeps the plans for
+// the steps that bring the same shapes (all of a training loop's steps but maybe its last,
+// smaller batch). Each step then only checks its tensors against the plan it reuses.
+absl::Status StreamSession::SetupGraph(const v1::StreamSetup& setup) {
+  if (setup.dtype() != v1::DTYPE_FLOAT32 && setup.dtype() != v1::DTYPE_FLOAT64) {
+    return Invalid("setup.dtype",
+                   absl::StrCat("expected DTYPE_FLOAT32 or DTYPE_FLOAT64, got ",
+                                v1::DType_IsValid(setup.dtype()) ? v1::DType_Name(setup.dtype())
+                                                                 : absl::StrCat(setup.dtype())));
+  }
+  const v1::Model& model = setup.model();
+  if (model.layers_size() > 0) {
+    return Invalid("setup.model.layers", "must be empty when model.graph is set");
+  }
+  if (setup.options().return_input_gradient()) {
+    return Invalid("setup.options.return_input_gradient",
+                   "must be false for a graph model (name the inputs in "
+                   "options.input_gradient_names)");
+  }
+  absl::StatusOr<std::unique_ptr<GraphPlanner>> planner =
+      GraphPlanner::Create(model, setup.options(), limits_, /*cache=*/true);
+  if (!planner.ok()) {
+    return absl::Status(planner.status().code(),
+                        absl::StrCat("setup.", planner.status().message()));
+  }
+  for (int i = 0; i < model.graph().inputs_size(); ++i) {
+    const v1::DType dtype = model.graph().inputs(i).dtype();
+    if ((dtype == v1::DTYPE_FLOAT32 || dtype == v1::DTYPE_FLOAT64) && dtype != setup.dtype()) {
+      return Invalid(absl::StrCat("setup.model.graph.inputs[", i, "].dtype"),
+                     absl::StrCat("expected ", v1::DType_Name(setup.dtype()),
+                                  " (the stream's dtype), got ", v1::DType_Name(dtype)));
+    }
+  }
+  planner_ = std::move(*planner);
+  // A graph without parameters has none to send: every step may go straight on.
+  has_parameters_ = planner_->spec().parameters.empty();
   return absl::OkStatus();
 }
 
 absl::Status StreamSession::Chunk(v1::TensorChunk* chunk) {
   const std::string& name = chunk->field();
-  if (!ParseFieldPath(name, num_linear_)) {
+  if (planner_ != nullptr && !ParseFieldPath(name, 0, planner_.get())) {
+    return Invalid("chunk.field",
+                   absl::StrCat("expected named_parameters[NAME], named_parameter_update[NAME] "
+                                "or graph_inputs[NAME] with NAME a parameter or input of the "
+                                "model's graph, got \"",
+                                absl::CHexEscape(name.substr(0, 64)), "\""));
+  }
+  if (planner_ == nullptr && !ParseFieldPath(name, num_linear_, nullptr)) {
     return Invalid("chunk.field",
                    absl::StrCat("expected inputs, targets, output_gradient, parameters[i].weight, "
                                 "parameters[i].bias, parameter_update[i].weight or "
@@ -250,9 +333,15 @@ absl::Status StreamSession::Chunk(v1::TensorChunk* chunk) {
         dtype != v1::DTYPE_INT64) {
       return Invalid(field + ".dtype", "the first chunk of a tensor must set a dtype");
     }
-    if (chunk->shape_size() == 0 || chunk->shape_size() > 2) {
+    if (planner_ == nullptr && (chunk->shape_size() == 0 || chunk->shape_size() > 2)) {
       return Invalid(field + ".shape",
                      "the first chunk of a tensor must set its shape (rank 1 or 2)");
+    }
+    if (planner_ != nullptr &&
+        (chunk->shape_size() == 0 || chunk->shape_size() > limits_.max_graph_rank)) {
+      return Invalid(field + ".shape",
+                     absl::StrCat("the first chunk of a tensor must set its shape (rank 1 to ",
+                                  limits_.max_graph_rank, ")"));
     }
     int64_t elements = 1;
     for (int64_t dim : chunk->shape()) {
@@ -303,7 +392,7 @@ absl::Status StreamSession::Unstage(v1::StreamStep* step) {
       return Invalid(name, absl::StrCat("staged by chunks but incomplete: ", arrived, " of ",
                                         staged.expected_bytes, " bytes arrived"));
     }
-    const std::optional<FieldPath> path = ParseFieldPath(name, num_linear_);
+    const std::optional<FieldPath> path = ParseFieldPath(name, num_linear_, planner_.get());
     ASSIGN_OR_RETURN(v1::Tensor * tensor, StepTensor(step, *path, name));
     tensor->Swap(&staged.tensor);
   }
@@ -329,6 +418,91 @@ absl::Status StreamSession::TakeParameters(v1::StreamStep* step) {
   return absl::OkStatus();
 }
 
+absl::Status StreamSession::TakeNamedParameters(v1::StreamStep* step) {
+  const engine::graph::GraphSpec& spec = planner_->spec();
+  std::vector<int> entry(spec.parameters.size(), -1);
+  for (int e = 0; e < step->named_parameters_size(); ++e) {
+    const v1::NamedTensor& named = step->named_parameters(e);
+    const std::string field = absl::StrCat("named_parameters[", e, "]");
+    const int p = planner_->FindParameter(named.name());
+    if (p < 0) {
+      return Invalid(field + ".name",
+                     absl::StrCat("\"", absl::CHexEscape(named.name().substr(0, 64)),
+                                  "\" is not a parameter of model.graph"));
+    }
+    if (entry[p] >= 0) {
+      return Invalid(field + ".name", absl::StrCat("\"", named.name(),
+                                                   "\" is also named_parameters[", entry[p], "]"));
+    }
+    entry[p] = e;
+    RETURN_IF_ERROR(CheckHeldShape(named.tensor(), spec.parameters[p].shape, field + ".tensor"));
+  }
+  for (size_t p = 0; p < spec.parameters.size(); ++p) {
+    if (entry[p] < 0) {
+      return Invalid("named_parameters", absl::StrCat("missing \"", spec.parameters[p].name,
+                                                      "\" (model.graph.parameters[", p,
+                                                      "]); every parameter is sent, by name"));
+    }
+  }
+  // Held in model.graph.parameters order, so that gradients and updates find them by index.
+  request_.clear_named_parameters();
+  for (size_t p = 0; p < spec.parameters.size(); ++p) {
+    v1::NamedTensor* held = request_.add_named_parameters();
+    held->set_name(spec.parameters[p].name);
+    held->mutable_tensor()->Swap(step->mutable_named_parameters(entry[p])->mutable_tensor());
+  }
+  has_parameters_ = true;
+  if (held_bytes() > limits_.max_stream_bytes) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("named_parameters: the stream would hold ", held_bytes(),
+                     " bytes, over max_stream_bytes (", limits_.max_stream_bytes, ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status StreamSession::CheckHeldShape(const v1::Tensor& tensor,
+                                           const std::vector<int64_t>& shape,
+                                           const std::string& field) const {
+  if (tensor.dtype() != dtype_) {
+    return Invalid(field + ".dtype",
+                   absl::StrCat("expected ", v1::DType_Name(dtype_), " (the stream's dtype)"));
+  }
+  if (!std::equal(tensor.shape().begin(), tensor.shape().end(), shape.begin(), shape.end())) {
+    return Invalid(field + ".shape",
+                   absl::StrCat("expected [", absl::StrJoin(shape, ", "), "], got [",
+                                absl::StrJoin(tensor.shape(), ", "), "]"));
+  }
+  int64_t elements = 1;
+  for (int64_t d : shape) elements *= d;  // Declared shapes are within max_tensor_elements.
+  if (static_cast<int64_t>(tensor.data().size()) != elements * DTypeSize(dtype_)) {
+    return Invalid(field + ".data", absl::StrCat("expected ", elements * DTypeSize(dtype_),
+                                                 " bytes, got ", tensor.data().size()));
+  }
+  return absl::OkStatus();
+}
+
+template <typename T>
+absl::Status StreamSession::CheckUpdate(const v1::Tensor& held, const v1::Tensor& update,
+                                        const std::string& field) const {
+  if (update.dtype() != dtype_) {
+    return Invalid(field + ".dtype",
+                   absl::StrCat("expected ", v1::DType_Name(dtype_), " (the stream's dtype)"));
+  }
+  if (!SameShape(held, update) || update.data().size() != held.data().size()) {
+    return Invalid(field, "expected the shape and byte length of the held parameter");
+  }
+  if (!request_.options().allow_non_finite()) {
+    const int64_t bad =
+        engine::FirstNonFinite<T>(update.data().data(), update.data().size() / sizeof(T));
+    if (bad >= 0) {
+      return Invalid(field + ".data",
+                     absl::StrCat("non-finite value at flat index ", bad,
+                                  "; set options.allow_non_finite to compute anyway"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 template <typename T>
 absl::Status StreamSession::ApplyUpdate(const v1::StreamStep& step) {
   if (step.parameter_update_size() != num_linear_) {
@@ -337,7 +511,6 @@ absl::Status StreamSession::ApplyUpdate(const v1::StreamStep& step) {
                                 " entries (one per Linear layer, in model order), got ",
                                 step.parameter_update_size()));
   }
-  const bool check_finite = !request_.options().allow_non_finite();
   // Everything is checked before anything is added: a failed update leaves no half-updated
   // parameters behind (the stream ends anyway, but the rule is cheap to keep).
   for (int l = 0; l < num_linear_; ++l) {
@@ -353,24 +526,8 @@ absl::Status StreamSession::ApplyUpdate(const v1::StreamStep& step) {
                                        : "must be unset: the held parameters have no such tensor");
       }
       if (!held_has) continue;
-      const v1::Tensor& h = bias ? held.bias() : held.weight();
-      const v1::Tensor& u = bias ? update.bias() : update.weight();
-      if (u.dtype() != dtype_) {
-        return Invalid(field + ".dtype",
-                       absl::StrCat("expected ", v1::DType_Name(dtype_), " (the stream's dtype)"));
-      }
-      if (!SameShape(h, u) || u.data().size() != h.data().size()) {
-        return Invalid(field, "expected the shape and byte length of the held parameter");
-      }
-      if (check_finite) {
-        for (size_t i = 0; i < u.data().size() / sizeof(T); ++i) {
-          if (!std::isfinite(Load<T>(u.data().data(), i))) {
-            return Invalid(field + ".data",
-                           absl::StrCat("non-finite value at flat index ", i,
-                                        "; set options.allow_non_finite to compute anyway"));
-          }
-        }
-      }
+      RETURN_IF_ERROR(CheckUpdate<T>(bias ? held.bias() : held.weight(),
+                                     bias ? update.bias() : update.weight(), field));
     }
   }
   for (int l = 0; l < num_linear_; ++l) {
@@ -379,43 +536,85 @@ absl::Status StreamSession::ApplyUpdate(const v1::StreamStep& step) {
     for (const bool bias : {false, true}) {
       if (!(bias ? held->has_bias() : held->has_weight())) continue;
       std::string* target = (bias ? held->mutable_bias() : held->mutable_weight())->mutable_data();
-      const std::string& delta = (bias ? update.bias() : update.weight()).data();
-      // p = p + u, rounded once in T: what a caller does to its own copy.
-      for (size_t i = 0; i < target->size() / sizeof(T); ++i) {
-        Store<T>(target->data(), i,
-                 static_cast<T>(Load<T>(target->data(), i) + Load<T>(delta.data(), i)));
-      }
+      engine::AddUpdate<T>(target->data(), (bias ? update.bias() : update.weight()).data().data(),
+                           target->size() / sizeof(T));
     }
   }
   return absl::OkStatus();
 }
 
-absl::StatusOr<bool> StreamSession::Step(v1::StreamStep* step, const ComputeContext& context,
-                                         v1::StreamGradientsResponse* response) {
-  const int64_t step_index = steps_ - 1;
-  RETURN_IF_ERROR(Unstage(step));
+template <typename T>
+absl::Status StreamSession::ApplyNamedUpdate(const v1::StreamStep& step) {
+  std::vector<int> parameter(step.named_parameter_update_size());
+  std::vector<int> entry(request_.named_parameters_size(), -1);
+  // Everything is checked before anything is added, as for the chain.
+  for (int e = 0; e < step.named_parameter_update_size(); ++e) {
+    const v1::NamedTensor& named = step.named_parameter_update(e);
+    const std::string field = absl::StrCat("named_parameter_update[", e, "]");
+    const int p = planner_->FindParameter(named.name());
+    if (p < 0) {
+      return Invalid(field + ".name",
+                     absl::StrCat("\"", absl::CHexEscape(named.name().substr(0, 64)),
+                                  "\" is not a parameter of model.graph"));
+    }
+    if (entry[p] >= 0) {
+      return Invalid(
+          field + ".name",
+          absl::StrCat("\"", named.name(), "\" is also named_parameter_update[", entry[p], "]"));
+    }
+    entry[p] = e;
+    parameter[e] = p;
+    RETURN_IF_ERROR(
+        CheckUpdate<T>(request_.named_parameters(p).tensor(), named.tensor(), field + ".tensor"));
+  }
+  for (int e = 0; e < step.named_parameter_update_size(); ++e) {
+    std::string* target =
+        request_.mutable_named_parameters(parameter[e])->mutable_tensor()->mutable_data();
+    engine::AddUpdate<T>(target->data(), step.named_parameter_update(e).tensor().data().data(),
+                         target->size() / sizeof(T));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status StreamSession::ChangeParameters(v1::StreamStep* step) {
+  const bool graph = planner_ != nullptr;
   const bool accumulating = accumulation_.micro_batches > 0;
-  const bool sends_parameters = step->parameters_size() > 0;
-  const bool sends_update = step->parameter_update_size() > 0;
+  const bool sends_parameters =
+      graph ? step->named_parameters_size() > 0 : step->parameters_size() > 0;
+  const bool sends_update =
+      graph ? step->named_parameter_update_size() > 0 : step->parameter_update_size() > 0;
+  const char* parameters_field = graph ? "named_parameters" : "parameters";
+  const char* update_field = graph ? "named_parameter_update" : "parameter_update";
   if (sends_parameters && sends_update) {
-    return Invalid("parameter_update", "not together with parameters: send one or the other");
+    return Invalid(update_field,
+                   absl::StrCat("not together with ", parameters_field, ": send one or the other"));
   }
   if (accumulating && (sends_parameters || sends_update)) {
-    return Invalid(sends_parameters ? "parameters" : "parameter_update",
+    return Invalid(sends_parameters ? parameters_field : update_field,
                    "the parameters cannot change during an accumulation (the gradients of "
                    "its micro-batches are summed)");
   }
-  if (sends_parameters) {
-    RETURN_IF_ERROR(TakeParameters(step));
-  } else if (sends_update) {
+  if (sends_parameters) return graph ? TakeNamedParameters(step) : TakeParameters(step);
+  if (sends_update) {
     if (!has_parameters_) {
-      return Invalid("parameter_update",
-                     "the stream holds no parameters yet; send parameters on the first step");
+      return Invalid(update_field, absl::StrCat("the stream holds no parameters yet; send ",
+                                                parameters_field, " on the first step"));
     }
-    RETURN_IF_ERROR(dtype_ == v1::DTYPE_FLOAT32 ? ApplyUpdate<float>(*step)
-                                                : ApplyUpdate<double>(*step));
-  } else if (!has_parameters_) {
-    return Invalid("parameters", "required on the stream's first step");
+    if (graph) {
+      return dtype_ == v1::DTYPE_FLOAT32 ? ApplyNamedUpdate<float>(*step)
+                                         : ApplyNamedUpdate<double>(*step);
+    }
+    return dtype_ == v1::DTYPE_FLOAT32 ? ApplyUpdate<float>(*step) : ApplyUpdate<double>(*step);
+  }
+  if (!has_parameters_) return Invalid(parameters_field, "required on the stream's first step");
+  return absl::OkStatus();
+}
+
+absl::Status StreamSession::TakeBatch(v1::StreamStep* step) {
+  if (planner_ != nullptr) {
+    // Checked against the graph (names, dtypes, shapes) by the call itself.
+    request_.mutable_graph_inputs()->Swap(step->mutable_graph_inputs());
+    return absl::OkStatus();
   }
   if (!step->has_inputs()) return Invalid("inputs", "required ([batch, in_features])");
   if (step->inputs().dtype() != dtype_) {
@@ -427,12 +626,68 @@ absl::StatusOr<bool> StreamSession::Step(v1::StreamStep* step, const ComputeCont
   if (step->has_output_gradient()) {
     request_.mutable_output_gradient()->Swap(step->mutable_output_gradient());
   }
+  return absl::OkStatus();
+}
+
+namespace {
+
+// The fields of the other model form: a graph's stream takes named tensors only, a chain's
+// positional ones only.
+absl::Status CheckStepForm(const v1::StreamStep& step, bool graph) {
+  if (graph) {
+    if (step.parameters_size() > 0) {
+      return Invalid("parameters", "a graph model's stream takes named_parameters");
+    }
+    if (step.parameter_update_size() > 0) {
+      return Invalid("parameter_update", "a graph model's stream takes named_parameter_update");
+    }
+    if (step.has_inputs() || step.has_targets() || step.has_output_gradient()) {
+      return Invalid(step.has_inputs()    ? "inputs"
+                     : step.has_targets() ? "targets"
+                                          : "output_gradient",
+                     "a graph model's stream takes its batch in graph_inputs");
+    }
+    return absl::OkStatus();
+  }
+  if (step.named_parameters_size() > 0) {
+    return Invalid("named_parameters", "only for graph models (model.graph)");
+  }
+  if (step.named_parameter_update_size() > 0) {
+    return Invalid("named_parameter_update", "only for graph models (model.graph)");
+  }
+  if (step.graph_inputs_size() > 0) {
+    return Invalid("graph_inputs", "only for graph models (model.graph)");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<bool> StreamSession::Step(v1::StreamStep* step, const ComputeContext& context,
+                                         v1::StreamGradientsResponse* response) {
+  const int64_t step_index = steps_ - 1;
+  RETURN_IF_ERROR(CheckStepForm(*step, planner_ != nullptr));
+  RETURN_IF_ERROR(Unstage(step));
+  const bool accumulating = accumulation_.micro_batches > 0;
+  RETURN_IF_ERROR(ChangeParameters(step));
+  RETURN_IF_ERROR(TakeBatch(step));
   v1::ComputeGradientsResponse result;
-  const absl::Status status = ComputeGradients(request_, limits_, context, &result);
+  const absl::Status status =
+      planner_ != nullptr
+          ? ComputeGraphGradients(request_, limits_, context, planner_.get(), &result)
+          : ComputeGradients(request_, limits_, context, &result);
+  // The weight of this micro-batch in the sums: what its MEAN divided by, up to a factor common
+  // to all micro-batches (Note [Micro-batch accumulation]).
+  double weight = 1;
+  if (status.ok() && (step->accumulate() || accumulating) && MeanReduction()) {
+    weight = planner_ != nullptr ? static_cast<double>(GraphLossDivisor(request_))
+                                 : static_cast<double>(result.stats().num_examples());
+  }
   // The batch is not part of the stream's state.
   request_.clear_inputs();
   request_.clear_targets();
   request_.clear_output_gradient();
+  request_.clear_graph_inputs();
   RETURN_IF_ERROR(status);
 
   if (!step->accumulate() && !accumulating) {
@@ -441,7 +696,7 @@ absl::StatusOr<bool> StreamSession::Step(v1::StreamStep* step, const ComputeCont
     response->mutable_result()->Swap(&result);
     return true;
   }
-  RETURN_IF_ERROR(Accumulate(&result));
+  RETURN_IF_ERROR(Accumulate(&result, weight));
   if (step->accumulate()) return false;
   response->set_step_index(step_index);
   response->set_micro_batches(accumulation_.micro_batches);
@@ -455,38 +710,82 @@ absl::StatusOr<bool> StreamSession::Step(v1::StreamStep* step, const ComputeCont
 }
 
 // Note [Micro-batch accumulation]
-// With MEAN reduction a micro-batch of n_i examples returns gradients averaged over its own
-// examples, so the whole batch's gradient is sum_i(n_i * g_i) / sum_i(n_i) (the same holds for
-// MSE/L1/Huber/BCE, which average over n_i * width elements: the width cancels). With SUM, and
-// for the external loss (whose output gradient is used as given), it is sum_i(g_i). The sums
-// are kept in float64 and rounded to the stream's dtype once, at the end; input gradients are
-// per example, so micro-batch i's rows are scaled by n_i / sum(n) (MEAN) and concatenated.
-absl::Status StreamSession::Accumulate(v1::ComputeGradientsResponse* result) {
+// With MEAN reduction a micro-batch returns gradients averaged over its own N_i terms, so the
+// whole batch's gradient is sum_i(N_i * g_i) / sum_i(N_i). For a chain N_i is taken as its
+// examples n_i (MSE/L1/Huber/BCE average over n_i * width elements: the width cancels); for a
+// graph it is the MEAN's own divisor (the loss target's elements, or for cross-entropy the
+// positions not ignored), since a graph's micro-batches may differ in more than their first
+// axis. With SUM, and for the external loss (whose output gradient is used as given), it is
+// sum_i(g_i). The sums are kept in float64 and rounded to the stream's dtype once, at the end
+// (engine::GradientSums); input gradients are per example, so micro-batch i's rows are scaled
+// by N_i / sum(N) (MEAN) and concatenated along the first axis, as are outputs.
+absl::Status StreamSession::Accumulate(v1::ComputeGradientsResponse* result, double weight) {
   Accumulation& acc = accumulation_;
+  const bool graph = planner_ != nullptr;
   const int64_t examples = result->stats().num_examples();
-  const double weight = MeanReduction() ? static_cast<double>(examples) : 1.0;
-  const int num_layers = result->diagnostics_size();
-  if (acc.micro_batches == 0) {
-    int64_t elements = 0;
+  // The gradients summed: chain weight and bias per Linear layer; graph parameters in order.
+  std::vector<const std::string*> gradients;
+  if (graph) {
+    for (const v1::NamedTensor& g : result->named_gradients())
+      gradients.push_back(&g.tensor().data());
+  } else {
     for (const v1::LinearGradients& g : result->gradients()) {
-      elements += (g.weight().data().size() + g.bias().data().size()) / DTypeSize(dtype_);
+      gradients.push_back(&g.weight().data());
+      gradients.push_back(&g.bias().data());
     }
-    const int64_t bytes = elements * static_cast<int64_t>(sizeof(double));
+  }
+  // The per-example tensors, concatenated.
+  std::vector<v1::Tensor*> rows;
+  if (graph) {
+    for (v1::NamedTensor& t : *result->mutable_input_gradients())
+      rows.push_back(t.mutable_tensor());
+    for (v1::NamedTensor& t : *result->mutable_outputs()) rows.push_back(t.mutable_tensor());
+  } else {
+    rows = {result->mutable_input_gradient(), result->mutable_output()};
+  }
+  const int num_diagnostics = graph ? result->value_diagnostics_size() : result->diagnostics_size();
+  if (acc.micro_batches == 0) {
+    std::vector<int64_t> elements;
+    for (const std::string* g : gradients) {
+      elements.push_back(static_cast<int64_t>(g->size()) / DTypeSize(dtype_));
+    }
+    int64_t bytes = 0;
+    for (int64_t n : elements) bytes += n * static_cast<int64_t>(sizeof(double));
     if (held_bytes() + bytes > limits_.max_stream_bytes) {
       return absl::ResourceExhaustedError(absl::StrCat(
           "accumulate: the float64 accumulator needs ", bytes, " bytes; the stream would hold ",
           held_bytes() + bytes, ", over max_stream_bytes (", limits_.max_stream_bytes, ")"));
     }
+    acc.sums = engine::GradientSums(elements);
     acc.bytes = bytes;
-    for (const v1::LinearGradients& g : result->gradients()) {
-      acc.weights.emplace_back(g.weight().data().size() / DTypeSize(dtype_), 0.0);
-      acc.biases.emplace_back(g.bias().data().size() / DTypeSize(dtype_), 0.0);
+    acc.rows.assign(rows.size(), {});
+    acc.output_grad_sq.assign(num_diagnostics, 0.0);
+    acc.activation_sq.assign(num_diagnostics, 0.0);
+    acc.non_finite.assign(num_diagnostics, 0);
+    acc.parameter_non_finite.assign(graph ? result->parameter_diagnostics_size() : 0, 0);
+  } else if (graph) {
+    // Concatenated along the first axis: the rest of each shape must not change.
+    const v1::ComputeGradientsResponse& first = acc.last;
+    for (size_t k = 0; k < rows.size(); ++k) {
+      const int inputs = first.input_gradients_size();
+      const v1::NamedTensor& before =
+          static_cast<int>(k) < inputs ? first.input_gradients(k) : first.outputs(k - inputs);
+      const v1::Tensor& now = *rows[k];
+      if (before.tensor().shape_size() != now.shape_size() ||
+          !std::equal(before.tensor().shape().begin() + std::min(1, now.shape_size()),
+                      before.tensor().shape().end(),
+                      now.shape().begin() + std::min(1, now.shape_size()))) {
+        return Invalid("accumulate",
+                       absl::StrCat("\"", before.name(), "\" of this micro-batch has shape [",
+                                    absl::StrJoin(now.shape(), ", "), "], the previous one's [",
+                                    absl::StrJoin(before.tensor().shape(), ", "),
+                                    "]: micro-batches are concatenated along their first axis "
+                                    "only; leave it out of the options or answer sooner"));
+      }
     }
-    acc.output_grad_sq.assign(num_layers, 0.0);
-    acc.activation_sq.assign(num_layers, 0.0);
-    acc.non_finite.assign(num_layers, 0);
   }
-  const int64_t row_bytes = result->input_gradient().data().size() + result->output().data().size();
+  int64_t row_bytes = 0;
+  for (const v1::Tensor* t : rows) row_bytes += static_cast<int64_t>(t->data().size());
   if (held_bytes() + row_bytes > limits_.max_stream_bytes ||
       ParameterBytes() + acc.row_bytes + row_bytes > limits_.max_message_bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -495,27 +794,42 @@ absl::Status StreamSession::Accumulate(v1::ComputeGradientsResponse* result) {
         limits_.max_stream_bytes, ") or the answer max_message_bytes (", limits_.max_message_bytes,
         "); answer sooner or leave them out of the options"));
   }
-  for (size_t l = 0; l < acc.weights.size(); ++l) {
-    const v1::LinearGradients& g = result->gradients(l);
+  for (size_t t = 0; t < gradients.size(); ++t) {
     if (dtype_ == v1::DTYPE_FLOAT32) {
-      AddWeighted<float>(g.weight().data(), weight, &acc.weights[l]);
-      AddWeighted<float>(g.bias().data(), weight, &acc.biases[l]);
+      acc.sums.Add<float>(static_cast<int>(t), gradients[t]->data(), weight);
     } else {
-      AddWeighted<double>(g.weight().data(), weight, &acc.weights[l]);
-      AddWeighted<double>(g.bias().data(), weight, &acc.biases[l]);
+      acc.sums.Add<double>(static_cast<int>(t), gradients[t]->data(), weight);
     }
   }
-  for (int i = 0; i < num_layers; ++i) {
-    const v1::LayerDiagnostics& d = result->diagnostics(i);
-    acc.output_grad_sq[i] += weight * weight * d.output_grad_norm() * d.output_grad_norm();
-    acc.activation_sq[i] += d.activation_norm() * d.activation_norm();
-    acc.non_finite[i] += d.non_finite_count();
+  for (int i = 0; i < num_diagnostics; ++i) {
+    double grad_norm, value_norm;
+    int64_t non_finite;
+    if (graph) {
+      const v1::ValueDiagnostics& d = result->value_diagnostics(i);
+      grad_norm = d.grad_norm();
+      value_norm = d.value_norm();
+      non_finite = d.non_finite_count();
+    } else {
+      const v1::LayerDiagnostics& d = result->diagnostics(i);
+      grad_norm = d.output_grad_norm();
+      value_norm = d.activation_norm();
+      non_finite = d.non_finite_count();
+    }
+    acc.output_grad_sq[i] += weight * weight * grad_norm * grad_norm;
+    acc.activation_sq[i] += value_norm * value_norm;
+    acc.non_finite[i] += non_finite;
   }
-  acc.weighted_loss += weight * result->loss();
+  for (size_t p = 0; p < acc.parameter_non_finite.size(); ++p) {
+    acc.parameter_non_finite[p] += result->parameter_diagnostics(p).non_finite_count();
+  }
+  // A micro-batch whose every position is ignored (cross-entropy) weighs 0 and its loss is NaN.
+  if (weight != 0) acc.weighted_loss += weight * result->loss();
+  acc.weight += weight;
   acc.examples += examples;
   acc.weights_of_batches.push_back(weight);
-  acc.input_gradients.push_back(std::move(*result->mutable_input_gradient()->mutable_data()));
-  acc.outputs.push_back(std::move(*result->mutable_output()->mutable_data()));
+  for (size_t k = 0; k < rows.size(); ++k) {
+    acc.rows[k].push_back(std::move(*rows[k]->mutable_data()));
+  }
   acc.bytes += row_bytes;
   acc.row_bytes += row_bytes;
   // Times and recomputation add up; the peak is the largest (micro-batches run one by one).
@@ -539,45 +853,74 @@ absl::Status StreamSession::Accumulate(v1::ComputeGradientsResponse* result) {
 template <typename T>
 void StreamSession::FinishAccumulation(v1::ComputeGradientsResponse* out) {
   Accumulation& acc = accumulation_;
-  const double divisor = MeanReduction() ? static_cast<double>(acc.examples) : 1.0;
+  const bool graph = planner_ != nullptr;
+  const double divisor = MeanReduction() ? acc.weight : 1.0;
   out->Swap(&acc.last);  // Labels, stats and plan; gradients, rows and norms replaced below.
   out->set_loss(acc.weighted_loss / divisor);
-  std::vector<double> weight_sq(acc.weights.size()), bias_sq(acc.weights.size());
-  for (size_t l = 0; l < acc.weights.size(); ++l) {
-    v1::LinearGradients* g = out->mutable_gradients(l);
-    weight_sq[l] =
-        WriteTensor<T>(acc.weights[l], divisor, dtype_, g->weight().shape(), g->mutable_weight());
-    if (g->has_bias()) {
-      bias_sq[l] =
-          WriteTensor<T>(acc.biases[l], divisor, dtype_, g->bias().shape(), g->mutable_bias());
+  std::vector<double> squared_norms(acc.sums.tensors(), 0.0);
+  for (int t = 0; t < acc.sums.tensors(); ++t) {
+    v1::Tensor* g;
+    if (graph) {
+      g = out->mutable_named_gradients(t)->mutable_tensor();
+    } else {
+      v1::LinearGradients* layer = out->mutable_gradients(t / 2);
+      if (t % 2 == 1 && !layer->has_bias()) continue;
+      g = t % 2 == 0 ? layer->mutable_weight() : layer->mutable_bias();
     }
+    g->mutable_data()->resize(acc.sums.elements(t) * sizeof(T));
+    squared_norms[t] = acc.sums.Write<T>(t, divisor, g->mutable_data()->data());
   }
   // Rows in arrival order; input gradients rescaled from their micro-batch's mean to the whole
   // batch's.
-  for (const bool input_gradient : {true, false}) {
-    v1::Tensor* tensor = input_gradient ? out->mutable_input_gradient() : out->mutable_output();
-    const std::vector<std::string>& parts = input_gradient ? acc.input_gradients : acc.outputs;
-    if (parts.front().empty()) {
-      input_gradient ? out->clear_input_gradient() : out->clear_output();
+  const int inputs = graph ? out->input_gradients_size() : 1;
+  for (size_t k = 0; k < acc.rows.size(); ++k) {
+    const int index = static_cast<int>(k);
+    v1::Tensor* tensor =
+        graph ? (index < inputs ? out->mutable_input_gradients(index)->mutable_tensor()
+                                : out->mutable_outputs(index - inputs)->mutable_tensor())
+              : (index == 0 ? out->mutable_input_gradient() : out->mutable_output());
+    const bool scaled = index < inputs;
+    const std::vector<std::string>& parts = acc.rows[k];
+    if (!graph && parts.front().empty()) {
+      index == 0 ? out->clear_input_gradient() : out->clear_output();
       continue;
     }
     std::string data;
     for (size_t i = 0; i < parts.size(); ++i) {
-      if (!input_gradient || acc.weights_of_batches[i] == divisor) {
+      if (!scaled || acc.weights_of_batches[i] == divisor) {
         data += parts[i];
         continue;
       }
-      const double scale = acc.weights_of_batches[i] / divisor;
       const size_t start = data.size();
       data.resize(start + parts[i].size());
-      for (size_t j = 0; j < parts[i].size() / sizeof(T); ++j) {
-        Store<T>(data.data() + start, j,
-                 static_cast<T>(scale * static_cast<double>(Load<T>(parts[i].data(), j))));
-      }
+      engine::ScaleInto<T>(parts[i].data(), parts[i].size() / sizeof(T),
+                           acc.weights_of_batches[i] / divisor, data.data() + start);
     }
-    const int64_t width = tensor->shape(1);
-    tensor->mutable_shape()->Set(0, static_cast<int64_t>(data.size() / sizeof(T)) / width);
+    // The first axis grows; a scalar (a graph output of rank 0) becomes one entry per
+    // micro-batch.
+    const int64_t element = DTypeSize(tensor->dtype());
+    if (tensor->shape_size() == 0) {
+      tensor->add_shape(static_cast<int64_t>(parts.size()));
+    } else {
+      int64_t row = element;
+      for (int d = 1; d < tensor->shape_size(); ++d) row *= tensor->shape(d);
+      tensor->mutable_shape()->Set(0, static_cast<int64_t>(data.size()) / row);
+    }
     tensor->set_data(std::move(data));
+  }
+  if (graph) {
+    for (int i = 0; i < out->value_diagnostics_size(); ++i) {
+      v1::ValueDiagnostics* d = out->mutable_value_diagnostics(i);
+      d->set_grad_norm(std::sqrt(acc.output_grad_sq[i]) / divisor);
+      d->set_value_norm(std::sqrt(acc.activation_sq[i]));
+      d->set_non_finite_count(acc.non_finite[i]);
+    }
+    for (int p = 0; p < out->parameter_diagnostics_size(); ++p) {
+      v1::ParameterDiagnostics* d = out->mutable_parameter_diagnostics(p);
+      d->set_grad_norm(std::sqrt(squared_norms[p]));
+      d->set_non_finite_count(acc.parameter_non_finite[p]);
+    }
+    return;
   }
   for (int i = 0; i < out->diagnostics_size(); ++i) {
     v1::LayerDiagnostics* d = out->mutable_diagnostics(i);
@@ -586,12 +929,11 @@ void StreamSession::FinishAccumulation(v1::ComputeGradientsResponse* out) {
     d->set_non_finite_count(acc.non_finite[i]);
   }
   // Gradient norms of the combined gradients, per Linear layer in model order.
-  for (int i = 0, l = 0; i < out->diagnostics_size() && l < static_cast<int>(weight_sq.size());
-       ++i) {
+  for (int i = 0, l = 0; i < out->diagnostics_size() && 2 * l < acc.sums.tensors(); ++i) {
     v1::LayerDiagnostics* d = out->mutable_diagnostics(i);
     if (d->kind() != "linear") continue;
-    d->set_weight_grad_norm(std::sqrt(weight_sq[l]));
-    d->set_bias_grad_norm(std::sqrt(bias_sq[l]));
+    d->set_weight_grad_norm(std::sqrt(squared_norms[2 * l]));
+    d->set_bias_grad_norm(std::sqrt(squared_norms[2 * l + 1]));
     ++l;
   }
 }

@@ -12,12 +12,15 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "gradserve/v1/gradserve.pb.h"
+#include "server/engine/accumulate.h"
 #include "server/service/compute.h"
+#include "server/service/convert_graph.h"
 #include "server/service/limits.h"
 
 namespace gradserve::service {
@@ -43,6 +46,8 @@ class StreamSession {
   // Messages handled so far, and steps among them.
   int64_t messages() const { return messages_; }
   int64_t steps() const { return steps_; }
+  // Graph models: plans built so far (one per tuple of graph input shapes and dtype).
+  int64_t plans_built() const { return planner_ ? planner_->plans_built() : 0; }
 
  private:
   // A tensor arriving in chunks.
@@ -54,29 +59,52 @@ class StreamSession {
   struct Accumulation {
     int micro_batches = 0;
     int64_t examples = 0;
+    double weight = 0;  // Sum of the micro-batches' weights (the MEAN's divisor).
     double weighted_loss = 0;
-    std::vector<std::vector<double>> weights, biases;  // One per Linear layer.
-    // Rows of input_gradient and output per micro-batch, as sent by ComputeGradients.
-    std::vector<std::string> input_gradients, outputs;
-    std::vector<double> weights_of_batches;             // The weight each micro-batch's sums got.
-    std::vector<double> output_grad_sq, activation_sq;  // Per layer, weighted.
+    // Chain: per Linear layer its weight, then its bias (empty without one). Graph: per
+    // parameter, in model.graph.parameters order.
+    engine::GradientSums sums;
+    // Per-example tensors, concatenated along their first axis in the answer: chain
+    // input_gradient then output; graph input_gradients then outputs, in the order of the first
+    // micro-batch's answer. [tensor][micro-batch] bytes.
+    std::vector<std::vector<std::string>> rows;
+    std::vector<double> weights_of_batches;  // The weight each micro-batch's sums got.
+    // Per layer (chain) or per value diagnostic (graph): weighted squared gradient norms,
+    // squared value norms, non-finite counts.
+    std::vector<double> output_grad_sq, activation_sq;
     std::vector<int64_t> non_finite;
-    v1::ComputeGradientsResponse last;  // Diagnostics labels, stats and plan of the last.
-    int64_t bytes = 0;                  // Everything above: held by the stream.
-    int64_t row_bytes = 0;              // input_gradients and outputs: what the answer will carry.
+    std::vector<int64_t> parameter_non_finite;  // Graph: per parameter, summed.
+    v1::ComputeGradientsResponse last;          // Diagnostics labels, stats and plan of the last.
+    int64_t bytes = 0;                          // Everything above: held by the stream.
+    int64_t row_bytes = 0;                      // `rows`: what the answer will carry.
   };
 
   absl::Status Setup(v1::StreamSetup* setup);
+  absl::Status SetupGraph(const v1::StreamSetup& setup);
   absl::Status Chunk(v1::TensorChunk* chunk);
   absl::StatusOr<bool> Step(v1::StreamStep* step, const ComputeContext& context,
                             v1::StreamGradientsResponse* response);
   // Moves the staged tensors into `step`, which must leave their fields unset.
   absl::Status Unstage(v1::StreamStep* step);
+  // The parameters of `step` become the held ones; the update of `step` is added to them.
+  absl::Status ChangeParameters(v1::StreamStep* step);
   absl::Status TakeParameters(v1::StreamStep* step);
+  absl::Status TakeNamedParameters(v1::StreamStep* step);
   template <typename T>
   absl::Status ApplyUpdate(const v1::StreamStep& step);
+  template <typename T>
+  absl::Status ApplyNamedUpdate(const v1::StreamStep& step);
+  // A named parameter sent whole: the stream's dtype, its declared shape, its byte length.
+  absl::Status CheckHeldShape(const v1::Tensor& tensor, const std::vector<int64_t>& shape,
+                              const std::string& field) const;
+  // An update of a held parameter: the stream's dtype, the held shape, finite values.
+  template <typename T>
+  absl::Status CheckUpdate(const v1::Tensor& held, const v1::Tensor& update,
+                           const std::string& field) const;
+  // Moves the step's batch into request_ (Step clears it after the call).
+  absl::Status TakeBatch(v1::StreamStep* step);
   // Adds one micro-batch's result (Note [Micro-batch accumulation]).
-  absl::Status Accumulate(v1::ComputeGradientsResponse* result);
+  absl::Status Accumulate(v1::ComputeGradientsResponse* result, double weight);
   template <typename T>
   void FinishAccumulation(v1::ComputeGradientsResponse* out);
   bool MeanReduction() const;
@@ -86,7 +114,10 @@ class StreamSession {
   bool set_up_ = false;
   v1::DType dtype_ = v1::DTYPE_UNSPECIFIED;
   int num_linear_ = 0;
-  double multiply_adds_ = 0;  // Sum of in * out over Linear layers.
+  // Graph models: the model validated once at set-up, and its plans (one per tuple of input
+  // shapes, built on first use and kept).
+  std::unique_ptr<GraphPlanner> planner_;
+  int64_t model_bytes_ = 0;  // Graph models: the model and its converted constants, held.
   // The model, options and held parameters; a step's batch is moved in and out around each
   // ComputeGradients call.
   v1::ComputeGradientsRequest request_;

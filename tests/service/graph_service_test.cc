@@ -17,6 +17,7 @@
 #include "server/service/compute.h"
 #include "server/service/convert.h"
 #include "server/service/server.h"
+#include "server/service/stream.h"
 #include "tests/engine/graph_test_models.h"
 #include "tests/service/graph_test_requests.h"
 
@@ -330,6 +331,212 @@ TEST(CheckGradientsFloor, CorrectChainGradientReportsSmallRelativeError) {
   ASSERT_TRUE(status.ok()) << status;
   std::printf("chain float64: max relative error %.3g\n", response.max_rel_error());
   EXPECT_LT(response.max_rel_error(), 1e-6);
+}
+
+// ---------------------------------------------------------------------------------------------
+// StreamGradients with graphs (StreamSession, no gRPC): the model validated once and planned
+// once per batch shape, parameters sent and updated by name, micro-batches summed by name.
+
+v1::StreamGradientsRequest GraphSetup(const v1::ComputeGradientsRequest& like, v1::DType dtype) {
+  v1::StreamGradientsRequest message;
+  *message.mutable_setup()->mutable_model() = like.model();
+  *message.mutable_setup()->mutable_options() = like.options();
+  message.mutable_setup()->set_dtype(dtype);
+  return message;
+}
+
+// A step with `request`'s batch; its parameters too if `parameters`.
+v1::StreamGradientsRequest GraphStep(const v1::ComputeGradientsRequest& request, bool parameters,
+                                     bool accumulate = false) {
+  v1::StreamGradientsRequest message;
+  v1::StreamStep* step = message.mutable_step();
+  *step->mutable_graph_inputs() = request.graph_inputs();
+  if (parameters) *step->mutable_named_parameters() = request.named_parameters();
+  step->set_accumulate(accumulate);
+  return message;
+}
+
+// p = p + u in T, on a request's named parameters: what the caller does to its own copy.
+template <typename T>
+void AddInPlace(v1::ComputeGradientsRequest* request, const std::string& name,
+                const v1::Tensor& update) {
+  for (v1::NamedTensor& p : *request->mutable_named_parameters()) {
+    if (p.name() != name) continue;
+    std::string* data = p.mutable_tensor()->mutable_data();
+    for (size_t i = 0; i < data->size() / sizeof(T); ++i) {
+      T a, b;
+      std::memcpy(&a, data->data() + i * sizeof(T), sizeof(T));
+      std::memcpy(&b, update.data().data() + i * sizeof(T), sizeof(T));
+      a = a + b;
+      std::memcpy(data->data() + i * sizeof(T), &a, sizeof(T));
+    }
+  }
+}
+
+TEST(GraphStream, StepsEqualUnaryCallsWithUpdatesByNameAndThePlanIsReused) {
+  const eg::GraphSpec spec = eg::testing::ResidualMlpSpec(5, 8, 3, 2, eg::DType::kFloat32);
+  v1::ComputeGradientsRequest request = GraphRequest<float>(spec, {{6, 5}, {6, 3}}, 31);
+  request.mutable_options()->add_input_gradient_names("x");
+  request.mutable_options()->set_return_output(true);
+  service::StreamSession session(Limits());
+  v1::StreamGradientsResponse response;
+  v1::StreamGradientsRequest setup = GraphSetup(request, v1::DTYPE_FLOAT32);
+  ASSERT_TRUE(session.Handle(&setup, Context(), &response).ok());
+  std::mt19937 rng(5);
+  for (int s = 0; s < 6; ++s) {
+    SCOPED_TRACE(s);
+    // Step 3 brings a batch of another size: a second plan, kept; the others reuse the first.
+    v1::ComputeGradientsRequest batch = request;
+    if (s == 3) {
+      const v1::ComputeGradientsRequest other = GraphRequest<float>(spec, {{2, 5}, {2, 3}}, 40);
+      *batch.mutable_graph_inputs() = other.graph_inputs();
+    }
+    v1::StreamGradientsRequest step = GraphStep(batch, s == 0);
+    if (s > 0) {
+      // An update of two parameters by name: the others stay as they are.
+      for (const char* name : {"blocks.1.fc2.weight", "ln_f.bias"}) {
+        v1::NamedTensor* u = step.mutable_step()->add_named_parameter_update();
+        u->set_name(name);
+        for (const v1::NamedTensor& p : request.named_parameters()) {
+          if (p.name() != name) continue;
+          const int64_t n = static_cast<int64_t>(p.tensor().data().size() / sizeof(float));
+          SetTensor<float>(u->mutable_tensor(), testing::RandomValues<float>(n, rng),
+                           {p.tensor().shape().begin(), p.tensor().shape().end()});
+        }
+        AddInPlace<float>(&request, name, u->tensor());
+        AddInPlace<float>(&batch, name, u->tensor());
+      }
+    }
+    absl::StatusOr<bool> answered = session.Handle(&step, Context(), &response);
+    ASSERT_TRUE(answered.ok()) << answered.status();
+    ASSERT_TRUE(*answered);
+    v1::ComputeGradientsResponse unary;
+    ASSERT_TRUE(service::ComputeGradients(batch, Limits(), Context(), &unary).ok());
+    EXPECT_EQ(response.result().loss(), unary.loss());
+    ASSERT_EQ(response.result().named_gradients_size(), unary.named_gradients_size());
+    for (int p = 0; p < unary.named_gradients_size(); ++p) {
+      ExpectSameBits(unary.named_gradients(p).tensor(),
+                     response.result().named_gradients(p).tensor(),
+                     unary.named_gradients(p).name());
+    }
+    ExpectSameBits(Named(unary.input_gradients(), "x"),
+                   Named(response.result().input_gradients(), "x"), "dx");
+    ExpectSameBits(Named(unary.outputs(), "y"), Named(response.result().outputs(), "y"), "y");
+  }
+  EXPECT_EQ(session.plans_built(), 2);
+}
+
+// Micro-batches of a GPT with ignored targets: summed by name, weighted by the positions each
+// one's MEAN counted, they answer as one call on the whole batch (to float64 rounding).
+TEST(GraphStream, AccumulatedMicroBatchesEqualOneCallOnTheWholeBatch) {
+  eg::testing::GptConfig config;
+  config.batch = 4;
+  const eg::GraphSpec spec = eg::testing::GptSpec(config);
+  v1::ComputeGradientsRequest whole = GraphRequest<double>(
+      spec, {{config.batch, config.seq}, {config.batch, config.seq}}, 12, config.vocab, 0.5);
+  // Ignore some targets, unevenly between the micro-batches (3 in the first half, 1 after).
+  v1::Tensor* targets = whole.mutable_graph_inputs(1)->mutable_tensor();
+  for (int64_t position : {0, 1, 5, 13}) {
+    const int64_t ignored = config.ignore_index;
+    std::memcpy(targets->mutable_data()->data() + position * 8, &ignored, 8);
+  }
+  whole.mutable_options()->set_return_output(true);
+  v1::ComputeGradientsResponse expected;
+  ASSERT_TRUE(service::ComputeGradients(whole, Limits(), Context(), &expected).ok());
+
+  service::StreamSession session(Limits());
+  v1::StreamGradientsResponse response;
+  v1::StreamGradientsRequest setup = GraphSetup(whole, v1::DTYPE_FLOAT64);
+  ASSERT_TRUE(session.Handle(&setup, Context(), &response).ok());
+  const int64_t half = config.batch / 2 * config.seq * 8;  // Bytes of half the ids.
+  for (int m = 0; m < 2; ++m) {
+    v1::ComputeGradientsRequest part = whole;
+    for (v1::NamedTensor& in : *part.mutable_graph_inputs()) {
+      in.mutable_tensor()->set_shape(0, config.batch / 2);
+      in.mutable_tensor()->set_data(in.tensor().data().substr(m * half, half));
+    }
+    v1::StreamGradientsRequest step = GraphStep(part, m == 0, /*accumulate=*/m == 0);
+    absl::StatusOr<bool> answered = session.Handle(&step, Context(), &response);
+    ASSERT_TRUE(answered.ok()) << answered.status();
+    EXPECT_EQ(*answered, m == 1);
+  }
+  EXPECT_EQ(response.micro_batches(), 2);
+  const v1::ComputeGradientsResponse& summed = response.result();
+  EXPECT_NEAR(summed.loss(), expected.loss(), 1e-12 * std::abs(expected.loss()));
+  ASSERT_EQ(summed.named_gradients_size(), expected.named_gradients_size());
+  for (int p = 0; p < expected.named_gradients_size(); ++p) {
+    EXPECT_EQ(summed.named_gradients(p).name(), expected.named_gradients(p).name());
+    const std::string& a = summed.named_gradients(p).tensor().data();
+    const std::string& b = expected.named_gradients(p).tensor().data();
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t i = 0; i < a.size() / 8; ++i) {
+      double x, y;
+      std::memcpy(&x, a.data() + 8 * i, 8);
+      std::memcpy(&y, b.data() + 8 * i, 8);
+      EXPECT_NEAR(x, y, 1e-12 * (1 + std::abs(y)))
+          << summed.named_gradients(p).name() << "[" << i << "]";
+    }
+    EXPECT_NEAR(summed.parameter_diagnostics(p).grad_norm(),
+                expected.parameter_diagnostics(p).grad_norm(),
+                1e-12 * (1 + expected.parameter_diagnostics(p).grad_norm()));
+  }
+  // The logits of both micro-batches, in order, as the whole batch's.
+  const v1::Tensor& logits = Named(summed.outputs(), "logits");
+  EXPECT_EQ(logits.shape(0), config.batch);
+  EXPECT_EQ(logits.data(), Named(expected.outputs(), "logits").data());
+  EXPECT_EQ(summed.stats().num_examples(), config.batch);
+}
+
+TEST(GraphStream, NamedTensorsArriveInChunksAndErrorsNameTheField) {
+  const eg::GraphSpec spec = eg::testing::ResidualMlpSpec(4, 6, 2, 1, eg::DType::kFloat64);
+  const v1::ComputeGradientsRequest request = GraphRequest<double>(spec, {{3, 4}, {3, 2}}, 8);
+  service::StreamSession session(Limits());
+  v1::StreamGradientsResponse response;
+  v1::StreamGradientsRequest setup = GraphSetup(request, v1::DTYPE_FLOAT64);
+  ASSERT_TRUE(session.Handle(&setup, Context(), &response).ok());
+  // blocks.0.fc1.weight [6, 4] in two chunks; the rest of the step whole.
+  v1::StreamGradientsRequest step = GraphStep(request, true);
+  v1::Tensor whole;
+  for (int p = 0; p < step.step().named_parameters_size(); ++p) {
+    if (step.step().named_parameters(p).name() != "blocks.0.fc1.weight") continue;
+    whole = step.step().named_parameters(p).tensor();
+    step.mutable_step()->mutable_named_parameters()->DeleteSubrange(p, 1);
+    break;
+  }
+  for (int c = 0; c < 2; ++c) {
+    v1::StreamGradientsRequest chunk;
+    chunk.mutable_chunk()->set_field("named_parameters[blocks.0.fc1.weight]");
+    if (c == 0) {
+      chunk.mutable_chunk()->set_dtype(whole.dtype());
+      *chunk.mutable_chunk()->mutable_shape() = whole.shape();
+    }
+    chunk.mutable_chunk()->set_data(whole.data().substr(c * 96, 96));
+    ASSERT_TRUE(session.Handle(&chunk, Context(), &response).ok());
+  }
+  absl::StatusOr<bool> answered = session.Handle(&step, Context(), &response);
+  ASSERT_TRUE(answered.ok()) << answered.status();
+  v1::ComputeGradientsResponse unary;
+  ASSERT_TRUE(service::ComputeGradients(request, Limits(), Context(), &unary).ok());
+  EXPECT_EQ(response.result().loss(), unary.loss());
+
+  // An update naming no parameter ends the stream naming the message and the field.
+  v1::StreamGradientsRequest bad = GraphStep(request, false);
+  v1::NamedTensor* u = bad.mutable_step()->add_named_parameter_update();
+  u->set_name("blocks.0.fc3.weight");
+  answered = session.Handle(&bad, Context(), &response);
+  EXPECT_TRUE(absl::IsInvalidArgument(answered.status())) << answered.status();
+  EXPECT_THAT(answered.status().message(),
+              HasSubstr("message 4 (step): named_parameter_update[0].name: "
+                        "\"blocks.0.fc3.weight\" is not a parameter"));
+
+  // A chain's fields on a graph's stream, and a graph's chunk path that names nothing.
+  service::StreamSession other(Limits());
+  setup = GraphSetup(request, v1::DTYPE_FLOAT64);
+  ASSERT_TRUE(other.Handle(&setup, Context(), &response).ok());
+  v1::StreamGradientsRequest chunk;
+  chunk.mutable_chunk()->set_field("named_parameters[nope]");
+  answered = other.Handle(&chunk, Context(), &response);
+  EXPECT_THAT(answered.status().message(), HasSubstr("message 1 (chunk): chunk.field"));
 }
 
 // ---------------------------------------------------------------------------------------------
