@@ -31,18 +31,20 @@ T* AllocateTensor(v1::Tensor* tensor, v1::DType dtype, std::initializer_list<int
   return reinterpret_cast<T*>(data->data());
 }
 
-v1::Checkpointing::Mode ToProtoMode(CheckpointMode mode) {
-  switch (mode) {
-    case CheckpointMode::kNone:
-      return v1::Checkpointing::MODE_NONE;
-    case CheckpointMode::kEveryK:
-      return v1::Checkpointing::MODE_EVERY_K;
-    case CheckpointMode::kSqrt:
-      return v1::Checkpointing::MODE_SQRT;
-    case CheckpointMode::kMemoryBudget:
-      return v1::Checkpointing::MODE_MEMORY_BUDGET;
+// The engine's checks as the answer's, chain and graph alike.
+void WriteChecks(const std::vector<engine::TensorCheck>& checks, v1::DType dtype,
+                 v1::CheckGradientsResponse* response) {
+  for (const engine::TensorCheck& check : checks) {
+    v1::TensorCheck* out = response->add_checks();
+    out->set_tensor(check.tensor);
+    out->set_layer_index(check.layer_index);
+    out->set_samples(check.samples);
+    out->set_max_abs_error(check.max_abs_error);
+    out->set_max_rel_error(check.max_rel_error);
+    response->set_max_abs_error(std::max(response->max_abs_error(), check.max_abs_error));
+    response->set_max_rel_error(std::max(response->max_rel_error(), check.max_rel_error));
   }
-  return v1::Checkpointing::MODE_UNSPECIFIED;
+  response->set_analytic_dtype(dtype);
 }
 
 // Upper bound of the response's size, so that a response the caller could not receive is
@@ -145,17 +147,7 @@ absl::Status RunCheck(const PreparedRequest& prepared, const engine::GradientChe
   if (phase_times != nullptr) phase_times->compute = Seconds(compute_end - compute_start);
   if (!run.ok()) return run.status();
   const std::vector<engine::TensorCheck>& checks = *run;
-  for (const engine::TensorCheck& check : checks) {
-    v1::TensorCheck* out = response->add_checks();
-    out->set_tensor(check.tensor);
-    out->set_layer_index(check.layer_index);
-    out->set_samples(check.samples);
-    out->set_max_abs_error(check.max_abs_error);
-    out->set_max_rel_error(check.max_rel_error);
-    response->set_max_abs_error(std::max(response->max_abs_error(), check.max_abs_error));
-    response->set_max_rel_error(std::max(response->max_rel_error(), check.max_rel_error));
-  }
-  response->set_analytic_dtype(prepared.dtype);
+  WriteChecks(checks, prepared.dtype, response);
   if (phase_times != nullptr) phase_times->encode = Seconds(Clock::now() - compute_end);
   return absl::OkStatus();
 }
@@ -228,17 +220,7 @@ absl::Status RunGraphCheck(const GraphViews& views, GraphPlanner* planner,
   const Clock::time_point compute_end = Clock::now();
   if (phase_times != nullptr) phase_times->compute = Seconds(compute_end - compute_start);
   if (!run.ok()) return run.status();
-  for (const engine::TensorCheck& check : *run) {
-    v1::TensorCheck* out = response->add_checks();
-    out->set_tensor(check.tensor);
-    out->set_layer_index(-1);
-    out->set_samples(check.samples);
-    out->set_max_abs_error(check.max_abs_error);
-    out->set_max_rel_error(check.max_rel_error);
-    response->set_max_abs_error(std::max(response->max_abs_error(), check.max_abs_error));
-    response->set_max_rel_error(std::max(response->max_rel_error(), check.max_rel_error));
-  }
-  response->set_analytic_dtype(views.dtype);
+  WriteChecks(*run, views.dtype, response);
   if (phase_times != nullptr) phase_times->encode = Seconds(Clock::now() - compute_end);
   return absl::OkStatus();
 }

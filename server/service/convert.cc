@@ -175,75 +175,6 @@ absl::StatusOr<engine::LayerSpec> ToLayerSpec(const v1::Layer& layer, int index,
                  "GetServerInfo.layers)");
 }
 
-absl::StatusOr<engine::LossSpec> ToLossSpec(const v1::Loss& loss) {
-  engine::LossSpec spec;
-  switch (loss.reduction()) {
-    case v1::REDUCTION_UNSPECIFIED:
-    case v1::REDUCTION_MEAN:
-      spec.reduction = engine::Reduction::kMean;
-      break;
-    case v1::REDUCTION_SUM:
-      spec.reduction = engine::Reduction::kSum;
-      break;
-    default:
-      return Invalid("model.loss.reduction",
-                     absl::StrCat("expected REDUCTION_MEAN or REDUCTION_SUM, got unknown value ",
-                                  loss.reduction()));
-  }
-  switch (loss.kind_case()) {
-    case v1::Loss::kMse:
-      spec.kind = LossKind::kMse;
-      return spec;
-    case v1::Loss::kCrossEntropy:
-      spec.kind = LossKind::kCrossEntropy;
-      return spec;
-    case v1::Loss::kBceWithLogits:
-      spec.kind = LossKind::kBceWithLogits;
-      return spec;
-    case v1::Loss::kHuber:
-      spec.kind = LossKind::kHuber;
-      if (loss.huber().has_delta()) spec.huber_delta = loss.huber().delta();
-      return spec;
-    case v1::Loss::kL1:
-      spec.kind = LossKind::kL1;
-      return spec;
-    case v1::Loss::kExternal:
-      spec.kind = LossKind::kExternal;
-      return spec;
-    case v1::Loss::KIND_NOT_SET:
-      break;
-  }
-  return Invalid("model.loss",
-                 "no loss kind set (or a kind this server does not know; see "
-                 "GetServerInfo.losses)");
-}
-
-absl::StatusOr<engine::CheckpointOptions> ToCheckpointOptions(const v1::Checkpointing& c) {
-  engine::CheckpointOptions options;
-  options.every_k = c.every_k();
-  options.memory_budget_bytes = c.memory_budget_bytes();
-  switch (c.mode()) {
-    case v1::Checkpointing::MODE_UNSPECIFIED:
-    case v1::Checkpointing::MODE_NONE:
-      options.mode = engine::CheckpointMode::kNone;
-      return options;
-    case v1::Checkpointing::MODE_EVERY_K:
-      options.mode = engine::CheckpointMode::kEveryK;
-      return options;
-    case v1::Checkpointing::MODE_SQRT:
-      options.mode = engine::CheckpointMode::kSqrt;
-      return options;
-    case v1::Checkpointing::MODE_MEMORY_BUDGET:
-      options.mode = engine::CheckpointMode::kMemoryBudget;
-      return options;
-    default:
-      return Invalid("options.checkpointing.mode",
-                     absl::StrCat("unknown value ", c.mode(),
-                                  "; expected MODE_NONE, MODE_EVERY_K, MODE_SQRT or "
-                                  "MODE_MEMORY_BUDGET"));
-  }
-}
-
 template <typename T>
 absl::Status FillViews(const v1::ComputeGradientsRequest& request, const ServiceLimits& limits,
                        PreparedRequest* prepared) {
@@ -383,6 +314,89 @@ absl::Status FillViews(const v1::ComputeGradientsRequest& request, const Service
 
 }  // namespace
 
+v1::Checkpointing::Mode ToProtoMode(engine::CheckpointMode mode) {
+  switch (mode) {
+    case engine::CheckpointMode::kNone:
+      return v1::Checkpointing::MODE_NONE;
+    case engine::CheckpointMode::kEveryK:
+      return v1::Checkpointing::MODE_EVERY_K;
+    case engine::CheckpointMode::kSqrt:
+      return v1::Checkpointing::MODE_SQRT;
+    case engine::CheckpointMode::kMemoryBudget:
+      return v1::Checkpointing::MODE_MEMORY_BUDGET;
+  }
+  return v1::Checkpointing::MODE_UNSPECIFIED;
+}
+
+absl::StatusOr<engine::LossSpec> ToLossSpec(const v1::Loss& loss) {
+  engine::LossSpec spec;
+  switch (loss.reduction()) {
+    case v1::REDUCTION_UNSPECIFIED:
+    case v1::REDUCTION_MEAN:
+      spec.reduction = engine::Reduction::kMean;
+      break;
+    case v1::REDUCTION_SUM:
+      spec.reduction = engine::Reduction::kSum;
+      break;
+    default:
+      return Invalid("model.loss.reduction",
+                     absl::StrCat("expected REDUCTION_MEAN or REDUCTION_SUM, got unknown value ",
+                                  loss.reduction()));
+  }
+  switch (loss.kind_case()) {
+    case v1::Loss::kMse:
+      spec.kind = LossKind::kMse;
+      return spec;
+    case v1::Loss::kCrossEntropy:
+      spec.kind = LossKind::kCrossEntropy;
+      return spec;
+    case v1::Loss::kBceWithLogits:
+      spec.kind = LossKind::kBceWithLogits;
+      return spec;
+    case v1::Loss::kHuber:
+      spec.kind = LossKind::kHuber;
+      if (loss.huber().has_delta()) spec.huber_delta = loss.huber().delta();
+      return spec;
+    case v1::Loss::kL1:
+      spec.kind = LossKind::kL1;
+      return spec;
+    case v1::Loss::kExternal:
+      spec.kind = LossKind::kExternal;
+      return spec;
+    case v1::Loss::KIND_NOT_SET:
+      break;
+  }
+  return Invalid("model.loss",
+                 "no loss kind set (or a kind this server does not know; see "
+                 "GetServerInfo.losses)");
+}
+
+absl::StatusOr<engine::CheckpointOptions> ToCheckpointOptions(const v1::Checkpointing& c) {
+  engine::CheckpointOptions options;
+  options.every_k = c.every_k();
+  options.memory_budget_bytes = c.memory_budget_bytes();
+  switch (c.mode()) {
+    case v1::Checkpointing::MODE_UNSPECIFIED:
+    case v1::Checkpointing::MODE_NONE:
+      options.mode = engine::CheckpointMode::kNone;
+      return options;
+    case v1::Checkpointing::MODE_EVERY_K:
+      options.mode = engine::CheckpointMode::kEveryK;
+      return options;
+    case v1::Checkpointing::MODE_SQRT:
+      options.mode = engine::CheckpointMode::kSqrt;
+      return options;
+    case v1::Checkpointing::MODE_MEMORY_BUDGET:
+      options.mode = engine::CheckpointMode::kMemoryBudget;
+      return options;
+    default:
+      return Invalid("options.checkpointing.mode",
+                     absl::StrCat("unknown value ", c.mode(),
+                                  "; expected MODE_NONE, MODE_EVERY_K, MODE_SQRT or "
+                                  "MODE_MEMORY_BUDGET"));
+  }
+}
+
 int64_t DTypeSize(v1::DType dtype) {
   switch (dtype) {
     case v1::DTYPE_FLOAT32:
@@ -391,6 +405,8 @@ int64_t DTypeSize(v1::DType dtype) {
     case v1::DTYPE_FLOAT64:
     case v1::DTYPE_INT64:
       return 8;
+    case v1::DTYPE_BOOL:
+      return 1;
     default:
       return 0;
   }

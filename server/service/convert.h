@@ -68,7 +68,15 @@ absl::Status CheckClaimedSizes(const v1::ComputeGradientsRequest& request,
 // The engine's description of a model, from the API's; validates kinds and enum values.
 absl::StatusOr<engine::ModelSpec> ToModelSpec(const v1::Model& model, const ServiceLimits& limits);
 
+// Bytes per element on the wire (0 for DTYPE_UNSPECIFIED and unknown values).
 int64_t DTypeSize(v1::DType dtype);
+
+// The loss and the checkpointing options of either model form; validates kinds and enum
+// values ("model.loss...", "options.checkpointing.mode").
+absl::StatusOr<engine::LossSpec> ToLossSpec(const v1::Loss& loss);
+absl::StatusOr<engine::CheckpointOptions> ToCheckpointOptions(const v1::Checkpointing& c);
+// The other way, for the plan in the answer.
+v1::Checkpointing::Mode ToProtoMode(engine::CheckpointMode mode);
 
 }  // namespace gradserve::service
 

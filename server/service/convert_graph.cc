@@ -13,8 +13,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "absl/strings/str_replace.h"
 #include "server/engine/status_macros.h"
+#include "server/service/convert.h"
 
 namespace gradserve::service {
 namespace {
@@ -35,21 +35,6 @@ std::string DTypeName(int dtype) {
 
 std::string ShapeString(std::span<const int64_t> shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
-}
-
-int64_t WireSize(v1::DType dtype) {
-  switch (dtype) {
-    case v1::DTYPE_FLOAT32:
-    case v1::DTYPE_INT32:
-      return 4;
-    case v1::DTYPE_FLOAT64:
-    case v1::DTYPE_INT64:
-      return 8;
-    case v1::DTYPE_BOOL:
-      return 1;
-    default:
-      return 0;
-  }
 }
 
 bool IsFloatDType(v1::DType dtype) {
@@ -95,7 +80,7 @@ absl::StatusOr<int64_t> CheckTensorBytes(const v1::Tensor& tensor, const std::st
   ASSIGN_OR_RETURN(const int64_t elements,
                    CheckShape({tensor.shape().data(), static_cast<size_t>(tensor.shape_size())},
                               field + ".shape", limits));
-  const int64_t expected = elements * WireSize(tensor.dtype());
+  const int64_t expected = elements * DTypeSize(tensor.dtype());
   if (static_cast<int64_t>(tensor.data().size()) != expected) {
     return Invalid(
         field + ".data",
@@ -173,73 +158,21 @@ absl::StatusOr<eg::ConstantSpec> ToConstant(const std::string& name, const v1::T
   return c;
 }
 
+// The chain's loss (ToLossSpec), on the graph's output and target, with cross-entropy's
+// ignore_index.
 absl::StatusOr<eg::GraphLossSpec> ToGraphLoss(const v1::Model& model) {
-  eg::GraphLossSpec loss;
-  const v1::Loss& l = model.loss();
   if (!model.has_loss()) return Invalid("model.loss", "required");
-  switch (l.reduction()) {
-    case v1::REDUCTION_UNSPECIFIED:
-    case v1::REDUCTION_MEAN:
-      loss.reduction = engine::Reduction::kMean;
-      break;
-    case v1::REDUCTION_SUM:
-      loss.reduction = engine::Reduction::kSum;
-      break;
-    default:
-      return Invalid("model.loss.reduction",
-                     absl::StrCat("expected REDUCTION_MEAN or REDUCTION_SUM, got unknown value ",
-                                  l.reduction()));
-  }
-  switch (l.kind_case()) {
-    case v1::Loss::kMse:
-      loss.kind = engine::LossKind::kMse;
-      break;
-    case v1::Loss::kCrossEntropy:
-      loss.kind = engine::LossKind::kCrossEntropy;
-      if (l.cross_entropy().has_ignore_index()) {
-        loss.ignore_index = l.cross_entropy().ignore_index();
-      }
-      break;
-    case v1::Loss::kBceWithLogits:
-      loss.kind = engine::LossKind::kBceWithLogits;
-      break;
-    case v1::Loss::kHuber:
-      loss.kind = engine::LossKind::kHuber;
-      if (l.huber().has_delta()) loss.huber_delta = l.huber().delta();
-      break;
-    case v1::Loss::kL1:
-      loss.kind = engine::LossKind::kL1;
-      break;
-    case v1::Loss::kExternal:
-      loss.kind = engine::LossKind::kExternal;
-      break;
-    case v1::Loss::KIND_NOT_SET:
-      return Invalid("model.loss",
-                     "no loss kind set (or a kind this server does not know; see "
-                     "GetServerInfo.losses)");
+  ASSIGN_OR_RETURN(const engine::LossSpec chain, ToLossSpec(model.loss()));
+  eg::GraphLossSpec loss;
+  loss.kind = chain.kind;
+  loss.reduction = chain.reduction;
+  loss.huber_delta = chain.huber_delta;
+  if (model.loss().cross_entropy().has_ignore_index()) {
+    loss.ignore_index = model.loss().cross_entropy().ignore_index();
   }
   loss.output = model.graph().loss_output();
   loss.target = model.graph().loss_target();
   return loss;
-}
-
-absl::StatusOr<engine::CheckpointMode> ToMode(const v1::Checkpointing& c) {
-  switch (c.mode()) {
-    case v1::Checkpointing::MODE_UNSPECIFIED:
-    case v1::Checkpointing::MODE_NONE:
-      return engine::CheckpointMode::kNone;
-    case v1::Checkpointing::MODE_EVERY_K:
-      return engine::CheckpointMode::kEveryK;
-    case v1::Checkpointing::MODE_SQRT:
-      return engine::CheckpointMode::kSqrt;
-    case v1::Checkpointing::MODE_MEMORY_BUDGET:
-      return engine::CheckpointMode::kMemoryBudget;
-    default:
-      return Invalid("options.checkpointing.mode",
-                     absl::StrCat("unknown value ", c.mode(),
-                                  "; expected MODE_NONE, MODE_EVERY_K, MODE_SQRT or "
-                                  "MODE_MEMORY_BUDGET"));
-  }
 }
 
 // A pointer to a tensor's bytes: in place when aligned for T, else a copy kept by `views`.
@@ -283,27 +216,13 @@ v1::DType ToWireDType(eg::DType dtype) {
   return v1::DTYPE_UNSPECIFIED;
 }
 
-v1::Checkpointing::Mode ToProtoMode(engine::CheckpointMode mode) {
-  switch (mode) {
-    case engine::CheckpointMode::kNone:
-      return v1::Checkpointing::MODE_NONE;
-    case engine::CheckpointMode::kEveryK:
-      return v1::Checkpointing::MODE_EVERY_K;
-    case engine::CheckpointMode::kSqrt:
-      return v1::Checkpointing::MODE_SQRT;
-    case engine::CheckpointMode::kMemoryBudget:
-      return v1::Checkpointing::MODE_MEMORY_BUDGET;
-  }
-  return v1::Checkpointing::MODE_UNSPECIFIED;
-}
-
 // Sizes `tensor` as `shape` in `dtype` and returns its bytes for the engine to write.
 void* AllocateTensor(v1::Tensor* tensor, v1::DType dtype, const eg::Shape& shape,
                      int64_t elements) {
   tensor->set_dtype(dtype);
   for (int64_t dim : shape) tensor->add_shape(dim);
   std::string* data = tensor->mutable_data();
-  data->resize(elements * WireSize(dtype));
+  data->resize(elements * DTypeSize(dtype));
   return data->data();
 }
 
@@ -604,9 +523,11 @@ absl::StatusOr<std::unique_ptr<GraphPlanner>> GraphPlanner::Create(
   ASSIGN_OR_RETURN(spec.loss, ToGraphLoss(model));
 
   eg::PlanOptions& base = planner->base_;
-  ASSIGN_OR_RETURN(base.checkpoint, ToMode(options.checkpointing()));
-  base.every_k = options.checkpointing().every_k();
-  base.memory_budget_bytes = options.checkpointing().memory_budget_bytes();
+  ASSIGN_OR_RETURN(const engine::CheckpointOptions checkpoint,
+                   ToCheckpointOptions(options.checkpointing()));
+  base.checkpoint = checkpoint.mode;
+  base.every_k = checkpoint.every_k;
+  base.memory_budget_bytes = checkpoint.memory_budget_bytes;
   std::unordered_set<std::string_view> requested;
   for (int r = 0; r < options.input_gradient_names_size(); ++r) {
     if (!requested.insert(options.input_gradient_names(r)).second) {
@@ -872,7 +793,7 @@ absl::StatusOr<std::unique_ptr<GraphViews>> PrepareGraphRequest(
   for (const std::string& name : request.options().input_gradient_names()) {
     views->input_gradients.push_back(graph.FindInput(name));
   }
-  const int64_t element = WireSize(dtype);
+  const int64_t element = DTypeSize(dtype);
   int64_t output_bytes = 0;
   for (int i : views->input_gradients) {
     output_bytes += graph.values()[graph.input_value(i)].elements * element;
@@ -880,7 +801,7 @@ absl::StatusOr<std::unique_ptr<GraphViews>> PrepareGraphRequest(
   if (views->return_output) {
     for (size_t o = 0; o < planned.outputs.size(); ++o) {
       const eg::ValueInfo& v = graph.values()[graph.output_value(o)];
-      output_bytes += v.elements * WireSize(ToWireDType(v.type.dtype));
+      output_bytes += v.elements * DTypeSize(ToWireDType(v.type.dtype));
     }
   }
   views->output_bytes = output_bytes;

@@ -418,23 +418,32 @@ absl::Status StreamSession::TakeParameters(v1::StreamStep* step) {
   return absl::OkStatus();
 }
 
+// The index of the graph parameter `named` (entry e of the step's list `list`) names; refused
+// if unknown or named by an earlier entry (entry[p] says which).
+absl::StatusOr<int> StreamSession::NamedParameter(const v1::NamedTensor& named,
+                                                  absl::string_view list, int e,
+                                                  std::vector<int>* entry) const {
+  const std::string field = absl::StrCat(list, "[", e, "].name");
+  const int p = planner_->FindParameter(named.name());
+  if (p < 0) {
+    return Invalid(field, absl::StrCat("\"", absl::CHexEscape(named.name().substr(0, 64)),
+                                       "\" is not a parameter of model.graph"));
+  }
+  if ((*entry)[p] >= 0) {
+    return Invalid(field,
+                   absl::StrCat("\"", named.name(), "\" is also ", list, "[", (*entry)[p], "]"));
+  }
+  (*entry)[p] = e;
+  return p;
+}
+
 absl::Status StreamSession::TakeNamedParameters(v1::StreamStep* step) {
   const engine::graph::GraphSpec& spec = planner_->spec();
   std::vector<int> entry(spec.parameters.size(), -1);
   for (int e = 0; e < step->named_parameters_size(); ++e) {
     const v1::NamedTensor& named = step->named_parameters(e);
     const std::string field = absl::StrCat("named_parameters[", e, "]");
-    const int p = planner_->FindParameter(named.name());
-    if (p < 0) {
-      return Invalid(field + ".name",
-                     absl::StrCat("\"", absl::CHexEscape(named.name().substr(0, 64)),
-                                  "\" is not a parameter of model.graph"));
-    }
-    if (entry[p] >= 0) {
-      return Invalid(field + ".name", absl::StrCat("\"", named.name(),
-                                                   "\" is also named_parameters[", entry[p], "]"));
-    }
-    entry[p] = e;
+    ASSIGN_OR_RETURN(const int p, NamedParameter(named, "named_parameters", e, &entry));
     RETURN_IF_ERROR(CheckHeldShape(named.tensor(), spec.parameters[p].shape, field + ".tensor"));
   }
   for (size_t p = 0; p < spec.parameters.size(); ++p) {
@@ -551,18 +560,7 @@ absl::Status StreamSession::ApplyNamedUpdate(const v1::StreamStep& step) {
   for (int e = 0; e < step.named_parameter_update_size(); ++e) {
     const v1::NamedTensor& named = step.named_parameter_update(e);
     const std::string field = absl::StrCat("named_parameter_update[", e, "]");
-    const int p = planner_->FindParameter(named.name());
-    if (p < 0) {
-      return Invalid(field + ".name",
-                     absl::StrCat("\"", absl::CHexEscape(named.name().substr(0, 64)),
-                                  "\" is not a parameter of model.graph"));
-    }
-    if (entry[p] >= 0) {
-      return Invalid(
-          field + ".name",
-          absl::StrCat("\"", named.name(), "\" is also named_parameter_update[", entry[p], "]"));
-    }
-    entry[p] = e;
+    ASSIGN_OR_RETURN(const int p, NamedParameter(named, "named_parameter_update", e, &entry));
     parameter[e] = p;
     RETURN_IF_ERROR(
         CheckUpdate<T>(request_.named_parameters(p).tensor(), named.tensor(), field + ".tensor"));

@@ -90,6 +90,8 @@ class StreamSession {
   absl::Status ChangeParameters(v1::StreamStep* step);
   absl::Status TakeParameters(v1::StreamStep* step);
   absl::Status TakeNamedParameters(v1::StreamStep* step);
+  absl::StatusOr<int> NamedParameter(const v1::NamedTensor& named, absl::string_view list, int e,
+                                     std::vector<int>* entry) const;
   template <typename T>
   absl::Status ApplyUpdate(const v1::StreamStep& step);
   template <typename T>

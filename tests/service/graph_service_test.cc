@@ -59,6 +59,21 @@ void ExpectSameBits(const v1::Tensor& a, const v1::Tensor& b, const std::string&
   EXPECT_EQ(a.data(), b.data()) << what << ": bits differ";
 }
 
+// A chain's answer and its graph form's (parameters "<i>.weight", "<i>.bias" in layer order):
+// the same loss and gradient bits, diagnostics named as the gradients.
+void ExpectChainEqualsGraph(const v1::ComputeGradientsResponse& chain,
+                            const v1::ComputeGradientsResponse& graph, int linear_layers) {
+  EXPECT_EQ(chain.loss(), graph.loss());
+  ASSERT_EQ(graph.named_gradients_size(), 2 * linear_layers);
+  for (int l = 0; l < linear_layers; ++l) {
+    ExpectSameBits(chain.gradients(l).weight(), graph.named_gradients(2 * l).tensor(),
+                   absl::StrCat("layer ", l, " weight"));
+    ExpectSameBits(chain.gradients(l).bias(), graph.named_gradients(2 * l + 1).tensor(),
+                   absl::StrCat("layer ", l, " bias"));
+    EXPECT_EQ(graph.parameter_diagnostics(2 * l).name(), graph.named_gradients(2 * l).name());
+  }
+}
+
 // A chain with every layer kind and its graph form (engine::graph::ChainToGraph's names).
 template <typename T>
 class ChainAndGraph : public ::testing::Test {};
@@ -118,16 +133,7 @@ TYPED_TEST(ChainAndGraph, MlpGradientsAreBitIdentical) {
   ASSERT_TRUE(service::ComputeGradients(chain, limits, Context(), &from_chain).ok());
   const absl::Status status = service::ComputeGradients(graph, limits, Context(), &from_graph);
   ASSERT_TRUE(status.ok()) << status;
-  EXPECT_EQ(from_chain.loss(), from_graph.loss());
-  ASSERT_EQ(from_graph.named_gradients_size(), 6);
-  for (int l = 0; l < 3; ++l) {
-    ExpectSameBits(from_chain.gradients(l).weight(), from_graph.named_gradients(2 * l).tensor(),
-                   absl::StrCat("layer ", l, " weight"));
-    ExpectSameBits(from_chain.gradients(l).bias(), from_graph.named_gradients(2 * l + 1).tensor(),
-                   absl::StrCat("layer ", l, " bias"));
-    EXPECT_EQ(from_graph.parameter_diagnostics(2 * l).name(),
-              from_graph.named_gradients(2 * l).name());
-  }
+  ExpectChainEqualsGraph(from_chain, from_graph, 3);
   ExpectSameBits(from_chain.input_gradient(), Named(from_graph.input_gradients(), "input"), "dx");
   ExpectSameBits(from_chain.output(), Named(from_graph.outputs(), "output"), "output");
   EXPECT_EQ(from_graph.stats().num_examples(), 10);
@@ -642,14 +648,7 @@ TEST_F(GraphGrpcTest, MlpOverGrpcIsBitIdenticalToTheChainAndToTheEngine) {
   ASSERT_TRUE(Compute(chain, &from_chain).ok());
   const grpc::Status status = Compute(graph, &from_graph);
   ASSERT_TRUE(status.ok()) << status.error_message();
-  EXPECT_EQ(from_chain.loss(), from_graph.loss());
-  ASSERT_EQ(from_graph.named_gradients_size(), 6);
-  for (int l = 0; l < 3; ++l) {
-    ExpectSameBits(from_chain.gradients(l).weight(), from_graph.named_gradients(2 * l).tensor(),
-                   absl::StrCat("layer ", l, " weight"));
-    ExpectSameBits(from_chain.gradients(l).bias(), from_graph.named_gradients(2 * l + 1).tensor(),
-                   absl::StrCat("layer ", l, " bias"));
-  }
+  ExpectChainEqualsGraph(from_chain, from_graph, 3);
   double loss = 0;
   const std::vector<std::vector<double>> direct = DirectGradients<double>(spec, graph, &loss);
   EXPECT_EQ(from_graph.loss(), loss);
