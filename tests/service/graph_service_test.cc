@@ -297,6 +297,32 @@ TEST(GraphService, CheckpointedGraphIsBitIdenticalAndNamesBoundaries) {
   }
 }
 
+// Graph calls stop as chain calls do: the compute context's should_stop (which the gRPC layer
+// fires at the deadline, at max_call_seconds, on cancellation or shutdown) is polled between
+// nodes, and by CheckGradients between perturbed passes.
+TEST(GraphService, CallsStopWhenTheirContextSaysSo) {
+  eg::testing::GptConfig config;
+  const eg::GraphSpec spec = eg::testing::GptSpec(config);
+  const v1::ComputeGradientsRequest request = GraphRequest<double>(
+      spec, {{config.batch, config.seq}, {config.batch, config.seq}}, 5, config.vocab, 0.5);
+  for (int after : {0, 10}) {
+    SCOPED_TRACE(after);
+    service::ComputeContext context = Context();
+    int polls = 0;
+    context.should_stop = [&polls, after] { return polls++ >= after; };
+    v1::ComputeGradientsResponse response;
+    const absl::Status status = service::ComputeGradients(request, Limits(), context, &response);
+    EXPECT_TRUE(absl::IsCancelled(status)) << status;
+    EXPECT_LT(polls, 100);  // Stopped at once, not after the whole graph.
+    v1::CheckGradientsRequest check;
+    *check.mutable_request() = request;
+    v1::CheckGradientsResponse checked;
+    polls = 0;
+    const absl::Status check_status = service::CheckGradients(check, Limits(), context, &checked);
+    EXPECT_TRUE(absl::IsCancelled(check_status)) << check_status;
+  }
+}
+
 TEST(GraphService, ServerInfoListsGraphOpsAndLimits) {
   v1::GetServerInfoResponse info;
   service::GetServerInfo(Limits(), 1, &info);
