@@ -4,9 +4,12 @@
 //
 // A stream holds what a caller would otherwise resend every step: the model and options (from
 // the setup message), the current parameters, the tensors staged by chunks, and the gradients
-// accumulated over micro-batches. Each step is assembled into a ComputeGradientsRequest the
-// session owns and computed by the same ComputeGradients as a unary call, so a step answers
-// bit-identically to the unary call with the same parameters and batch.
+// accumulated over micro-batches; for a graph model, also the model validated and its plans
+// (Note [Graph streams] in stream.cc). Each step is assembled into a ComputeGradientsRequest
+// the session owns and computed by the same code as a unary call (ComputeGradients, or
+// ComputeGraphGradients with the kept planner), so a step answers bit-identically to the unary
+// call with the same parameters and batch. Parameter updates and micro-batch sums are engine
+// operations (server/engine/accumulate.h); the session only moves tensors.
 #ifndef GRADSERVE_SERVICE_STREAM_H_
 #define GRADSERVE_SERVICE_STREAM_H_
 
