@@ -37,13 +37,26 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     gradserve::fuzz::CheckRefusal(status);
     return 0;
   }
-  int tensors = 1;  // The inputs.
-  for (const v1::Layer& layer : request.request().model().layers()) {
-    if (!layer.has_linear()) continue;
-    tensors += (!layer.linear().has_bias() || layer.linear().bias()) ? 2 : 1;
+  const v1::ComputeGradientsRequest& inner = request.request();
+  if (inner.model().has_graph()) {
+    // Every parameter, then the inputs named.
+    Check(response.checks_size() ==
+              inner.model().graph().parameters_size() + inner.options().input_gradient_names_size(),
+          "not one check per graph parameter plus the inputs named");
+    for (int p = 0; p < inner.model().graph().parameters_size(); ++p) {
+      Check(response.checks(p).tensor() == inner.model().graph().parameters(p).name(),
+            "a graph check not named as its parameter");
+    }
+    Check(response.analytic_dtype() == gradserve::fuzz::GraphRequestDType(inner), "analytic_dtype");
+  } else {
+    int tensors = 1;  // The inputs.
+    for (const v1::Layer& layer : inner.model().layers()) {
+      if (!layer.has_linear()) continue;
+      tensors += (!layer.linear().has_bias() || layer.linear().bias()) ? 2 : 1;
+    }
+    Check(response.checks_size() == tensors, "not one check per parameter tensor plus inputs");
+    Check(response.analytic_dtype() == inner.inputs().dtype(), "analytic_dtype");
   }
-  Check(response.checks_size() == tensors, "not one check per parameter tensor plus inputs");
-  Check(response.analytic_dtype() == request.request().inputs().dtype(), "analytic_dtype");
   double max_abs = 0, max_rel = 0;
   for (const v1::TensorCheck& check : response.checks()) {
     // samples_per_tensor 0 means 16, whatever the limit on what a caller may ask for.

@@ -3,8 +3,9 @@
 //
 // Beyond sanitizer reports it checks that a refusal is INVALID_ARGUMENT or RESOURCE_EXHAUSTED,
 // that an answer is complete and well formed (one gradient per Linear layer with its shape,
-// tensors as long as their shapes, dx and the output iff asked for), and that the same request
-// computed twice gives the same bits.
+// tensors as long as their shapes, dx and the output iff asked for; for a graph, one named
+// gradient per parameter as declared), and that the same request computed twice gives the
+// same bits. graph_fuzz looks harder at graph requests.
 #include <cstddef>
 #include <cstdint>
 
@@ -36,10 +37,15 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     gradserve::fuzz::CheckRefusal(status);
     return 0;
   }
-  Check(request.inputs().shape_size() > 0, "accepted inputs without a shape");
-  gradserve::fuzz::CheckComputeResponse(request.model(), request.options(),
-                                        request.inputs().dtype(), request.inputs().shape(0),
-                                        response);
+  if (request.model().has_graph()) {
+    gradserve::fuzz::CheckGraphResponse(request.model(), request.options(),
+                                        gradserve::fuzz::GraphRequestDType(request), response);
+  } else {
+    Check(request.inputs().shape_size() > 0, "accepted inputs without a shape");
+    gradserve::fuzz::CheckComputeResponse(request.model(), request.options(),
+                                          request.inputs().dtype(), request.inputs().shape(0),
+                                          response);
+  }
   v1::ComputeGradientsResponse again;
   Check(service::ComputeGradients(request, limits, service::ComputeContext(), &again).ok(),
         "the same request failed the second time");

@@ -7,6 +7,7 @@
 #include <google/protobuf/io/zero_copy_stream_impl_lite.h>
 #include <google/protobuf/stubs/logging.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -34,6 +35,10 @@ inline service::ServiceLimits SmallLimits() {
   limits.max_check_samples = 8;
   limits.max_stream_bytes = int64_t{256} << 10;
   limits.max_streams = 1;
+  // Graphs: a 2-block GPT fits (about 70 nodes and 130 values).
+  limits.max_graph_nodes = 128;
+  limits.max_graph_values = 512;
+  limits.max_graph_rank = 4;
   return limits;
 }
 
@@ -127,6 +132,55 @@ inline void CheckComputeResponse(const v1::Model& model, const v1::ComputeOption
     Check(response.output().shape(0) == batch, "output: rows != batch");
   }
   Check(response.stats().num_examples() == batch, "stats.num_examples != batch");
+}
+
+// The request's floating dtype as the service takes it: that of its floating graph inputs and
+// parameters (FLOAT32 if it sends none).
+inline v1::DType GraphRequestDType(const v1::ComputeGradientsRequest& request) {
+  for (const v1::NamedTensor& p : request.named_parameters()) return p.tensor().dtype();
+  for (const v1::NamedTensor& in : request.graph_inputs()) {
+    const v1::DType dtype = in.tensor().dtype();
+    if (dtype == v1::DTYPE_FLOAT32 || dtype == v1::DTYPE_FLOAT64) return dtype;
+  }
+  return v1::DTYPE_FLOAT32;
+}
+
+// An answer to a graph request (which ComputeGradients accepted) is complete and well formed:
+// one gradient and one diagnostic per declared parameter, named, shaped and typed as declared;
+// one input gradient per name asked for; the outputs iff asked for.
+inline void CheckGraphResponse(const v1::Model& model, const v1::ComputeOptions& options,
+                               v1::DType dtype, const v1::ComputeGradientsResponse& response) {
+  const v1::Graph& graph = model.graph();
+  Check(response.gradients_size() == 0 && response.diagnostics_size() == 0,
+        "a graph's answer with chain fields");
+  Check(response.named_gradients_size() == graph.parameters_size(),
+        "not one named gradient per parameter");
+  Check(response.parameter_diagnostics_size() == graph.parameters_size(),
+        "not one parameter diagnostic per parameter");
+  for (int p = 0; p < graph.parameters_size(); ++p) {
+    const v1::NamedTensor& g = response.named_gradients(p);
+    const std::string name = "named_gradients[" + std::to_string(p) + "]";
+    Check(g.name() == graph.parameters(p).name(), name + ": not the parameter's name");
+    Check(response.parameter_diagnostics(p).name() == g.name(), name + ": diagnostic's name");
+    Check(std::equal(g.tensor().shape().begin(), g.tensor().shape().end(),
+                     graph.parameters(p).shape().begin(), graph.parameters(p).shape().end()),
+          name + ": not the declared shape");
+    Check(g.tensor().dtype() == dtype, name + ": dtype differs from the request's");
+    int64_t elements = 1;
+    for (int64_t dim : g.tensor().shape()) elements *= dim;
+    Check(static_cast<int64_t>(g.tensor().data().size()) == elements * ElementSize(dtype),
+          name + ": data length does not match shape");
+  }
+  Check(response.input_gradients_size() == options.input_gradient_names_size(),
+        "not one input gradient per name asked for");
+  for (int i = 0; i < response.input_gradients_size(); ++i) {
+    Check(response.input_gradients(i).name() == options.input_gradient_names(i),
+          "input gradients out of order");
+    Check(response.input_gradients(i).tensor().dtype() == dtype, "input gradient dtype");
+  }
+  Check(response.outputs_size() == (options.return_output() ? graph.outputs_size() : 0),
+        "outputs present iff asked for");
+  Check(response.stats().num_examples() >= 1, "stats.num_examples < 1");
 }
 
 // libprotobuf logs every string field with invalid UTF-8 it refuses to parse: noise at

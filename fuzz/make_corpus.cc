@@ -3,7 +3,7 @@
 // the fuzz targets' small limits. Run once by fuzz/make_corpus.sh, which commits its output
 // under fuzz/corpus/; the seeds are deterministic (fixed RNG seeds).
 //
-//   fuzz_make_corpus OUT_DIR     writes OUT_DIR/{compute_gradients,check_gradients,stream}/
+//   fuzz_make_corpus OUT_DIR     writes OUT_DIR/{compute_gradients,check_gradients,stream,graph}/
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -18,6 +18,8 @@
 #include <vector>
 
 #include "stream_sequence.pb.h"
+#include "tests/engine/graph_test_models.h"
+#include "tests/service/graph_test_requests.h"
 #include "tests/service/test_requests.h"
 
 namespace {
@@ -221,6 +223,124 @@ std::vector<std::pair<std::string, v1::ComputeGradientsRequest>> ValidRequests()
   return all;
 }
 
+// Graph requests: the engine tests' models (tests/engine/graph_test_models.h) as the API's
+// graphs, within the fuzz targets' small limits. They also seed check_gradients and stream.
+namespace eg = ::gradserve::engine::graph;
+
+std::vector<std::pair<std::string, v1::ComputeGradientsRequest>> ValidGraphRequests() {
+  using gradserve::testing::GraphRequest;
+  std::vector<std::pair<std::string, v1::ComputeGradientsRequest>> all;
+  all.emplace_back("mlp_gemm_f32", gradserve::testing::GraphSeedRequest<float>());
+  {
+    // ONNX's Linear: Transpose, MatMul, Add; input gradient and outputs asked for.
+    eg::testing::SpecBuilder b;
+    b.Input("input", eg::DType::kFloat64).Input("targets", eg::DType::kFloat64);
+    std::string x = eg::testing::Linear(b, "0", "input", 4, 6);
+    b.Node("Tanh", {x}, {"1"});
+    x = eg::testing::Linear(b, "2", "1", 6, 3);
+    auto r = GraphRequest<double>(b.WithLoss(x, gradserve::engine::LossKind::kMse, "targets"),
+                                  {{5, 4}, {5, 3}}, 3);
+    r.mutable_options()->add_input_gradient_names("input");
+    r.mutable_options()->set_return_output(true);
+    all.emplace_back("mlp_matmul_f64", r);
+  }
+  all.emplace_back("residual_ln_f64", GraphRequest<double>(eg::testing::ResidualMlpSpec(4, 6, 2, 1),
+                                                           {{3, 4}, {3, 2}}, 5));
+  {
+    auto r = GraphRequest<float>(eg::testing::ResidualMlpSpec(4, 6, 2, 3, eg::DType::kFloat32),
+                                 {{3, 4}, {3, 2}}, 6);
+    r.mutable_options()->mutable_checkpointing()->set_mode(v1::Checkpointing::MODE_SQRT);
+    all.emplace_back("residual_ln_sqrt_f32", r);
+  }
+  eg::testing::GptConfig gpt;
+  gpt.blocks = 1;
+  gpt.dtype = eg::DType::kFloat32;
+  {
+    auto r = GraphRequest<float>(eg::testing::GptSpec(gpt), {{2, 4}, {2, 4}}, 7, gpt.vocab, 0.5);
+    r.mutable_options()->set_return_output(true);
+    all.emplace_back("gpt_f32", r);
+    r.mutable_options()->mutable_checkpointing()->set_mode(v1::Checkpointing::MODE_MEMORY_BUDGET);
+    r.mutable_options()->mutable_checkpointing()->set_memory_budget_bytes(20000);
+    all.emplace_back("gpt_memory_budget_f32", r);
+  }
+  {
+    gpt.blocks = 2;
+    gpt.dtype = eg::DType::kFloat64;
+    auto r = GraphRequest<double>(eg::testing::GptSpec(gpt), {{2, 4}, {2, 4}}, 8, gpt.vocab, 0.5);
+    // INT32 ids and targets, two of the targets ignored.
+    for (int i = 0; i < 2; ++i) {
+      v1::Tensor* t = r.mutable_graph_inputs(i)->mutable_tensor();
+      std::vector<int32_t> narrow(8);
+      for (int j = 0; j < 8; ++j) {
+        int64_t v;
+        std::memcpy(&v, t->data().data() + 8 * j, 8);
+        narrow[j] = static_cast<int32_t>(i == 1 && (j == 2 || j == 5) ? gpt.ignore_index : v);
+      }
+      SetTensor<int32_t>(t, narrow, {2, 4});
+      r.mutable_model()->mutable_graph()->mutable_inputs(i)->set_dtype(v1::DTYPE_INT32);
+    }
+    all.emplace_back("gpt_ignore_int32_f64", r);
+  }
+  {
+    // A Constant node holding a tensor: y = relu(fc(x)) * 2.
+    auto r = gradserve::testing::GraphSeedRequest<double>();
+    v1::Graph* g = r.mutable_model()->mutable_graph();
+    g->mutable_nodes(1)->set_outputs(0, "h");
+    v1::Node* constant = g->add_nodes();
+    constant->set_op_type("Constant");
+    constant->add_outputs("two");
+    v1::Attribute* value = constant->add_attributes();
+    value->set_name("value");
+    SetTensor<double>(value->mutable_t(), {2.0}, {});
+    v1::Node* mul = g->add_nodes();
+    mul->set_op_type("Mul");
+    mul->add_inputs("h");
+    mul->add_inputs("two");
+    mul->add_outputs("output");
+    all.emplace_back("constant_node_f64", r);
+  }
+  return all;
+}
+
+void WriteGraphCorpus(Writer& w) {
+  for (const auto& [name, request] : ValidGraphRequests()) w.Write(name, request);
+  const v1::ComputeGradientsRequest base = gradserve::testing::GraphSeedRequest<float>();
+  auto bad = [&](const std::string& name,
+                 const std::function<void(v1::ComputeGradientsRequest*)>& change) {
+    v1::ComputeGradientsRequest r = base;
+    change(&r);
+    w.Write("bad_" + name, r);
+  };
+  auto graph = [](v1::ComputeGradientsRequest* r) { return r->mutable_model()->mutable_graph(); };
+  bad("unknown_op", [&](auto* r) { graph(r)->mutable_nodes(1)->set_op_type("Relu6"); });
+  bad("undefined_input", [&](auto* r) { graph(r)->mutable_nodes(1)->set_inputs(0, "nope"); });
+  bad("cycle", [&](auto* r) { graph(r)->mutable_nodes(0)->set_inputs(0, "output"); });
+  bad("defined_twice", [&](auto* r) { graph(r)->mutable_nodes(1)->set_outputs(0, "0"); });
+  bad("attribute_kind",
+      [&](auto* r) { graph(r)->mutable_nodes(0)->mutable_attributes(0)->set_f(1.0); });
+  bad("shape_mismatch", [&](auto* r) {
+    graph(r)->mutable_parameters(0)->set_shape(1, 3);
+    SetTensor<float>(r->mutable_named_parameters(0)->mutable_tensor(), std::vector<float>(6, 1.f),
+                     {2, 3});
+  });
+  bad("missing_parameter", [](auto* r) { r->mutable_named_parameters()->RemoveLast(); });
+  bad("unknown_parameter", [](auto* r) { r->mutable_named_parameters(0)->set_name("w"); });
+  bad("rank_over_limit", [&](auto* r) {
+    for (int i = 0; i < 4; ++i) graph(r)->mutable_parameters(1)->add_shape(1);
+  });
+  bad("huge_claimed_batch", [](auto* r) {
+    r->mutable_graph_inputs(0)->mutable_tensor()->set_shape(0, int64_t{1} << 40);
+  });
+  bad("bool_constant_out_of_range", [&](auto* r) {
+    v1::NamedTensor* c = graph(r)->add_constants();
+    c->set_name("mask");
+    c->mutable_tensor()->set_dtype(v1::DTYPE_BOOL);
+    c->mutable_tensor()->add_shape(1);
+    c->mutable_tensor()->set_data(std::string(1, '\x07'));
+  });
+  bad("layers_and_graph", [](auto* r) { r->mutable_model()->add_layers()->mutable_relu(); });
+}
+
 void WriteComputeCorpus(Writer& w) {
   for (const auto& [name, request] : ValidRequests()) w.Write(name, request);
   const v1::ComputeGradientsRequest base = gradserve::testing::SeedRequest<float>();
@@ -270,6 +390,13 @@ void WriteComputeCorpus(Writer& w) {
 }
 
 void WriteCheckCorpus(Writer& w) {
+  for (const auto& [name, request] : ValidGraphRequests()) {
+    if (name.find("gpt") != std::string::npos) continue;  // Kept small: two passes a sample.
+    v1::CheckGradientsRequest check;
+    *check.mutable_request() = request;
+    check.set_samples_per_tensor(2);
+    w.Write("graph_" + name, check);
+  }
   int i = 0;
   for (const auto& [name, request] : ValidRequests()) {
     v1::CheckGradientsRequest check;
@@ -354,6 +481,26 @@ void AddChunks(const std::string& field, const v1::Tensor& tensor, size_t piece,
 }
 
 void WriteStreamCorpus(Writer& w) {
+  {
+    // A graph: parameters by name, an update of one of them, then two accumulated micro-batches.
+    const v1::ComputeGradientsRequest g = gradserve::testing::GraphRequest<double>(
+        eg::testing::ResidualMlpSpec(4, 6, 2, 1), {{3, 4}, {3, 2}}, 9);
+    gradserve::fuzz::StreamSequence seq;
+    v1::StreamGradientsRequest* setup = seq.add_messages();
+    *setup->mutable_setup()->mutable_model() = g.model();
+    setup->mutable_setup()->set_dtype(v1::DTYPE_FLOAT64);
+    for (int s = 0; s < 4; ++s) {
+      v1::StreamStep* step = seq.add_messages()->mutable_step();
+      *step->mutable_graph_inputs() = g.graph_inputs();
+      if (s == 0) *step->mutable_named_parameters() = g.named_parameters();
+      if (s == 1) {
+        v1::NamedTensor* u = step->add_named_parameter_update();
+        *u = g.named_parameters(0);  // p + p: any update of the right shape.
+      }
+      step->set_accumulate(s == 2);
+    }
+    w.Write("graph_update_accumulate_f64", seq);
+  }
   using Seq = gradserve::fuzz::StreamSequence;
   // Setup and one step for every valid request.
   for (const auto& [name, request] : ValidRequests()) {
@@ -466,11 +613,14 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::filesystem::path out = argv[1];
-  Writer compute(out / "compute_gradients"), check(out / "check_gradients"), stream(out / "stream");
+  Writer compute(out / "compute_gradients"), check(out / "check_gradients"), stream(out / "stream"),
+      graph(out / "graph");
   WriteComputeCorpus(compute);
   WriteCheckCorpus(check);
   WriteStreamCorpus(stream);
-  std::printf("wrote %d compute_gradients, %d check_gradients and %d stream seeds to %s\n",
-              compute.count(), check.count(), stream.count(), out.c_str());
+  WriteGraphCorpus(graph);
+  std::printf(
+      "wrote %d compute_gradients, %d check_gradients, %d stream and %d graph seeds to %s\n",
+      compute.count(), check.count(), stream.count(), graph.count(), out.c_str());
   return 0;
 }

@@ -8,7 +8,7 @@
 #   --build-dir D  build tree of the fuzz preset (default build/fuzz)
 #   --merge        afterwards, merge the inputs that found new coverage into fuzz/corpus/
 #                  (libFuzzer -merge=1 keeps only those that add coverage)
-#   TARGET         compute_gradients, check_gradients, stream (default: all three)
+#   TARGET         compute_gradients, check_gradients, stream, graph (default: all four)
 #
 # New inputs go to a scratch corpus in the build tree, never into the repository unless
 # --merge. A crash, leak, sanitizer report, timeout (10 s per input) or failed check stops the
@@ -28,12 +28,12 @@ while [[ $# -gt 0 ]]; do
     --time) seconds="$2"; shift 2 ;;
     --build-dir) build_dir="$2"; shift 2 ;;
     --merge) merge=1; shift ;;
-    compute_gradients|check_gradients|stream) targets+=("$1"); shift ;;
+    compute_gradients|check_gradients|stream|graph) targets+=("$1"); shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "fuzz/run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
-[[ ${#targets[@]} -gt 0 ]] || targets=(compute_gradients check_gradients stream)
+[[ ${#targets[@]} -gt 0 ]] || targets=(compute_gradients check_gradients stream graph)
 
 cd "${source_dir}"
 cmake --preset fuzz -B "${build_dir}" >/dev/null

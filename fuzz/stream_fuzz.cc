@@ -48,7 +48,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     v1::StreamGradientsRequest* message = sequence.mutable_messages(i);
     // Copied before Handle, which may move from it: a step the unary call can replay.
     std::optional<v1::StreamStep> replay;
-    if (setup && message->has_step() && message->step().parameters_size() > 0 &&
+    if (setup && message->has_step() &&
+        (message->step().parameters_size() > 0 || message->step().named_parameters_size() > 0) &&
         !message->step().accumulate() && !chunks_since_step && !accumulating) {
       replay = message->step();
     }
@@ -84,14 +85,20 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     const v1::ComputeGradientsResponse& result = response.result();
     const int64_t batch = result.stats().num_examples();
     Check(batch >= 1, "an answer without examples");
-    gradserve::fuzz::CheckComputeResponse(setup->model(), setup->options(), setup->dtype(), batch,
-                                          result);
+    if (setup->model().has_graph()) {
+      gradserve::fuzz::CheckGraphResponse(setup->model(), setup->options(), setup->dtype(), result);
+    } else {
+      gradserve::fuzz::CheckComputeResponse(setup->model(), setup->options(), setup->dtype(), batch,
+                                            result);
+    }
     if (!replay) continue;
     Check(response.micro_batches() == 1, "a step outside an accumulation answered for several");
     v1::ComputeGradientsRequest unary;
     *unary.mutable_model() = setup->model();
     *unary.mutable_options() = setup->options();
     *unary.mutable_parameters() = replay->parameters();
+    *unary.mutable_named_parameters() = replay->named_parameters();
+    *unary.mutable_graph_inputs() = replay->graph_inputs();
     if (replay->has_inputs()) *unary.mutable_inputs() = replay->inputs();
     if (replay->has_targets()) *unary.mutable_targets() = replay->targets();
     if (replay->has_output_gradient()) *unary.mutable_output_gradient() = replay->output_gradient();
