@@ -849,6 +849,21 @@ const BadGraph kBadGraphs[] = {
        }
      },
      kInvalid, "MatMul).inputs[1] (\"h.0.attn.c_attn.weight_t\")", /*gpt=*/true},
+    {"ReshapeToAShapeWhoseSizeOverflows",
+     [](Request* r) {
+       // [2^62 + 8, 4] has 2^64 + 32 elements: a product wrapping to the input's 32. Found by
+       // graph_fuzz (signed overflow in the planner).
+       v1::NamedTensor* c = G(r)->add_constants();
+       c->set_name("huge_shape");
+       SetTensor<int64_t>(c->mutable_tensor(), {(int64_t{1} << 62) + 8, 4}, {2});
+       v1::Node* n = G(r)->add_nodes();
+       n->set_name("flatten");
+       n->set_op_type("Reshape");
+       n->add_inputs("input");
+       n->add_inputs("huge_shape");
+       n->add_outputs("reshaped");
+     },
+     kInvalid, "model.graph.nodes[2] (\"flatten\", Reshape).inputs[1] (\"huge_shape\")"},
     {"UnusedParameter",
      [](Request* r) {
        v1::GraphParameter* p = G(r)->add_parameters();

@@ -3,6 +3,7 @@
 // elements of DTypeSize bytes), so int64 and bool values can be reshaped and masked too; their
 // backward passes move gradients back the same way (Gather's adds them up).
 #include <cstring>
+#include <limits>
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
@@ -452,6 +453,12 @@ absl::StatusOr<std::unique_ptr<OpKernel>> MakeReshape(OpContext& c, std::vector<
         size = 1;
       } else if (size < 0) {
         return c.InputError(1, absl::StrCat("entry ", d, " is ", size));
+      }
+      // Sizes a request may claim could overflow the product (and wrap back to n).
+      if (known > 0 && size > std::numeric_limits<int64_t>::max() / known) {
+        return c.InputError(
+            1, absl::StrCat("shape ", ShapeString(target), " has more elements than inputs[0] ",
+                            ShapeString(in), " (", n, ")"));
       }
       shape.push_back(size);
       known *= size;
