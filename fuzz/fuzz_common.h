@@ -11,11 +11,13 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <string>
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "gradserve/v1/gradserve.pb.h"
+#include "server/service/compute.h"
 #include "server/service/limits.h"
 
 namespace gradserve::fuzz {
@@ -181,6 +183,24 @@ inline void CheckGraphResponse(const v1::Model& model, const v1::ComputeOptions&
   Check(response.outputs_size() == (options.return_output() ? graph.outputs_size() : 0),
         "outputs present iff asked for");
   Check(response.stats().num_examples() >= 1, "stats.num_examples < 1");
+}
+
+// ComputeGradients on `request` twice: nullopt if it is refused (with a refusal's status),
+// else its answer, which must be the same bits both times.
+inline std::optional<v1::ComputeGradientsResponse> ComputeTwice(
+    const v1::ComputeGradientsRequest& request, const service::ServiceLimits& limits) {
+  v1::ComputeGradientsResponse response;
+  const absl::Status status =
+      service::ComputeGradients(request, limits, service::ComputeContext(), &response);
+  if (!status.ok()) {
+    CheckRefusal(status);
+    return std::nullopt;
+  }
+  v1::ComputeGradientsResponse again;
+  Check(service::ComputeGradients(request, limits, service::ComputeContext(), &again).ok(),
+        "the same request failed the second time");
+  Check(Deterministic(response) == Deterministic(again), "the same request gave different bits");
+  return response;
 }
 
 // libprotobuf logs every string field with invalid UTF-8 it refuses to parse: noise at

@@ -77,36 +77,6 @@ absl::StatusOr<int64_t> CheckTensor(const v1::Tensor& tensor, const std::string&
   return elements;
 }
 
-// A pointer to the tensor's elements: in place when aligned, else into a copy kept by
-// `prepared`.
-template <typename T>
-const T* ViewData(const v1::Tensor& tensor, PreparedRequest* prepared) {
-  const char* bytes = tensor.data().data();
-  if (reinterpret_cast<uintptr_t>(bytes) % alignof(T) == 0) {
-    return reinterpret_cast<const T*>(bytes);
-  }
-  const size_t size = tensor.data().size();
-  auto copy = std::make_unique<uint64_t[]>((size + 7) / 8);
-  std::memcpy(copy.get(), bytes, size);
-  prepared->aligned_copies.push_back(std::move(copy));
-  return reinterpret_cast<const T*>(prepared->aligned_copies.back().get());
-}
-
-template <typename T>
-absl::Status CheckFinite(const T* data, std::span<const int64_t> shape, const std::string& field) {
-  int64_t n = 1;
-  for (int64_t dim : shape) n *= dim;
-  for (int64_t j = 0; j < n; ++j) {
-    if (!std::isfinite(data[j])) {
-      return Invalid(
-          field + ".data",
-          absl::StrCat("non-finite value ", std::isnan(data[j]) ? "nan" : "inf", " at index ",
-                       MultiIndex(j, shape), "; set options.allow_non_finite to compute anyway"));
-    }
-  }
-  return absl::OkStatus();
-}
-
 absl::Status CheckDimension(int64_t value, int64_t limit, const std::string& field,
                             absl::string_view limit_name) {
   if (value <= 0) {
@@ -188,7 +158,7 @@ absl::Status FillViews(const v1::ComputeGradientsRequest& request, const Service
 
   const int64_t input_shape[] = {batch, model.input_features()};
   views.batch.batch = batch;
-  views.batch.inputs = ViewData<T>(request.inputs(), prepared);
+  views.batch.inputs = ViewData<T>(request.inputs(), &prepared->aligned_copies);
 
   for (int l = 0; l < model.num_linear(); ++l) {
     const int layer_index = model.linear_layer(l);
@@ -205,7 +175,7 @@ absl::Status FillViews(const v1::ComputeGradientsRequest& request, const Service
     RETURN_IF_ERROR(
         CheckTensor(p.weight(), field + ".weight", float_dtypes, same_dtype, weight_shape, limits)
             .status());
-    view.weight = ViewData<T>(p.weight(), prepared);
+    view.weight = ViewData<T>(p.weight(), &prepared->aligned_copies);
     const int64_t bias_shape[] = {layer.out_features};
     if (layer.bias) {
       if (!p.has_bias()) {
@@ -216,7 +186,7 @@ absl::Status FillViews(const v1::ComputeGradientsRequest& request, const Service
       RETURN_IF_ERROR(
           CheckTensor(p.bias(), field + ".bias", float_dtypes, same_dtype, bias_shape, limits)
               .status());
-      view.bias = ViewData<T>(p.bias(), prepared);
+      view.bias = ViewData<T>(p.bias(), &prepared->aligned_copies);
     } else if (p.has_bias()) {
       return Invalid(field + ".bias", absl::StrCat("must be unset: model.layers[", layer_index,
                                                    "] has linear.bias = false"));
@@ -239,7 +209,8 @@ absl::Status FillViews(const v1::ComputeGradientsRequest& request, const Service
     RETURN_IF_ERROR(CheckTensor(request.output_gradient(), "output_gradient", float_dtypes,
                                 same_dtype, output_shape, limits)
                         .status());
-    views.batch.targets.output_gradient = ViewData<T>(request.output_gradient(), prepared);
+    views.batch.targets.output_gradient =
+        ViewData<T>(request.output_gradient(), &prepared->aligned_copies);
   } else {
     if (request.has_output_gradient()) {
       return Invalid("output_gradient",
@@ -259,11 +230,11 @@ absl::Status FillViews(const v1::ComputeGradientsRequest& request, const Service
                           .status());
       const int64_t* classes;
       if (request.targets().dtype() == v1::DTYPE_INT32) {
-        const int32_t* narrow = ViewData<int32_t>(request.targets(), prepared);
+        const int32_t* narrow = ViewData<int32_t>(request.targets(), &prepared->aligned_copies);
         prepared->widened_class_targets.assign(narrow, narrow + batch);
         classes = prepared->widened_class_targets.data();
       } else {
-        classes = ViewData<int64_t>(request.targets(), prepared);
+        classes = ViewData<int64_t>(request.targets(), &prepared->aligned_copies);
       }
       const int64_t num_classes = model.output_features();
       for (int64_t b = 0; b < batch; ++b) {
@@ -283,7 +254,7 @@ absl::Status FillViews(const v1::ComputeGradientsRequest& request, const Service
       RETURN_IF_ERROR(
           CheckTensor(request.targets(), "targets", float_dtypes, same_dtype, output_shape, limits)
               .status());
-      views.batch.targets.targets = ViewData<T>(request.targets(), prepared);
+      views.batch.targets.targets = ViewData<T>(request.targets(), &prepared->aligned_copies);
     }
   }
 
@@ -313,6 +284,46 @@ absl::Status FillViews(const v1::ComputeGradientsRequest& request, const Service
 }
 
 }  // namespace
+
+template <typename T>
+const T* ViewData(const v1::Tensor& tensor, std::vector<std::unique_ptr<uint64_t[]>>* copies) {
+  const char* bytes = tensor.data().data();
+  if (reinterpret_cast<uintptr_t>(bytes) % alignof(T) == 0) {
+    return reinterpret_cast<const T*>(bytes);
+  }
+  const size_t size = tensor.data().size();
+  auto copy = std::make_unique<uint64_t[]>((size + 7) / 8);
+  std::memcpy(copy.get(), bytes, size);
+  copies->push_back(std::move(copy));
+  return reinterpret_cast<const T*>(copies->back().get());
+}
+
+template <typename T>
+absl::Status CheckFinite(const T* data, std::span<const int64_t> shape, const std::string& field) {
+  int64_t n = 1;
+  for (int64_t dim : shape) n *= dim;
+  for (int64_t j = 0; j < n; ++j) {
+    if (!std::isfinite(data[j])) {
+      return Invalid(
+          field + ".data",
+          absl::StrCat("non-finite value ", std::isnan(data[j]) ? "nan" : "inf", " at index ",
+                       MultiIndex(j, shape), "; set options.allow_non_finite to compute anyway"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+template const float* ViewData<float>(const v1::Tensor&, std::vector<std::unique_ptr<uint64_t[]>>*);
+template const double* ViewData<double>(const v1::Tensor&,
+                                        std::vector<std::unique_ptr<uint64_t[]>>*);
+template const int64_t* ViewData<int64_t>(const v1::Tensor&,
+                                          std::vector<std::unique_ptr<uint64_t[]>>*);
+template const int32_t* ViewData<int32_t>(const v1::Tensor&,
+                                          std::vector<std::unique_ptr<uint64_t[]>>*);
+template absl::Status CheckFinite<float>(const float*, std::span<const int64_t>,
+                                         const std::string&);
+template absl::Status CheckFinite<double>(const double*, std::span<const int64_t>,
+                                          const std::string&);
 
 v1::Checkpointing::Mode ToProtoMode(engine::CheckpointMode mode) {
   switch (mode) {

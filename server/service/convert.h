@@ -12,6 +12,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <variant>
 #include <vector>
@@ -67,6 +68,17 @@ absl::Status CheckClaimedSizes(const v1::ComputeGradientsRequest& request,
 
 // The engine's description of a model, from the API's; validates kinds and enum values.
 absl::StatusOr<engine::ModelSpec> ToModelSpec(const v1::Model& model, const ServiceLimits& limits);
+
+// A pointer to the tensor's elements as T: in place when aligned for T, else into a copy
+// appended to `copies` (protobuf byte strings guarantee no alignment). T: float, double,
+// int64_t, int32_t. REQUIRES: the tensor's bytes were checked against its shape.
+template <typename T>
+const T* ViewData(const v1::Tensor& tensor, std::vector<std::unique_ptr<uint64_t[]>>* copies);
+
+// INVALID_ARGUMENT naming `field`.data and the index (in `shape`) of the first NaN or +-Inf
+// among the tensor's elements, if there is one. T: float, double.
+template <typename T>
+absl::Status CheckFinite(const T* data, std::span<const int64_t> shape, const std::string& field);
 
 // Bytes per element on the wire (0 for DTYPE_UNSPECIFIED and unknown values).
 int64_t DTypeSize(v1::DType dtype);

@@ -175,33 +175,6 @@ absl::StatusOr<eg::GraphLossSpec> ToGraphLoss(const v1::Model& model) {
   return loss;
 }
 
-// A pointer to a tensor's bytes: in place when aligned for T, else a copy kept by `views`.
-template <typename T>
-const T* ViewData(const v1::Tensor& tensor, GraphViews* views) {
-  const char* bytes = tensor.data().data();
-  if (reinterpret_cast<uintptr_t>(bytes) % alignof(T) == 0) {
-    return reinterpret_cast<const T*>(bytes);
-  }
-  const size_t size = tensor.data().size();
-  auto copy = std::make_unique<uint64_t[]>((size + 7) / 8);
-  std::memcpy(copy.get(), bytes, size);
-  views->aligned_copies.push_back(std::move(copy));
-  return reinterpret_cast<const T*>(views->aligned_copies.back().get());
-}
-
-template <typename T>
-absl::Status CheckFinite(const T* data, int64_t n, const std::string& field) {
-  for (int64_t j = 0; j < n; ++j) {
-    if (!std::isfinite(data[j])) {
-      return Invalid(
-          field + ".data",
-          absl::StrCat("non-finite value ", std::isnan(data[j]) ? "nan" : "inf", " at flat index ",
-                       j, "; set options.allow_non_finite to compute anyway"));
-    }
-  }
-  return absl::OkStatus();
-}
-
 v1::DType ToWireDType(eg::DType dtype) {
   switch (dtype) {
     case eg::DType::kFloat32:
@@ -815,7 +788,9 @@ absl::StatusOr<std::unique_ptr<GraphViews>> PrepareGraphRequest(
   for (size_t i = 0; i < planned.inputs.size(); ++i) {
     const v1::NamedTensor& named = request.graph_inputs(input_entry[i]);
     const v1::Tensor& t = named.tensor();
-    const int64_t n = graph.values()[graph.input_value(i)].elements;
+    const eg::ValueInfo& value = graph.values()[graph.input_value(i)];
+    const int64_t n = value.elements;
+    const eg::Shape& shape = value.type.shape;
     const std::string field = absl::StrCat("graph_inputs[", input_entry[i], "].tensor");
     switch (t.dtype()) {
       case v1::DTYPE_INT32: {
@@ -826,17 +801,17 @@ absl::StatusOr<std::unique_ptr<GraphViews>> PrepareGraphRequest(
         break;
       }
       case v1::DTYPE_INT64:
-        views->inputs[i] = ViewData<int64_t>(t, views.get());
+        views->inputs[i] = ViewData<int64_t>(t, &views->aligned_copies);
         break;
       case v1::DTYPE_FLOAT32: {
-        const float* data = ViewData<float>(t, views.get());
-        if (check_finite) RETURN_IF_ERROR(CheckFinite(data, n, field));
+        const float* data = ViewData<float>(t, &views->aligned_copies);
+        if (check_finite) RETURN_IF_ERROR(CheckFinite(data, shape, field));
         views->inputs[i] = data;
         break;
       }
       default: {
-        const double* data = ViewData<double>(t, views.get());
-        if (check_finite) RETURN_IF_ERROR(CheckFinite(data, n, field));
+        const double* data = ViewData<double>(t, &views->aligned_copies);
+        if (check_finite) RETURN_IF_ERROR(CheckFinite(data, shape, field));
         views->inputs[i] = data;
         break;
       }
@@ -845,15 +820,15 @@ absl::StatusOr<std::unique_ptr<GraphViews>> PrepareGraphRequest(
   views->parameters.resize(planned.parameters.size());
   for (size_t p = 0; p < planned.parameters.size(); ++p) {
     const v1::Tensor& t = request.named_parameters(parameter_entry[p]).tensor();
-    const int64_t n = graph.values()[graph.parameter_value(p)].elements;
+    const eg::Shape& shape = graph.values()[graph.parameter_value(p)].type.shape;
     const std::string field = absl::StrCat("named_parameters[", parameter_entry[p], "].tensor");
     if (dtype == v1::DTYPE_FLOAT32) {
-      const float* data = ViewData<float>(t, views.get());
-      if (check_finite) RETURN_IF_ERROR(CheckFinite(data, n, field));
+      const float* data = ViewData<float>(t, &views->aligned_copies);
+      if (check_finite) RETURN_IF_ERROR(CheckFinite(data, shape, field));
       views->parameters[p] = data;
     } else {
-      const double* data = ViewData<double>(t, views.get());
-      if (check_finite) RETURN_IF_ERROR(CheckFinite(data, n, field));
+      const double* data = ViewData<double>(t, &views->aligned_copies);
+      if (check_finite) RETURN_IF_ERROR(CheckFinite(data, shape, field));
       views->parameters[p] = data;
     }
   }

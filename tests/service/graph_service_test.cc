@@ -909,7 +909,7 @@ const BadGraph kBadGraphs[] = {
        std::memcpy(r->mutable_graph_inputs(0)->mutable_tensor()->mutable_data()->data() + 12, &nan,
                    sizeof(nan));
      },
-     kInvalid, "graph_inputs[0].tensor.data: non-finite value nan at flat index 3"},
+     kInvalid, "graph_inputs[0].tensor.data: non-finite value nan at index [0, 3]"},
     {"InputGradientOfAnUnknownInput",
      [](Request* r) { r->mutable_options()->add_input_gradient_names("x"); }, kInvalid,
      "options.input_gradient_names[0]"},
