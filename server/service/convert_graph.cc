@@ -584,6 +584,23 @@ absl::Status GraphPlanner::Rename(const absl::Status& status) const {
   } else if (starts("checkpoint.")) {
     message = absl::StrCat("options.checkpointing.", message.substr(11));
   }
+  // Other nodes the message refers to ("is already defined by graph.nodes[0] ..."), by their
+  // index in the request.
+  static constexpr std::string_view kNodes = "graph.nodes[";
+  for (size_t at = message.find(kNodes); at != std::string::npos;
+       at = message.find(kNodes, at + kNodes.size())) {
+    if (at >= 6 && message.compare(at - 6, 6, "model.") == 0) continue;
+    const size_t open = at + kNodes.size();
+    const size_t close = message.find(']', open);
+    int k = -1;
+    if (close == std::string::npos || !absl::SimpleAtoi(message.substr(open, close - open), &k) ||
+        k < 0 || k >= static_cast<int>(node_index_.size())) {
+      continue;
+    }
+    const std::string renamed = absl::StrCat("model.graph.nodes[", node_index_[k], "]");
+    message.replace(at, close + 1 - at, renamed);
+    at += renamed.size() - kNodes.size();
+  }
   // Everything else the service checked before planning (input shapes, dtype).
   return absl::Status(status.code(), message);
 }

@@ -793,7 +793,8 @@ const BadGraph kBadGraphs[] = {
      },
      kInvalid, "model.graph.constants[0].tensor.data"},
     {"ValueDefinedTwice", [](Request* r) { G(r)->mutable_nodes(1)->set_outputs(0, "0"); }, kInvalid,
-     "model.graph.nodes[1]"},
+     "model.graph.nodes[1] (\"act\", Relu).outputs[0]: value \"0\" is already defined by "
+     "model.graph.nodes[0] (\"fc\", Gemm).outputs[0]"},
     {"EmptyOutputName", [](Request* r) { G(r)->mutable_nodes(1)->set_outputs(0, ""); }, kInvalid,
      "model.graph.nodes[1].outputs[0]"},
     // Nodes.
