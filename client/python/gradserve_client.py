@@ -8,7 +8,11 @@
 * ``service_config``: the retry/round_robin service config shared with the C++ client
   (``client/service_config.json``), for ``connect(..., options=[("grpc.service_config", ...)])``.
 * ``TrainingStream``: a training loop on one ``StreamGradients`` stream (model sent once,
-  then a batch with parameters or an update per step; micro-batching; automatic chunking).
+  then a batch with parameters or an update per step; micro-batching; automatic chunking),
+  for chain and graph models.
+* ``named_tensors`` / ``named_arrays``: ``{name: array}`` <-> ``NamedTensor`` messages, the
+  graph models' parameters, inputs and gradients (``gradserve_graph`` builds graph models, by
+  hand or from a torch.nn module, and maps ``state_dict`` names both ways).
 
 The stubs are generated, not checked in: run ``client/python/generate.sh`` first. numpy and grpc
 are the only hard dependencies; torch is imported only by ``request_from_sequential``.
@@ -34,7 +38,7 @@ import collections
 import math
 import os
 import queue
-from typing import Any, Iterable, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import grpc
 import numpy as np
@@ -51,6 +55,7 @@ __all__ = [
     "pb", "pb_grpc", "connect", "read_token_file", "health", "stub", "to_tensor", "from_tensor",
     "gradients", "service_config", "SERVICE_CONFIG_FILE",
     "checkpointing", "loss", "request_from_sequential",
+    "graph_tensor", "from_graph_tensor", "named_tensors", "named_arrays", "TrainingStream",
 ]
 
 # The wire format is always little-endian, whatever the host: these are the numpy dtype strings
@@ -110,6 +115,49 @@ def from_tensor(tensor: "pb.Tensor") -> np.ndarray:
                          f"needs {expected} bytes, has {len(tensor.data)}")
     # frombuffer aliases the (immutable) bytes; astype copies into a native, writable array.
     return np.frombuffer(tensor.data, dtype=wire).reshape(shape).astype(wire.newbyteorder("="))
+
+
+# --- Graph models (see gradserve_graph for building them) ---------------------------------------
+
+def graph_tensor(array: Any, dtype: Any = None) -> "pb.Tensor":
+    """A Tensor for graph fields: like ``gradserve_client.to_tensor``, but rank 0 (scalars) and
+    bool (DTYPE_BOOL, one byte per element) are allowed, as graph constants and parameters
+    may be."""
+    array = _as_numpy(array)
+    if (array.dtype if dtype is None else np.dtype(dtype)) == np.bool_:
+        return pb.Tensor(dtype=pb.DTYPE_BOOL, shape=list(array.shape),
+                         data=array.astype(np.uint8).tobytes(order="C"))
+    if array.ndim == 0:
+        tensor = to_tensor(array.reshape(1), dtype)
+        del tensor.shape[:]
+        return tensor
+    return to_tensor(array, dtype)
+
+
+def named_tensors(arrays: Mapping[str, Any], float_dtype: Any = None) -> List["pb.NamedTensor"]:
+    """{name: array} -> NamedTensor messages, floating arrays converted to ``float_dtype`` (if
+    given), integer ones kept as they are (token ids, class targets)."""
+    out = []
+    for name, array in arrays.items():
+        array = _as_numpy(array)
+        dtype = float_dtype if float_dtype is not None and array.dtype.kind == "f" else None
+        out.append(pb.NamedTensor(name=name, tensor=graph_tensor(array, dtype)))
+    return out
+
+
+def named_arrays(tensors: Iterable["pb.NamedTensor"]) -> Dict[str, np.ndarray]:
+    """NamedTensor messages (named_gradients, input_gradients, outputs) -> {name: numpy array}."""
+    return {t.name: from_graph_tensor(t.tensor) for t in tensors}
+
+
+def from_graph_tensor(tensor: "pb.Tensor") -> np.ndarray:
+    """``from_tensor`` for graph fields: scalars (rank 0) and DTYPE_BOOL included."""
+    if tensor.dtype == pb.DTYPE_BOOL:
+        return np.frombuffer(tensor.data, dtype=np.uint8).reshape(tuple(tensor.shape)) != 0
+    if len(tensor.shape) == 0:
+        scalar = pb.Tensor(dtype=tensor.dtype, shape=[1], data=tensor.data)
+        return from_tensor(scalar).reshape(())
+    return from_tensor(tensor)
 
 
 def gradients(response: "pb.ComputeGradientsResponse") -> list:
@@ -504,6 +552,14 @@ class TrainingStream:
     stream's dtype: ``update = [(-lr * dW, -lr * db), ...]`` is plain SGD. Apply the same
     ``p = p + u`` to your own copy (in the same dtype) and the two stay bit-identical.
 
+    Graph models (``model.graph`` set): ``parameters`` and ``update`` are mappings
+    ``{parameter name: array}`` (``named_parameters`` / ``named_parameter_update``; an update
+    may name only some parameters), and the batch is ``graph_inputs``, a mapping
+    ``{graph input name: array}`` with the loss target among them (floats are sent in the
+    stream's dtype, token ids and class targets as they are); ``inputs``, ``targets`` and
+    ``output_gradient`` stay unset. ``gradserve_graph.GraphModel.gradients(answer)`` maps
+    the answer's ``named_gradients`` back to ``state_dict`` keys.
+
     ``step`` returns the ``StreamGradientsResponse`` (``.result`` is a
     ``ComputeGradientsResponse``), or ``None`` for ``accumulate=True`` steps, whose gradients
     are summed until the next step without it answers for all of them. Tensors larger than
@@ -542,12 +598,39 @@ class TrainingStream:
         else:
             target.CopyFrom(tensor)
 
-    def step(self, inputs: Any, targets: Any = None, *, parameters: Optional[list] = None,
-             update: Optional[list] = None, output_gradient: Any = None,
-             accumulate: bool = False) -> Optional["pb.StreamGradientsResponse"]:
+    def _place_named(self, field: str, tensors: List["pb.NamedTensor"], target) -> None:
+        for named in tensors:
+            if len(named.tensor.data) > self._chunk_bytes:
+                self._send_chunked(f"{field}[{named.name}]", named.tensor)
+            else:
+                target.add().CopyFrom(named)
+
+    def step(self, inputs: Any = None, targets: Any = None, *,
+             parameters: Optional[Any] = None, update: Optional[Any] = None,
+             output_gradient: Any = None, accumulate: bool = False,
+             graph_inputs: Optional[Mapping[str, Any]] = None
+             ) -> Optional["pb.StreamGradientsResponse"]:
         if parameters is not None and update is not None:
             raise ValueError("send parameters or an update, not both")
         step = pb.StreamStep(accumulate=accumulate)
+        if graph_inputs is not None:
+            if inputs is not None or targets is not None or output_gradient is not None:
+                raise ValueError("a graph step sends graph_inputs only (the loss target among "
+                                 "them), not inputs, targets or output_gradient")
+            for name, named in (("named_parameters", parameters),
+                                ("named_parameter_update", update)):
+                if named is None:
+                    continue
+                if not isinstance(named, Mapping):
+                    raise ValueError(f"graph models take {name} as a mapping "
+                                     "{parameter name: array}")
+                self._place_named(name, named_tensors(named, self._dtype), getattr(step, name))
+            self._place_named("graph_inputs", named_tensors(graph_inputs, self._dtype),
+                              step.graph_inputs)
+            self._outbox.put(pb.StreamGradientsRequest(step=step))
+            return None if accumulate else next(self._answers)
+        if inputs is None:
+            raise ValueError("a chain step needs inputs (graph models: graph_inputs)")
         for name, pairs in (("parameters", parameters), ("parameter_update", update)):
             if pairs is None:
                 continue
