@@ -2,6 +2,7 @@
 """Acceptance check: gradserve's gradients agree with PyTorch autograd.
 
     /usr/bin/python3 bench/pytorch_crosscheck.py --target 127.0.0.1:PORT [--rounds 3] [--seed 0]
+        [--only all|chain|graph] [--quiet]
 
 Starts nothing: point it at a running server. For seeded random MLPs covering every layer kind
 (Linear with and without bias, ReLU, LeakyReLU at several slopes, Sigmoid, Tanh, GELU exact and
@@ -19,7 +20,19 @@ torch in the request's own dtype, on exactly the same input bits.
 Also checks that every checkpointing mode (SQRT, EVERY_K, MEMORY_BUDGET) returns results
 bit-identical to MODE_NONE, as the API promises, and probes the derivative conventions at
 kinks (exact zeros into ReLU/LeakyReLU, L1 at output == target), where PyTorch's choice is
-the reference. Exit status 1 if anything fails.
+the reference.
+
+Graph models (--only graph runs just these): a pre-norm residual LayerNorm MLP (MSE and
+cross-entropy, with dL/dx) and a GPT-2-style decoder (2 blocks, 4 heads, tied LM head,
+cross-entropy over [B, T, V] with ignored positions, T equal to and below the block size),
+defined as ordinary torch.nn modules in client/python/torch_models.py and turned into requests
+by client/python/gradserve_graph.py (torch.fx). Compared tensor by tensor: the loss, the
+output, every gradient by state_dict key, dL/dx. There the per-tensor error has a floor:
+max|server - torch| / max(max|torch|, 1e-6 * G), G the largest |torch gradient| entry of the
+case (see GRAPH_FLOOR), and the thresholds are the same. Also: the traced graph run forward in
+numpy (client/python/graph_numpy.py) against torch, every checkpoint mode bit-identical on the
+GPT, and the tracer's refusals (unsupported module, mask computed on the server, training-mode
+Dropout without a seed). Exit status 1 if anything fails.
 """
 
 import argparse
@@ -46,7 +59,13 @@ except ImportError:
     subprocess.run([str(REPO / "client" / "python" / "generate.sh"), _stub_dir], check=True,
                    stdout=subprocess.DEVNULL)
     sys.path.insert(0, _stub_dir)
+    # The failed import left client/python's stub-less "gradserve" package cached.
+    for _name in [n for n in sys.modules if n == "gradserve" or n.startswith("gradserve.")]:
+        del sys.modules[_name]
     import gradserve_client as gc
+import gradserve_graph as gg  # noqa: E402  (after the stubs are on sys.path)
+import graph_numpy  # noqa: E402
+import torch_models  # noqa: E402
 pb = gc.pb
 
 THRESHOLD = {np.float64: 1e-9, np.float32: 1e-4}
@@ -385,6 +404,265 @@ def checkpoint_cases(seed: int) -> List[Case]:
     return cases
 
 
+
+# --- Graph models ------------------------------------------------------------------------------
+#
+# A residual LayerNorm MLP and a GPT-2-style decoder (client/python/torch_models.py), turned
+# into requests by gradserve_graph.from_module (torch.fx), compared tensor by tensor with
+# torch autograd: the loss, the output, every gradient by state_dict key (the tied LM head and
+# token embedding under both keys) and dL/dx where the input is floating.
+#
+# Error metric, per tensor: max|server - torch| / max(max|torch|, floor), floor = 1e-6 * G with
+# G the largest |torch gradient| entry of the case. The floor keeps a tensor whose exact
+# gradient is (close to) zero from being judged on rounding noise alone: the key bias of an
+# attention layer, for one, has an exact gradient of 0 (softmax ignores a score shift shared by
+# all keys), and both sides return noise of order 1e-17 * G there. The loss uses
+# |server - torch| / max(|torch|, tiny). Same thresholds as the chain cases.
+
+GRAPH_FLOOR = 1e-6
+
+
+@dataclass
+class GraphCase:
+    name: str
+    dtype: type
+    module: nn.Module
+    inputs: np.ndarray
+    targets: np.ndarray
+    loss: str
+    ignore_index: Optional[int] = None
+    input_gradients: tuple = ()
+
+    def describe(self) -> str:
+        return f"{self.name} {DTYPE_NAME[self.dtype]} {self.loss} inputs{list(self.inputs.shape)}"
+
+
+def graph_cases(seed: int) -> List[GraphCase]:
+    rng = np.random.default_rng(seed + 3)
+    cases = []
+    for dtype in (np.float64, np.float32):
+        torch.manual_seed(seed + 3)
+        mlp = torch_models.ResidualMLP(n_in=6, d=16, hidden=48, n_out=5, blocks=3)
+        with torch.no_grad():  # LayerNorm affine terms away from (1, 0), so their use shows
+            for name, p in mlp.named_parameters():
+                if ".ln" in name or name.startswith("ln_f"):
+                    p.add_(0.3 * torch.randn_like(p))
+        mlp = mlp.to(TORCH_DTYPE[dtype])
+        x = rng.standard_normal((24, 6)).astype(dtype)
+        cases.append(GraphCase("resmlp-mse", dtype, mlp, x,
+                               rng.standard_normal((24, 5)).astype(dtype), "mse",
+                               input_gradients=("x",)))
+        cases.append(GraphCase("resmlp-ce", dtype, mlp, x,
+                               rng.integers(0, 5, 24).astype(np.int64), "cross_entropy",
+                               input_gradients=("x",)))
+        torch.manual_seed(seed + 4)
+        gpt = torch_models.GPT(vocab_size=29, block_size=16, n_layer=2, n_head=4, n_embd=32)
+        with torch.no_grad():  # beyond GPT-2's small init, so every term of the gradient counts
+            for name, p in gpt.named_parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        gpt = gpt.to(TORCH_DTYPE[dtype]).eval()
+        for batch, seq in ((4, 16), (3, 11)):  # T = block_size, and T < block_size
+            ids = rng.integers(0, 29, (batch, seq)).astype(np.int64)
+            targets = rng.integers(0, 29, (batch, seq)).astype(np.int64)
+            targets[0, :3] = -1  # ignored positions
+            cases.append(GraphCase(f"gpt2-{batch}x{seq}", dtype, gpt, ids, targets,
+                                   "cross_entropy", ignore_index=-1))
+    return cases
+
+
+def graph_reference(case: GraphCase) -> dict:
+    """Loss, output, gradients by state_dict key, and input gradients from torch autograd."""
+    module = case.module
+    module.zero_grad(set_to_none=True)
+    x = torch.from_numpy(case.inputs.copy())
+    if x.is_floating_point():
+        x.requires_grad_(True)
+    out = module(x)
+    if case.loss == "mse":
+        loss = nn.functional.mse_loss(out, torch.from_numpy(case.targets))
+    else:
+        loss = nn.functional.cross_entropy(
+            out.reshape(-1, out.shape[-1]), torch.from_numpy(case.targets).reshape(-1),
+            ignore_index=-100 if case.ignore_index is None else case.ignore_index)
+    loss.backward()
+    grads = {k: p.grad.numpy().copy() for k, p in module.state_dict(keep_vars=True).items()
+             if isinstance(p, nn.Parameter) and p.grad is not None}
+    inputs = {"x": x.grad.numpy().copy()} if x.requires_grad else {}
+    return {"loss": loss.item(), "output": out.detach().numpy().copy(), "grads": grads,
+            "inputs": inputs}
+
+
+def graph_rel_err(got: np.ndarray, want: np.ndarray, floor: float) -> float:
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    if got.shape != want.shape:
+        return math.inf
+    diff = np.max(np.abs(got - want)) if want.size else 0.0
+    if not np.isfinite(diff):
+        return math.inf
+    return float(diff / max(np.max(np.abs(want)) if want.size else 0.0, floor, TINY))
+
+
+def tracing_checks(failures: List[str]) -> None:
+    """What the tracer must refuse, with a message naming the culprit (no server needed)."""
+    class Conv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.conv = nn.Conv1d(1, 1, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(self.fc(x).unsqueeze(1)).squeeze(1)
+
+    class ComputedMask(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return h.masked_fill(h > 0, 0.0)
+
+    x = np.zeros((2, 4), dtype=np.float32)
+    checks = [
+        ("unsupported module", Conv(), {}, "conv"),
+        ("mask computed on the server", ComputedMask(), {}, "mask"),
+        ("Dropout training, no seed", nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1)), {},
+         "dropout_seed"),
+        ("Dropout training, seeded", nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1)),
+         {"dropout_seed": 7}, None),
+    ]
+    results = []
+    for label, module, kwargs, expect in checks:
+        try:
+            model = gg.from_module(module, x, loss="mse", **kwargs)
+            outcome = "traced: " + " ".join(n.op_type for n in model.graph.nodes)
+            ok = expect is None
+        except gg.UnsupportedError as error:
+            outcome = f"UnsupportedError: {error}"
+            ok = expect is not None and expect in str(error)
+        if not ok:
+            failures.append(f"tracing check '{label}': {outcome}")
+        results.append(f"  {'ok  ' if ok else 'FAIL'} {label}: {outcome}")
+    print("\ntracer refusals (gradserve_graph.UnsupportedError):")
+    print("\n".join(results))
+
+
+def run_graph_cases(stub, args, failures: List[str], worst: dict) -> int:
+    """Runs every graph case; returns the number of cases."""
+    tracing_checks(failures)
+    print("\ngraph models (client/python/gradserve_graph.py from torch.nn modules): "
+          "per-tensor error = max|server - torch| / max(max|torch|, "
+          f"{GRAPH_FLOOR:g} * largest |torch grad| of the case)")
+    header = f"{'case':<13} {'dtype':<7} {'tensor':<40} {'shape':<12} {'max|torch|':>10} " \
+             f"{'rel err':>9}"
+    print(header)
+    print("-" * len(header))
+    count = 0
+    for case in graph_cases(args.seed):
+        count += 1
+        label = f"{case.name:<13} {DTYPE_NAME[case.dtype]:<7}"
+        try:
+            model = gg.from_module(case.module, case.inputs, loss=case.loss,
+                                   ignore_index=case.ignore_index, dtype=case.dtype)
+        except Exception as error:  # noqa: BLE001 - a tracing failure is a failed case
+            failures.append(f"{case.describe()}: tracing failed: {error}")
+            print(f"{label} TRACING FAILED: {error}")
+            continue
+        reference = graph_reference(case)
+        # The traced graph run forward in numpy (float64): catches a wrong graph before
+        # blaming the server for it.
+        values = graph_numpy.run(model.graph, {**model.parameter_arrays(case.module, np.float64),
+                                               **model.input_arrays(case.inputs, case.targets)})
+        numpy_loss = graph_numpy.loss_value(model.model, values)
+        request = model.request(case.module, case.inputs, case.targets, return_output=True,
+                                input_gradients=case.input_gradients)
+        response, error = call(stub, request, args.timeout)
+        if error is not None:
+            failures.append(f"{case.describe()}: {error}")
+            print(f"{label} RPC ERROR {error}")
+            continue
+        G = max(float(np.max(np.abs(g))) for g in reference["grads"].values())
+        floor = GRAPH_FLOOR * G
+        rows = [("loss", "[]", abs(reference["loss"]),
+                 abs(response.loss - reference["loss"]) / max(abs(reference["loss"]), TINY))]
+        outputs = gc.named_arrays(response.outputs)
+        want = reference["output"]
+        got = outputs.get(model.output_name)
+        rows.append((f"output ({model.output_name})", str(list(want.shape)),
+                     float(np.max(np.abs(want))),
+                     graph_rel_err(got, want, TINY) if got is not None else math.inf))
+        got_grads = model.gradients(response)
+        for key, want in reference["grads"].items():
+            tied = "" if model.aliases.get(key, key) == key else f" (= {model.aliases[key]})"
+            got = got_grads.get(key)
+            err = math.inf if got is None else graph_rel_err(got, want, floor)
+            rows.append((key + tied, str(list(want.shape)), float(np.max(np.abs(want))), err))
+        missing = sorted(set(got_grads) - set(reference["grads"]))
+        for key in missing:
+            rows.append((f"{key} (torch: no grad)", "", 0.0, math.inf))
+        got_inputs = gc.named_arrays(response.input_gradients)
+        for key, want in reference["inputs"].items():
+            got = got_inputs.get(key)
+            err = math.inf if got is None else graph_rel_err(got, want, floor)
+            rows.append((f"d{key}", str(list(want.shape)), float(np.max(np.abs(want))), err))
+        case_worst = max(err for *_, err in rows)
+        ok = case_worst <= THRESHOLD[case.dtype]
+        if case_worst > worst[case.dtype][0]:
+            worst[case.dtype] = (case_worst, case.name)
+        for tensor, shape, scale, err in rows:
+            bad = err > THRESHOLD[case.dtype]
+            if bad:
+                failures.append(f"{case.describe()}: {tensor} error {err:.2e}")
+            if args.quiet and not bad:
+                continue
+            print(f"{label} {tensor:<40} {shape:<12} {scale:>10.3e} {err:>9.2e}"
+                  f"{'  <-- FAIL' if bad else ''}")
+        trace_err = abs(numpy_loss - reference["loss"]) / max(abs(reference["loss"]), TINY)
+        if trace_err > THRESHOLD[case.dtype]:
+            failures.append(f"{case.describe()}: the traced graph's loss (numpy) is off by "
+                            f"{trace_err:.2e}: a tracing bug")
+        print(f"{label} => {len(rows)} tensors, worst {case_worst:.2e} "
+              f"{'ok' if ok else 'FAIL'}; {len(model.graph.nodes)} nodes, "
+              f"{len(model.parameter_names)} parameters; traced graph's numpy forward loss vs "
+              f"torch {trace_err:.1e}; fwd {response.stats.forward_micros / 1e3:.1f} ms, "
+              f"bwd {response.stats.backward_micros / 1e3:.1f} ms")
+        if case.name.startswith("gpt2") and case.inputs.shape[1] == 16:
+            check_graph_checkpointing(stub, args, case, model, response, failures)
+    return count
+
+
+def check_graph_checkpointing(stub, args, case, model, base, failures) -> None:
+    """Every checkpoint mode must give bit-identical gradients, loss and outputs on graphs."""
+    def fingerprint(response):
+        return (np.float64(response.loss).tobytes(),
+                tuple((t.name, t.tensor.data) for t in response.named_gradients))
+    peak = base.stats.plan.predicted_peak_bytes
+    modes = [("sqrt", gc.checkpointing("sqrt")), ("every_k=1", gc.checkpointing("every_k", 1)),
+             ("every_k=3", gc.checkpointing("every_k", 3)),
+             ("budget=peak/2", gc.checkpointing("memory_budget",
+                                                memory_budget_bytes=max(1, peak // 2)))]
+    summary = []
+    for name, checkpoint in modes:
+        request = model.request(case.module, case.inputs, case.targets, checkpoint=checkpoint)
+        response, error = call(stub, request, args.timeout)
+        if error is not None:
+            if name.startswith("budget") and error.startswith("RESOURCE_EXHAUSTED"):
+                summary.append(f"{name}: refused (RESOURCE_EXHAUSTED, documented)")
+                continue
+            failures.append(f"{case.describe()} checkpoint {name}: {error}")
+            summary.append(f"{name}: {error}")
+            continue
+        same = fingerprint(response) == fingerprint(base)
+        if not same:
+            failures.append(f"checkpoint {name} on {case.describe()}: differs from no "
+                            "checkpointing")
+        summary.append(f"{name}:{'same' if same else 'DIFFERENT'}"
+                       f"(recomp={response.stats.layers_recomputed},"
+                       f"peak={response.stats.plan.predicted_peak_bytes})")
+    print(f"{'':<21} checkpointing vs none (peak={peak}): " + "  ".join(summary))
+
+
 def call(stub, request, timeout: float):
     try:
         return stub.ComputeGradients(request, timeout=timeout), None
@@ -407,6 +685,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
     parser.add_argument("--quiet", action="store_true", help="print only failing rows")
+    parser.add_argument("--only", choices=("all", "chain", "graph"), default="all",
+                        help="run only the chain (layers) or the graph-model cases")
     args = parser.parse_args()
 
     torch.set_num_threads(1)  # deterministic reductions in the reference
@@ -422,10 +702,6 @@ def main() -> int:
 
     worst = {np.float64: (0.0, ""), np.float32: (0.0, "")}
     failures: List[str] = []
-    header = (f"{'#':>4} {'case':<15} {'dtype':<7} {'loss':<15} {'reduction':<9} {'batch':>5} "
-              f"{'max rel err':>11} {'worst':<6} model")
-    print(header)
-    print("-" * len(header))
 
     def run_case(index: int, case: Case, checkpoint=None):
         response, error = call(stub, request_for(case, checkpoint), args.timeout)
@@ -453,6 +729,13 @@ def main() -> int:
         return response
 
     index = 0
+    if args.only == "graph":
+        index += run_graph_cases(stub, args, failures, worst)
+        return finish(index, worst, failures, channel)
+    header = (f"{'#':>4} {'case':<15} {'dtype':<7} {'loss':<15} {'reduction':<9} {'batch':>5} "
+              f"{'max rel err':>11} {'worst':<6} model")
+    print(header)
+    print("-" * len(header))
     for case in make_cases(args.rounds, args.seed):
         run_case(index, case)
         index += 1
@@ -501,6 +784,12 @@ def main() -> int:
                            f"(recomp={response.stats.layers_recomputed}{budget})")
         print(f"      {n_layers} layers: " + "  ".join(summary))
 
+    if args.only == "all":
+        index += run_graph_cases(stub, args, failures, worst)
+    return finish(index, worst, failures, channel)
+
+
+def finish(index: int, worst: dict, failures: List[str], channel) -> int:
     print()
     w64, w32 = worst[np.float64], worst[np.float32]
     status = "FAIL" if failures else "PASS"
@@ -513,7 +802,6 @@ def main() -> int:
         print(f"  FAIL {failure}")
     channel.close()
     return 1 if failures else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
