@@ -2,8 +2,10 @@
 residual LayerNorm MLP and a GPT-2-style decoder (nanoGPT's layout and state_dict names, LM
 head tied to the token embedding). Used by bench/pytorch_crosscheck.py and train_chargpt.py.
 
-Written to trace with torch.fx: sizes come from ``x.size()``, and the attention scale is a
-number computed in ``__init__`` (``math.sqrt(k.size(-1))`` would call math on an fx proxy).
+Nothing here is written for the tracer: sizes come from ``x.size()``, the positions from
+``torch.arange(0, t)``, the causal mask from a registered buffer sliced to ``[:T, :T]``
+(nanoGPT's ``1.0 / math.sqrt(k.size(-1))`` traces too; the scale is computed once here only
+because it is a constant).
 """
 
 import math
