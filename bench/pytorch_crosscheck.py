@@ -629,7 +629,61 @@ def run_graph_cases(stub, args, failures: List[str], worst: dict) -> int:
               f"bwd {response.stats.backward_micros / 1e3:.1f} ms")
         if case.name.startswith("gpt2") and case.inputs.shape[1] == 16:
             check_graph_checkpointing(stub, args, case, model, response, failures)
+            check_graph_stream(stub, args, case, model, failures)
     return count
+
+
+def check_graph_stream(stub, args, case, model, failures) -> None:
+    """Three SGD steps on one StreamGradients stream (named parameters, then named updates;
+    the second batch as two accumulated halves) must answer exactly as unary calls with the
+    parameters this side keeps (p = p + u in the request's dtype)."""
+    params = model.parameter_arrays(case.module)
+    lr = case.dtype(0.1)
+    half = case.inputs.shape[0] // 2
+    notes, same = [], True
+    try:
+        channel = gc.connect(args.target)
+        with gc.TrainingStream(channel, model.model, case.dtype, timeout=args.timeout,
+                               chunk_bytes=16 << 10) as stream:
+            update = None
+            for step in range(3):
+                inputs = model.input_arrays(case.inputs, case.targets)
+                if step == 1:  # micro-batches: gradients summed as one call on the batch
+                    first = {k: v[:half] for k, v in inputs.items()}
+                    stream.step(graph_inputs=first, update=update, accumulate=True)
+                    rest = {k: v[half:] for k, v in inputs.items()}
+                    answer = stream.step(graph_inputs=rest)
+                else:
+                    answer = stream.step(graph_inputs=inputs, parameters=params if step == 0
+                                         else None, update=update)
+                unary, error = call(stub, model.request(params, case.inputs, case.targets),
+                                    args.timeout)
+                if error is not None:
+                    raise RuntimeError(error)
+                got = gc.named_arrays(answer.result.named_gradients)
+                want = gc.named_arrays(unary.named_gradients)
+                if step == 1:  # accumulated in float64: equal to rounding, not to the bit
+                    err = max([graph_rel_err(got[k], want[k], TINY) for k in want] +
+                              [abs(answer.result.loss - unary.loss) / max(abs(unary.loss),
+                                                                          TINY)])
+                    ok = err <= THRESHOLD[case.dtype]
+                    notes.append(f"step {step} (2 micro-batches): max rel diff {err:.1e}")
+                else:
+                    ok = all(got[k].tobytes() == want[k].tobytes() for k in want) and \
+                        answer.result.loss == unary.loss
+                    notes.append(f"step {step}: {'bit-identical' if ok else 'DIFFERENT'}")
+                same = same and ok
+                update = {k: -lr * g for k, g in got.items()}
+                params = {k: (params[k] + update[k]).astype(case.dtype) for k in params}
+    except (grpc.RpcError, RuntimeError) as error:
+        detail = f"{error.code().name}: {error.details()}" if isinstance(error, grpc.RpcError) \
+            else str(error)
+        failures.append(f"{case.describe()} stream: {detail}")
+        print(f"{'':<21} StreamGradients vs unary: {detail}")
+        return
+    if not same:
+        failures.append(f"{case.describe()} stream: differs from unary calls ({notes})")
+    print(f"{'':<21} StreamGradients (SGD, named updates) vs unary: " + "; ".join(notes))
 
 
 def check_graph_checkpointing(stub, args, case, model, base, failures) -> None:
