@@ -217,6 +217,19 @@ class GraphModel:
     def graph(self) -> "pb.Graph":
         return self.model.graph
 
+    def model_for(self, dtype: Any) -> "pb.Model":
+        """``model`` with its floating graph inputs declared in ``dtype`` (float32 or
+        float64): one traced graph serves both precisions."""
+        if np.dtype(dtype) not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, not {np.dtype(dtype)}")
+        wire = _INPUT_DTYPES[np.dtype(dtype)]
+        model = pb.Model()
+        model.CopyFrom(self.model)
+        for graph_input in model.graph.inputs:
+            if graph_input.dtype in (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64):
+                graph_input.dtype = wire
+        return model
+
     def parameter_arrays(self, source: Any, dtype: Any = None) -> Dict[str, np.ndarray]:
         """{graph parameter name: numpy array} from a torch module, a state_dict, or any mapping
         holding at least the graph parameters' names (extra keys such as tied aliases and
@@ -267,9 +280,11 @@ class GraphModel:
                 allow_non_finite: bool = False) -> "pb.ComputeGradientsRequest":
         """A ComputeGradientsRequest: ``parameters`` a module or state_dict (see
         ``parameter_arrays``), ``inputs``/``targets`` as ``input_arrays``; ``input_gradients``
-        names float graph inputs whose dL/d(input) to return."""
+        names float graph inputs whose dL/d(input) to return. ``dtype`` (default: the traced
+        one) is the request's floating dtype (see ``model_for``)."""
         dtype = np.dtype(dtype or self.dtype)
-        request = pb.ComputeGradientsRequest(model=self.model)
+        request = pb.ComputeGradientsRequest(
+            model=self.model if dtype == self.dtype else self.model_for(dtype))
         request.named_parameters.extend(self.named_parameters(parameters, dtype))
         request.graph_inputs.extend(self.graph_inputs(inputs, targets, dtype))
         options = request.options
@@ -540,8 +555,12 @@ class _Tracer:
         key = target if op == "call_method" else _FUNCTION_KEYS.get(target)
         if key is None:
             key = getattr(target, "__name__", None)
+            hint = ""
+            if key and ("loss" in key or "entropy" in key):
+                hint = ("; compute the loss outside forward and name it in from_module(loss=...),"
+                        " as a Loss message applies it to the graph's output")
             self.fail(f"function {getattr(target, '__module__', '')}.{key} has no gradserve "
-                      "equivalent")
+                      f"equivalent{hint}")
         handler = getattr(self, f"op_{key}", None)
         if handler is None:
             self.fail(f"{'method' if op == 'call_method' else 'function'} {key!r} has no "

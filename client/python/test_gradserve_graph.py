@@ -191,6 +191,21 @@ class GraphModelTest(unittest.TestCase):
         stream_answer = pb.StreamGradientsResponse(result=response)
         self.assertEqual(sorted(model.gradients(stream_answer)), ["lm_head.weight", "wte.weight"])
 
+    def test_other_dtype_retypes_float_inputs(self):
+        b = gg.GraphBuilder()
+        b.input("x", np.float64)
+        b.input("t", np.float64)
+        b.parameter("w", (2, 2))
+        y = b.node("MatMul", ["x", "w"])
+        model = gg.GraphModel(b.model(gc.loss("mse"), y, "t"), np.float64, ["w"], {"w": "w"},
+                              [], ["x"], "t", y, {"w": (2, 2)})
+        request = model.request({"w": np.eye(2)}, np.ones((3, 2)), np.ones((3, 2)),
+                                dtype=np.float32)
+        self.assertEqual([i.dtype for i in request.model.graph.inputs],
+                         [pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT32])
+        self.assertEqual({t.tensor.dtype for t in request.graph_inputs}, {pb.DTYPE_FLOAT32})
+        self.assertEqual(model.graph.inputs[0].dtype, pb.DTYPE_FLOAT64)  # unchanged
+
     def test_parameter_errors(self):
         model = tied_model()
         with self.assertRaisesRegex(KeyError, "wte.weight"):
