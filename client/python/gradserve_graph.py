@@ -198,8 +198,11 @@ class GraphModel:
     key holding a traced parameter, tied copies included), ``unused_parameters`` (trainable
     state_dict keys the traced computation never reads: torch gives them no gradient, and the
     graph cannot declare them), ``input_names`` (the module's forward arguments, in order),
-    ``target_name``, ``output_name``.
+    ``target_name``, ``output_name``, ``batch_flexible`` (True: the graph takes any leading
+    size of its inputs, Note [Batch size]; False: only the example's).
     """
+
+    batch_flexible = False
 
     def __init__(self, model, dtype, parameter_names, aliases, unused, input_names,
                  target_name, output_name, parameter_shapes):
@@ -423,6 +426,8 @@ class _Tracer:
         self.param_name = {id(p): n for n, p in module.named_parameters() if p.requires_grad}
         self.used_params: Dict[str, Tuple[int, ...]] = {}
         self.node = None  # the fx node being converted (for messages)
+        # Reshape nodes written: (index in graph.nodes, target shape, input shape).
+        self.reshapes: List[Tuple[int, List[int], List[int]]] = []
 
     # -- values --------------------------------------------------------------------------
 
@@ -805,7 +810,9 @@ class _Tracer:
     def reshape(self, example, x, shape):
         if list(shape) == list(x.shape):
             return x
-        return self.emit("Reshape", [x, self.const(np.array(shape, dtype=np.int64))], example)
+        value = self.emit("Reshape", [x, self.const(np.array(shape, dtype=np.int64))], example)
+        self.reshapes.append((len(self.b.graph.nodes) - 1, list(shape), list(x.shape)))
+        return value
 
     def op_view(self, example, x, *shape):
         if len(shape) == 1 and not isinstance(shape[0], (tuple, list, int)) and \
@@ -1122,27 +1129,21 @@ def from_module(module, example_inputs: Any, loss: str = "cross_entropy", *,
     if target_name in examples:
         raise ValueError(f"target_name {target_name!r} is also a forward argument; pick another")
 
-    tracer = _fx_tracer_class()()
-    tracer.record_stack_traces = record_stack_traces
-    # Buffers as get_attr nodes, so that self.bias[:, :, :T, :T] with T a traced size works.
-    tracer.proxy_buffer_attributes = True
-    # Arguments without an example (optional ones, e.g. targets=None) are traced as constants.
     concrete = {n: None for n in names if n not in examples}
-    fx_graph = tracer.trace(module, concrete_args=concrete or None)
-    builder = GraphBuilder()
-    t = _Tracer(module, examples, float_dtype, dropout_seed, builder)
-    placeholders = [n.target for n in fx_graph.nodes if n.op == "placeholder"
-                    and n.target in examples]
-    result = t.run(fx_graph)
-    if output_index is not None:
-        result = result[output_index]
-    if not isinstance(result, _Value):
-        raise UnsupportedError(f"the module returns {type(result).__name__}; expected one tensor "
-                               "(output_index= picks one of a tuple)")
-    if result.const:
-        raise UnsupportedError("the module's output does not depend on its inputs or parameters")
-    if not result.example.is_floating_point():
-        raise UnsupportedError("the module's output is not floating")
+    trace = lambda inputs: _trace(module, inputs, concrete, float_dtype, dropout_seed,  # noqa
+                                  output_index, record_stack_traces)
+    builder, t, result, placeholders = trace(examples)
+    batch_flexible = False
+    if batch_flexible_hint(examples):
+        # Note [Batch size]: traced again with one more row, the constants that change are
+        # the batch-dependent sizes. Those of Reshape become 0 (copy the input's axis) or -1.
+        wider = {k: torch.cat([v, v[:1]]) for k, v in examples.items()}
+        try:
+            other = trace(wider)
+        except Exception:  # noqa: BLE001 - a model that only works at one batch size
+            other = None
+        if other is not None:
+            batch_flexible = _generalise_batch(builder, t, other[0], other[1])
 
     kind = gc._LOSS_KINDS.get(loss)
     if kind is None:
@@ -1173,5 +1174,96 @@ def from_module(module, example_inputs: Any, loss: str = "cross_entropy", *,
             aliases[key] = name
         elif key == name:
             unused.append(key)
-    return GraphModel(model, dtype, [p.name for p in model.graph.parameters], aliases, unused,
-                      placeholders, target_name, output, t.used_params)
+    graph_model = GraphModel(model, dtype, [p.name for p in model.graph.parameters], aliases,
+                             unused, placeholders, target_name, output, t.used_params)
+    graph_model.batch_flexible = batch_flexible
+    return graph_model
+
+
+def batch_flexible_hint(examples) -> bool:
+    """Can the inputs grow by a row? (All of rank >= 1 with one leading size.)"""
+    sizes = {tuple(v.shape[:1]) for v in examples.values()}
+    return len(sizes) == 1 and all(v.dim() >= 1 for v in examples.values())
+
+
+def _trace(module, examples, concrete, float_dtype, dropout_seed, output_index,
+           record_stack_traces):
+    """One trace: (GraphBuilder, _Tracer, result _Value, forward argument names)."""
+    tracer = _fx_tracer_class()()
+    tracer.record_stack_traces = record_stack_traces
+    # Buffers as get_attr nodes, so that self.bias[:, :, :T, :T] with T a traced size works.
+    tracer.proxy_buffer_attributes = True
+    # Arguments without an example (optional ones, e.g. targets=None) are traced as constants.
+    fx_graph = tracer.trace(module, concrete_args=concrete or None)
+    builder = GraphBuilder()
+    t = _Tracer(module, examples, float_dtype, dropout_seed, builder)
+    placeholders = [n.target for n in fx_graph.nodes if n.op == "placeholder"
+                    and n.target in examples]
+    result = t.run(fx_graph)
+    if output_index is not None:
+        result = result[output_index]
+    if not isinstance(result, _Value):
+        raise UnsupportedError(f"the module returns {type(result).__name__}; expected one tensor "
+                               "(output_index= picks one of a tuple)")
+    if result.const:
+        raise UnsupportedError("the module's output does not depend on its inputs or parameters")
+    if not result.example.is_floating_point():
+        raise UnsupportedError("the module's output is not floating")
+    return builder, t, result, placeholders
+
+
+# Note [Batch size]
+# A graph's input shapes may change from call to call (the server plans each shape), but a
+# traced graph bakes in every size the forward read with x.size(): Reshape targets such as
+# view(B, T, n_head, head_dim). from_module therefore traces twice, the second time with every
+# input one row longer, and compares the two graphs: if they differ only in Reshape targets,
+# each changed entry becomes 0 when it equals the Reshape input's size on the same axis in both
+# traces (ONNX: copy that axis), or -1 when it is the only other changed entry of its target;
+# then the graph serves any batch size (micro-batches, a short last batch, other evaluation
+# batches). Any other difference (a Slice bound, a constant computed from the batch size, a
+# different structure) leaves the graph as traced, for the example's batch size only, and
+# GraphModel.batch_flexible says which.
+
+def _constant_inputs(builder: GraphBuilder) -> Dict[str, np.ndarray]:
+    return {c.name: gc.from_graph_tensor(c.tensor) for c in builder.graph.constants}
+
+
+def _generalise_batch(b1: GraphBuilder, t1: "_Tracer", b2: GraphBuilder, t2: "_Tracer") -> bool:
+    n1, n2 = b1.graph.nodes, b2.graph.nodes
+    if len(n1) != len(n2) or [r[0] for r in t1.reshapes] != [r[0] for r in t2.reshapes]:
+        return False
+    c1, c2 = _constant_inputs(b1), _constant_inputs(b2)
+    reshape_nodes = {r[0] for r in t1.reshapes}
+    for k, (a, b) in enumerate(zip(n1, n2)):
+        if a.op_type != b.op_type or len(a.inputs) != len(b.inputs) or \
+                a.attributes != b.attributes:
+            return False
+        for j, (x, y) in enumerate(zip(a.inputs, b.inputs)):
+            if (x in c1) != (y in c2):
+                return False
+            if x in c1 and not (k in reshape_nodes and j == 1) and \
+                    not np.array_equal(c1[x], c2[y]):
+                return False
+    new_targets = {}
+    for (k, target1, shape1), (_, target2, shape2) in zip(t1.reshapes, t2.reshapes):
+        target = list(target1)
+        changed = [i for i in range(len(target)) if target1[i] != target2[i]]
+        rest = []
+        for i in changed:
+            if i < len(shape1) and target1[i] == shape1[i] and target2[i] == shape2[i]:
+                target[i] = 0
+            else:
+                rest.append(i)
+        if len(rest) > 1 or (rest and -1 in target1):
+            return False
+        for i in rest:
+            target[i] = -1
+        new_targets[k] = target
+    for k, target in new_targets.items():
+        n1[k].inputs[1] = b1.constant(np.array(target, dtype=np.int64), "shape")
+    used = {i for n in n1 for i in n.inputs}
+    kept = [c for c in b1.graph.constants if c.name in used]
+    del b1.graph.constants[:]
+    b1.graph.constants.extend(kept)
+    return True
+
