@@ -624,8 +624,9 @@ def run_graph_cases(stub, args, failures: List[str], worst: dict) -> int:
                             f"{trace_err:.2e}: a tracing bug")
         print(f"{label} => {len(rows)} tensors, worst {case_worst:.2e} "
               f"{'ok' if ok else 'FAIL'}; {len(model.graph.nodes)} nodes, "
-              f"{len(model.parameter_names)} parameters; traced graph's numpy forward loss vs "
-              f"torch {trace_err:.1e}; fwd {response.stats.forward_micros / 1e3:.1f} ms, "
+              f"{len(model.parameter_names)} parameters, "
+              f"{'any batch size' if model.batch_flexible else 'batch fixed'}; traced graph's "
+              f"numpy forward loss vs torch {trace_err:.1e}; fwd {response.stats.forward_micros / 1e3:.1f} ms, "
               f"bwd {response.stats.backward_micros / 1e3:.1f} ms")
         if case.name.startswith("gpt2") and case.inputs.shape[1] == 16:
             check_graph_checkpointing(stub, args, case, model, response, failures)
