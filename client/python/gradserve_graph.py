@@ -15,10 +15,11 @@ layout); a tied parameter (an LM head sharing the token embedding) is one graph 
 its first name, and ``gradients`` reports it under every ``state_dict`` key that holds it.
 Buffers and frozen parameters are constants. Anything computed from constants and sizes alone
 (``torch.arange``, the causal mask ``self.bias[:, :, :T, :T] == 0``) is evaluated here, in
-torch, and sent as a constant. The graph is traced for the example inputs' shapes, as
-``torch.onnx.export`` without dynamic axes: sizes read with ``x.size()`` are baked in, so trace
-again for another batch shape. What has no equivalent (a module, a function, a method, an
-argument) raises ``UnsupportedError`` naming the fx node and the line of the model's code.
+torch, and sent as a constant. Sizes read with ``x.size()`` are those of the example inputs,
+as in ``torch.onnx.export`` without dynamic axes, except the batch (leading) size where the
+graph can take any (Note [Batch size]; ``GraphModel.batch_flexible``): trace again for another
+sequence length. What has no equivalent (a module, a function, a method, an argument) raises
+``UnsupportedError`` naming the fx node and the line of the model's code.
 
 Modules: Sequential and any container (traced through), Linear, LayerNorm, Embedding (Gather),
 GELU (exact and tanh), ReLU, LeakyReLU, Tanh, Sigmoid, Softmax, Identity, Dropout (dropped in
@@ -1093,7 +1094,8 @@ def from_module(module, example_inputs: Any, loss: str = "cross_entropy", *,
     gradients are those of ``loss(module(*example_inputs), targets).backward()``.
 
     ``example_inputs``: one tensor, a tuple in forward-argument order, or a mapping by argument
-    name; the graph is built for their shapes (Note [Tracing]). ``loss``: a Loss kind or PyTorch
+    name; the graph is built for their shapes, the batch size excepted where possible (Note
+    [Batch size]). ``loss``: a Loss kind or PyTorch
     loss class name (``gradserve_client.loss``); cross-entropy reads logits with the classes on
     the last axis and integer targets of the logits' shape without it (``target_dtype``,
     int64 by default), ``ignore_index`` as PyTorch's. ``dtype``: the floating dtype of float

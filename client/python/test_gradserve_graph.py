@@ -169,6 +169,53 @@ def tied_model():
                          ["idx"], "targets", y, {"wte.weight": (5, 2)})
 
 
+class _Traced:
+    """What _generalise_batch reads of a tracer: the Reshape nodes it wrote."""
+
+    def __init__(self, reshapes):
+        self.reshapes = reshapes
+
+
+def traced_pair(batch, scale=2.0):
+    """x [B, 6, 4] -> Reshape [B, 6, 2, 2] -> Reshape [B * 6, 4] -> Mul(scale), as a trace at
+    batch size ``batch`` would write it."""
+    b = gg.GraphBuilder()
+    b.input("x", np.float32)
+    s1 = b.constant(np.array([batch, 6, 2, 2]), "view/const")
+    h = b.node("Reshape", ["x", s1], name="view")
+    s2 = b.constant(np.array([batch * 6, 4]), "flat/const")
+    h = b.node("Reshape", [h, s2], name="flat")
+    b.node("Mul", [h, b.constant(scale)], name="scaled")
+    return b, _Traced([(0, [batch, 6, 2, 2], [batch, 6, 4]),
+                       (1, [batch * 6, 4], [batch, 6, 2, 2])])
+
+
+class BatchSizeTest(unittest.TestCase):
+    """Note [Batch size]: Reshape targets that follow the batch become 0 or -1."""
+
+    def test_reshapes_generalised(self):
+        b1, t1 = traced_pair(4)
+        b2, t2 = traced_pair(5)
+        self.assertTrue(gg._generalise_batch(b1, t1, b2, t2))
+        consts = {c.name: gc.from_graph_tensor(c.tensor).tolist() for c in b1.graph.constants}
+        targets = [consts[n.inputs[1]] for n in b1.graph.nodes if n.op_type == "Reshape"]
+        self.assertEqual(targets, [[0, 6, 2, 2], [-1, 4]])
+        # The batch-specific shapes are no longer sent.
+        self.assertEqual(len(consts), 3)
+        self.assertNotIn([4, 6, 2, 2], consts.values())
+        self.assertNotIn([24, 4], consts.values())
+        # The graph now runs at another batch size.
+        values = graph_numpy.run(b1.graph, {"x": np.ones((3, 6, 4))})
+        self.assertEqual(values["scaled"].shape, (18, 4))
+
+    def test_other_batch_dependent_constant_keeps_the_graph_fixed(self):
+        b1, t1 = traced_pair(4, scale=2.0)
+        b2, t2 = traced_pair(5, scale=3.0)
+        self.assertFalse(gg._generalise_batch(b1, t1, b2, t2))
+        consts = [gc.from_graph_tensor(c.tensor).tolist() for c in b1.graph.constants]
+        self.assertIn([4, 6, 2, 2], consts)
+
+
 class GraphModelTest(unittest.TestCase):
     def test_state_dict_both_ways(self):
         model = tied_model()
