@@ -28,6 +28,7 @@ without importing torch.
 """
 
 import argparse
+import importlib.util
 import math
 import sys
 import time
@@ -254,9 +255,7 @@ def main() -> int:
           "a step, held-out batches included)")
 
     if args.sample > 0:
-        try:
-            import torch  # noqa: F401  (only to know whether sampling can run)
-        except ImportError:
+        if importlib.util.find_spec("torch") is None:
             return 0
         if module is None:
             _, _, module = build(len(vocab), args)
