@@ -6,8 +6,10 @@
     /usr/bin/python3 client/python/example.py --target localhost:50051 --tls-ca ca.pem \
         --tls-cert client.pem --tls-key client.key --auth-token-file token
 
-Needs only numpy and grpcio; the model is written out as protobuf messages rather than built
-from torch, to show the API itself. The connection flags are gradclient's; without
+Needs only numpy and grpcio; the models are written out as protobuf messages rather than built
+from torch, to show the API itself: a chain of layers, then the same kind of network as a graph
+model with a residual connection and LayerNorm (gradserve_graph.GraphBuilder; from a torch
+module, gradserve_graph.from_module writes such graphs itself). The connection flags are gradclient's; without
 --auth-token-file the token comes from $GRADSERVE_AUTH_TOKEN, if set.
 """
 
@@ -18,6 +20,7 @@ import grpc
 import numpy as np
 
 import gradserve_client as gc
+import gradserve_graph as gg
 from gradserve_client import pb
 
 
@@ -39,6 +42,33 @@ def tiny_mlp_request(dtype=np.float32) -> "pb.ComputeGradientsRequest":
     request.inputs.CopyFrom(gc.to_tensor(rng.standard_normal((4, 3)), dtype))
     request.targets.CopyFrom(gc.to_tensor(np.array([0, 1, 1, 0], dtype=np.int64)))
     request.options.return_input_gradient = True
+    return request
+
+
+def tiny_graph_request(dtype=np.float32) -> "pb.ComputeGradientsRequest":
+    """x + fc2(gelu(fc1(LayerNorm(x)))) -> head -> cross-entropy, batch 4, as a graph: ONNX
+    op names, parameters named as a torch state_dict would name them."""
+    b = gg.GraphBuilder()
+    b.input("x", dtype)
+    b.input("targets", np.int64)
+    rng = np.random.default_rng(1)
+    shapes = {"ln.weight": (3,), "ln.bias": (3,), "fc1.weight": (5, 3), "fc1.bias": (5,),
+              "fc2.weight": (3, 5), "fc2.bias": (3,), "head.weight": (2, 3), "head.bias": (2,)}
+    for name, shape in shapes.items():
+        b.parameter(name, shape)
+    h = b.node("LayerNormalization", ["x", "ln.weight", "ln.bias"], name="ln", epsilon=1e-5)
+    h = b.node("Gemm", [h, "fc1.weight", "fc1.bias"], name="fc1", transB=1)  # nn.Linear layout
+    h = b.node("Gelu", [h], name="act")
+    h = b.node("Gemm", [h, "fc2.weight", "fc2.bias"], name="fc2", transB=1)
+    h = b.node("Add", ["x", h], name="residual")
+    y = b.node("Gemm", [h, "head.weight", "head.bias"], name="head", transB=1)
+    request = pb.ComputeGradientsRequest(model=b.model(gc.loss("cross_entropy"), y, "targets"))
+    params = {name: rng.uniform(-0.5, 0.5, shape) for name, shape in shapes.items()}
+    params["ln.weight"] += 1.0
+    request.named_parameters.extend(gc.named_tensors(params, dtype))
+    request.graph_inputs.extend(gc.named_tensors(
+        {"x": rng.standard_normal((4, 3)), "targets": np.array([0, 1, 1, 0])}, dtype))
+    request.options.input_gradient_names.append("x")
     return request
 
 
@@ -71,9 +101,11 @@ def main() -> int:
         try:
             info = service.GetServerInfo(pb.GetServerInfoRequest(), timeout=args.timeout)
             print(f"gradserve {info.version} ({info.api}): layers {list(info.layers)}, "
-                  f"losses {list(info.losses)}, {info.threads} threads per call, "
+                  f"losses {list(info.losses)}, {len(info.graph_ops)} graph ops, "
+                  f"{info.threads} threads per call, "
                   f"max message {info.limits.max_message_bytes} bytes")
             response = service.ComputeGradients(tiny_mlp_request(), timeout=args.timeout)
+            graph_response = service.ComputeGradients(tiny_graph_request(), timeout=args.timeout)
         except grpc.RpcError as error:
             print(f"call failed: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
@@ -85,6 +117,12 @@ def main() -> int:
     print(f"  inputs: |dx| = {np.linalg.norm(gc.from_tensor(response.input_gradient)):.6f}")
     stats = response.stats
     print(f"forward {stats.forward_micros:.1f} us, backward {stats.backward_micros:.1f} us")
+
+    print(f"graph model: loss {graph_response.loss:.6f}")
+    for name, grad in gc.named_arrays(graph_response.named_gradients).items():
+        print(f"  {name}: |grad| = {np.linalg.norm(grad):.6f}")
+    for name, grad in gc.named_arrays(graph_response.input_gradients).items():
+        print(f"  d{name}: |grad| = {np.linalg.norm(grad):.6f}")
     return 0
 
 
