@@ -608,11 +608,16 @@ class TrainingStream:
     def step(self, inputs: Any = None, targets: Any = None, *,
              parameters: Optional[Any] = None, update: Optional[Any] = None,
              output_gradient: Any = None, accumulate: bool = False,
-             graph_inputs: Optional[Mapping[str, Any]] = None
+             graph_inputs: Optional[Mapping[str, Any]] = None,
+             dropout_seed: Optional[int] = None
              ) -> Optional["pb.StreamGradientsResponse"]:
+        # dropout_seed (graph models with training-mode Dropout): None lets the server use the
+        # step's index on the stream, so each step draws fresh masks, reproducibly.
         if parameters is not None and update is not None:
             raise ValueError("send parameters or an update, not both")
         step = pb.StreamStep(accumulate=accumulate)
+        if dropout_seed is not None:
+            step.dropout_seed = dropout_seed
         if graph_inputs is not None:
             if inputs is not None or targets is not None or output_gradient is not None:
                 raise ValueError("a graph step sends graph_inputs only (the loss target among "

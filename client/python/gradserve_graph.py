@@ -281,11 +281,13 @@ class GraphModel:
     def request(self, parameters: Any, inputs: Any, targets: Any, *, dtype: Any = None,
                 return_output: bool = False, input_gradients: Sequence[str] = (),
                 checkpoint: Optional["pb.Checkpointing"] = None,
-                allow_non_finite: bool = False) -> "pb.ComputeGradientsRequest":
+                allow_non_finite: bool = False,
+                dropout_seed: int = 0) -> "pb.ComputeGradientsRequest":
         """A ComputeGradientsRequest: ``parameters`` a module or state_dict (see
         ``parameter_arrays``), ``inputs``/``targets`` as ``input_arrays``; ``input_gradients``
         names float graph inputs whose dL/d(input) to return. ``dtype`` (default: the traced
-        one) is the request's floating dtype (see ``model_for``)."""
+        one) is the request's floating dtype (see ``model_for``). ``dropout_seed``: send a new
+        one per call (a step counter) for fresh training-mode Dropout masks."""
         dtype = np.dtype(dtype or self.dtype)
         request = pb.ComputeGradientsRequest(
             model=self.model if dtype == self.dtype else self.model_for(dtype))
@@ -294,6 +296,7 @@ class GraphModel:
         options = request.options
         options.return_output = return_output
         options.allow_non_finite = allow_non_finite
+        options.dropout_seed = dropout_seed
         options.input_gradient_names.extend(input_gradients)
         if checkpoint is not None:
             options.checkpointing.CopyFrom(checkpoint)

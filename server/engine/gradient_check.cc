@@ -169,6 +169,7 @@ absl::StatusOr<std::vector<TensorCheck>> CheckGraphGradients(
   graph::GraphRunOptions run_options;
   run_options.threads = options.threads;
   run_options.should_stop = options.should_stop;
+  run_options.dropout_seed = options.dropout_seed;
   RETURN_IF_ERROR(graph::RunGraph<T>(graph, inputs, outputs, run_options).status());
 
   // A float64 copy of everything floating the loss depends on (integer inputs read in place).
@@ -188,6 +189,7 @@ absl::StatusOr<std::vector<TensorCheck>> CheckGraphGradients(
   }
   graph::GraphRunOptions loss_options;
   loss_options.threads = options.threads;
+  loss_options.dropout_seed = options.dropout_seed;
   auto loss = [&] { return graph::GraphForwardLoss<double>(graph64, inputs64, loss_options); };
   ASSIGN_OR_RETURN(const double unperturbed, loss());
   const double atol = RelativeErrorFloor(unperturbed);

@@ -20,6 +20,7 @@ struct GradientCheckOptions {
   int samples_per_tensor = 16;  // Entries perturbed per tensor; smaller tensors are checked whole.
   double step = 1e-6;           // Central-difference step h.
   uint64_t seed = 0;            // Picks the entries.
+  uint64_t dropout_seed = 0;    // Graph models: GraphRunOptions::dropout_seed of every pass.
   int threads = 1;
   // Polled before each perturbed pair of forward passes (and between layers of the analytic
   // pass); returning true abandons the check with CANCELLED.

@@ -189,6 +189,7 @@ absl::Status RunGraphTimed(const GraphViews& views, const ComputeContext& contex
   engine::graph::GraphRunOptions options;
   options.threads = context.threads;
   options.should_stop = context.should_stop;
+  options.dropout_seed = views.dropout_seed;
   double compute = 0;
   const absl::Status status = RunGraphRequest<T>(views, options, response, &compute);
   if (context.phase_times != nullptr) {
@@ -238,6 +239,7 @@ absl::Status CheckGraph(const v1::CheckGradientsRequest& request, const ServiceL
   };
   // The same checks of samples_per_tensor and step as the chain's (PrepareCheck).
   options.seed = request.seed();
+  options.dropout_seed = request.request().options().dropout_seed();
   if (request.samples_per_tensor() < 0 || request.samples_per_tensor() > limits.max_check_samples) {
     decoded();
     return absl::InvalidArgumentError(absl::StrCat("samples_per_tensor: expected 0 .. ",

@@ -779,6 +779,7 @@ absl::StatusOr<std::unique_ptr<GraphViews>> PrepareGraphRequest(
         limits.max_activation_bytes, "); send a smaller batch or use options.checkpointing"));
   }
   views->return_output = request.options().return_output();
+  views->dropout_seed = request.options().dropout_seed();
   views->checkpoint_mode = planner->checkpoint_mode();
   for (const std::string& name : request.options().input_gradient_names()) {
     views->input_gradients.push_back(graph.FindInput(name));

@@ -40,6 +40,7 @@ struct GraphViews {
   std::vector<const void*> parameters;  // By graph parameter: const T*.
   std::vector<int> input_gradients;     // Graph input indices, in input_gradient_names order.
   bool return_output = false;
+  uint64_t dropout_seed = 0;
   engine::CheckpointMode checkpoint_mode = engine::CheckpointMode::kNone;
   // Bytes of the answer's outputs and input gradients, known once planned.
   int64_t output_bytes = 0;

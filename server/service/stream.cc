@@ -669,6 +669,8 @@ absl::StatusOr<bool> StreamSession::Step(v1::StreamStep* step, const ComputeCont
   const bool accumulating = accumulation_.micro_batches > 0;
   RETURN_IF_ERROR(ChangeParameters(step));
   RETURN_IF_ERROR(TakeBatch(step));
+  request_.mutable_options()->set_dropout_seed(
+      step->has_dropout_seed() ? step->dropout_seed() : static_cast<uint64_t>(step_index));
   v1::ComputeGradientsResponse result;
   const absl::Status status =
       planner_ != nullptr

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# End-to-end: start gradserve, run the generated-Python-client check against it, stop it.
+# End-to-end: start gradserve, run the generated-Python-client check and client/python/example.py
+# against it, stop it.
 #
 #   tests/e2e/run_python_client.sh SERVER_BINARY PROTO_FILE
 #
@@ -15,9 +16,19 @@ source "${here}/server_lib.sh"
 # The Python packages (grpcio, protobuf, numpy) are installed for the system interpreter only.
 python="${GRADSERVE_PYTHON:-/usr/bin/python3}"
 
+client="${here}/../../client/python"
+stubs="$(mktemp -d)"
+trap '_server_cleanup; rm -rf "${stubs}"' EXIT
+"${client}/generate.sh" "${stubs}" >/dev/null
+
 start_server "$1" --threads 2
 check_rc=0
 "${python}" "${here}/python_generated_client.py" --proto "$2" --target "127.0.0.1:${port}" ||
+  check_rc=$?
+# The README's example (a chain call, then a hand-written graph model). -P: the script's own
+# directory holds a stub-less gradserve package (generate.sh's default target), so it must not
+# come first on sys.path.
+PYTHONPATH="${stubs}:${client}" "${python}" -P "${client}/example.py" --target "127.0.0.1:${port}" ||
   check_rc=$?
 server_rc=0
 stop_server || server_rc=$?

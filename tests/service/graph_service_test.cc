@@ -519,6 +519,62 @@ TEST(GraphStream, AccumulatedMicroBatchesEqualOneCallOnTheWholeBatch) {
   EXPECT_EQ(summed.stats().num_examples(), config.batch);
 }
 
+// A residual MLP with a training-mode Dropout after every Gelu (node seeds 1, 2, ...).
+eg::GraphSpec DropoutMlpSpec() {
+  eg::GraphSpec g = eg::testing::ResidualMlpSpec(5, 8, 3, 2, eg::DType::kFloat32);
+  g.constants.push_back({"ratio", eg::DType::kFloat64, {}, {0.5}, {}});
+  g.constants.push_back({"train", eg::DType::kBool, {}, {}, {1}});
+  std::vector<eg::NodeSpec> dropouts;
+  for (eg::NodeSpec& node : g.nodes) {
+    if (node.op_type != "Gelu") continue;
+    const std::string raw = node.outputs[0] + ".raw";
+    dropouts.push_back({node.name + ".dropout",
+                        "Dropout",
+                        {raw, "ratio", "train"},
+                        {node.outputs[0]},
+                        {{"seed", int64_t{static_cast<int64_t>(dropouts.size()) + 1}}}});
+    node.outputs[0] = raw;
+  }
+  g.nodes.insert(g.nodes.end(), dropouts.begin(), dropouts.end());
+  return g;
+}
+
+// Fresh masks per call are the caller's choice (options.dropout_seed); the same seed gives the
+// same bits. A stream without dropout_seed on its steps uses the step's index, so its steps
+// draw fresh masks and equal unary calls with those seeds.
+TEST(GraphDropout, SeedPerCallAndPerStreamStep) {
+  v1::ComputeGradientsRequest request = GraphRequest<float>(DropoutMlpSpec(), {{6, 5}, {6, 3}}, 17);
+  auto call = [&](uint64_t seed) {
+    v1::ComputeGradientsRequest r = request;
+    r.mutable_options()->set_dropout_seed(seed);
+    v1::ComputeGradientsResponse response;
+    EXPECT_TRUE(service::ComputeGradients(r, Limits(), Context(), &response).ok());
+    return response;
+  };
+  const v1::ComputeGradientsResponse seed0 = call(0), again = call(0), seed1 = call(1);
+  EXPECT_EQ(seed0.loss(), again.loss());
+  EXPECT_NE(seed0.loss(), seed1.loss());
+  ExpectSameBits(seed0.named_gradients(0).tensor(), again.named_gradients(0).tensor(), "seed 0");
+  EXPECT_NE(seed0.named_gradients(0).tensor().data(), seed1.named_gradients(0).tensor().data());
+
+  service::StreamSession session(Limits());
+  v1::StreamGradientsResponse response;
+  v1::StreamGradientsRequest setup = GraphSetup(request, v1::DTYPE_FLOAT32);
+  ASSERT_TRUE(session.Handle(&setup, Context(), &response).ok());
+  const uint64_t explicit_seed = 7;
+  for (int s = 0; s < 3; ++s) {
+    SCOPED_TRACE(s);
+    v1::StreamGradientsRequest step = GraphStep(request, s == 0);
+    if (s == 2) step.mutable_step()->set_dropout_seed(explicit_seed);
+    absl::StatusOr<bool> answered = session.Handle(&step, Context(), &response);
+    ASSERT_TRUE(answered.ok()) << answered.status();
+    const v1::ComputeGradientsResponse unary = call(s == 2 ? explicit_seed : s);
+    EXPECT_EQ(response.result().loss(), unary.loss());
+    ExpectSameBits(unary.named_gradients(0).tensor(), response.result().named_gradients(0).tensor(),
+                   "first parameter");
+  }
+}
+
 TEST(GraphStream, NamedTensorsArriveInChunksAndErrorsNameTheField) {
   const eg::GraphSpec spec = eg::testing::ResidualMlpSpec(4, 6, 2, 1, eg::DType::kFloat64);
   const v1::ComputeGradientsRequest request = GraphRequest<double>(spec, {{3, 4}, {3, 2}}, 8);
