@@ -15,6 +15,7 @@
 #include "server/engine/checkpoint.h"
 #include "server/engine/graph/chain.h"
 #include "tests/engine/graph_test_models.h"
+#include "tests/engine/graph_test_util.h"
 
 namespace gradserve::engine::graph {
 namespace {

@@ -14,6 +14,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/engine/graph_test_models.h"
+#include "tests/engine/graph_test_util.h"
 
 namespace gradserve::engine::graph {
 namespace {

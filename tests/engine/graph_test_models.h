@@ -1,5 +1,6 @@
 // Whole models as GraphSpecs, written as an ONNX export of the PyTorch modules would write
-// them: a pre-norm residual LayerNorm MLP and a GPT-2-style decoder.
+// them: a pre-norm residual LayerNorm MLP and a GPT-2-style decoder. Free of the test framework:
+// bench/engine_bench.cc builds its case (e) with GptSpec too.
 #ifndef GRADSERVE_TESTS_ENGINE_GRAPH_TEST_MODELS_H_
 #define GRADSERVE_TESTS_ENGINE_GRAPH_TEST_MODELS_H_
 
@@ -8,7 +9,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
-#include "tests/engine/graph_test_util.h"
+#include "tests/engine/graph_spec_builder.h"
 
 namespace gradserve::engine::graph::testing {
 
