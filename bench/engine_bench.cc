@@ -24,6 +24,12 @@
 //   d         batch 128, 64 x (Linear 256x256, Tanh), MSE
 //   d_sqrt    d with CheckpointMode::kSqrt
 //   d_budget  d with kMemoryBudget, budget = d_sqrt's predicted peak
+//   e         GPT-2-style decoder (tests/engine/graph_test_models.h's GptSpec): batch 8, T = 128,
+//             vocabulary 1024, d = 256, 4 heads, 4 blocks, tied LM head, cross-entropy; through
+//             graph::RunGraph<float>. Parameters and token ids from a hash of their index (Note
+//             [Case (e) data]), so bench/peers.py builds the same numbers and compares losses.
+//             Extra counters: loss, grad_norm (all parameter gradients), flops from the plan,
+//             and op_us:<OpType>, each op type's summed forward + backward node time.
 #include <benchmark/benchmark.h>
 #include <immintrin.h>
 #include <omp.h>
@@ -47,9 +53,12 @@
 #include "server/engine/backprop.h"
 #include "server/engine/checkpoint.h"
 #include "server/engine/gemm.h"
+#include "server/engine/graph/executor.h"
+#include "server/engine/graph/graph.h"
 #include "server/engine/layers.h"
 #include "server/engine/losses.h"
 #include "server/engine/model.h"
+#include "tests/engine/graph_test_models.h"
 
 // Counting allocator hooks: every malloc/calloc/realloc in the process goes through these (and
 // on to glibc's own), so a benchmark can report allocations per step. One relaxed atomic
@@ -272,6 +281,120 @@ void BM_Engine(benchmark::State& state, const CaseSpec& spec, int threads) {
                                                             : 0));
   state.counters["threads"] = Counter(threads);
   benchmark::DoNotOptimize(loss);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Case (e): a GPT-2-style decoder through the graph engine.
+//
+// Note [Case (e) data]
+// Every parameter and token id comes from splitmix64's finaliser of a key, (tensor + 1) << 32 |
+// element, so that bench/peers.py (GptData) computes the same numbers with numpy's uint64
+// arithmetic and the two sides can compare their losses at the same weights. Tensor t is the
+// t-th parameter in GptSpec order; the ids are tensor 1000, the targets tensor 1001. A parameter
+// element is u = top 24 bits / 2^24 in [0, 1), scaled to U(-a, a) with a = 0.02 sqrt(3) (std
+// 0.02, GPT-2's init scale) in double and rounded to float once; LayerNorm weights are 1.
+
+uint64_t SplitMix(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+uint64_t DataKey(uint64_t tensor, uint64_t element) { return ((tensor + 1) << 32) | element; }
+
+namespace gr = ::gradserve::engine::graph;
+
+gr::testing::GptConfig GptCase() {
+  gr::testing::GptConfig c;
+  c.batch = 8, c.seq = 128, c.vocab = 1024, c.d = 256, c.heads = 4, c.blocks = 4;
+  c.dtype = gr::DType::kFloat32;
+  return c;
+}
+
+struct GptProblem {
+  gr::testing::GptConfig config = GptCase();
+  gr::GraphSpec spec = gr::testing::GptSpec(config);
+  std::optional<gr::Graph> graph;
+  std::vector<std::vector<float>> params, grads;
+  std::vector<int64_t> ids, targets;
+  gr::GraphInputs<float> in;
+  gr::GraphOutputs<float> out;
+
+  GptProblem() {
+    gr::PlanOptions options;
+    options.dtype = gr::DType::kFloat32;
+    options.input_shapes = {{config.batch, config.seq}, {config.batch, config.seq}};
+    absl::StatusOr<gr::Graph> created = gr::Graph::Create(spec, options);
+    if (!created.ok()) std::abort();
+    graph.emplace(std::move(created).value());
+    const double half_width = 0.02 * std::sqrt(3.0);
+    for (size_t t = 0; t < spec.parameters.size(); ++t) {
+      const gr::ParameterSpec& p = spec.parameters[t];
+      std::vector<float> values(gr::NumElements(p.shape));
+      const bool ln_weight = p.name.find("ln") != std::string::npos && p.name.ends_with(".weight");
+      for (size_t i = 0; i < values.size(); ++i) {
+        const double u = static_cast<double>(SplitMix(DataKey(t, i)) >> 40) * 0x1p-24;
+        values[i] = ln_weight ? 1.0f : static_cast<float>((2.0 * u - 1.0) * half_width);
+      }
+      params.push_back(std::move(values));
+      grads.emplace_back(params.back().size());
+    }
+    for (size_t t = 0; t < params.size(); ++t) {
+      in.parameters.push_back(params[t].data());
+      out.parameter_gradients.push_back(grads[t].data());
+    }
+    const int64_t tokens = config.batch * config.seq;
+    for (int64_t i = 0; i < tokens; ++i) {
+      ids.push_back(static_cast<int64_t>(SplitMix(DataKey(1000, i)) % config.vocab));
+      targets.push_back(static_cast<int64_t>(SplitMix(DataKey(1001, i)) % config.vocab));
+    }
+    in.inputs = {ids.data(), targets.data()};
+  }
+};
+
+void BM_Gpt(benchmark::State& state, int threads) {
+  static GptProblem* problem = new GptProblem();  // Built once, shared by both thread counts.
+  gr::GraphRunOptions run;
+  run.threads = threads;
+  const auto step = [&] {
+    absl::StatusOr<gr::GraphRunResult> result =
+        gr::RunGraph<float>(*problem->graph, problem->in, problem->out, run);
+    if (!result.ok()) std::abort();
+    return std::move(result).value();
+  };
+  gr::GraphRunResult first = step();  // Warm-up: the workspace pool fills.
+  const gr::GraphSpec& spec = problem->spec;
+  std::map<std::string, double> op_micros;
+  double forward_us = 0, backward_us = 0;
+  const ProcessCounters counters;
+  for (auto _ : state) {
+    const gr::GraphRunResult result = step();
+    forward_us += result.forward_micros;
+    backward_us += result.backward_micros;
+    for (size_t n = 0; n < spec.nodes.size(); ++n) {
+      op_micros[spec.nodes[n].op_type] +=
+          result.node_forward_micros[n] + result.node_backward_micros[n];
+    }
+  }
+  counters.Report(state);
+  double grad_sq = 0;
+  for (double norm : first.parameter_grad_norms) grad_sq += norm * norm;
+  const double flops =
+      problem->graph->costs().forward_flops + problem->graph->costs().backward_flops;
+  state.counters["flops"] = Counter(flops);
+  state.counters["GFLOPs"] = Counter(flops * 1e-9, Counter::kIsIterationInvariantRate);
+  state.counters["loss"] = Counter(first.loss);
+  state.counters["grad_norm"] = Counter(std::sqrt(grad_sq));
+  state.counters["forward_us"] = Counter(forward_us, Counter::kAvgIterations);
+  state.counters["backward_us"] = Counter(backward_us, Counter::kAvgIterations);
+  state.counters["peak_bytes"] = Counter(static_cast<double>(first.peak_bytes));
+  state.counters["predicted_peak_bytes"] =
+      Counter(static_cast<double>(problem->graph->costs().peak_bytes));
+  for (const auto& [op, micros] : op_micros) {
+    state.counters["op_us:" + op] = Counter(micros, Counter::kAvgIterations);
+  }
+  state.counters["threads"] = Counter(threads);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -538,6 +661,12 @@ void RegisterAll() {
           ->UseRealTime()
           ->Unit(spec.name == "a" ? benchmark::kMicrosecond : benchmark::kMillisecond);
     }
+  }
+  for (int threads : {1, 2}) {
+    benchmark::RegisterBenchmark(("engine/e/threads:" + std::to_string(threads)).c_str(), BM_Gpt,
+                                 threads)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
   }
   for (int threads : {1, 2}) {
     benchmark::RegisterBenchmark(("peak/fma/threads:" + std::to_string(threads)).c_str(),

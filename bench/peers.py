@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
 """The engine's peers for bench/run.sh, one thread count per process.
 
-    /usr/bin/python3 bench/peers.py --threads T [--min-time S] [--cases a,b,c,d] [--json OUT]
+    /usr/bin/python3 bench/peers.py --threads T [--min-time S] [--cases a,b,c,d,e] [--json OUT]
 
 Times one training step (forward, loss, backward with dW, db and dx) of the same float32
 networks as bench/engine_bench.cc, with
-  torch   torch.nn.Sequential + loss.backward() (grads set to None before each step)
+  torch   torch.nn.Sequential + loss.backward() (grads set to None before each step); for case
+          (e), the GPT-2-style decoder, nn.Module blocks written with plain torch ops (class
+          Gpt), eager and torch.jit.trace'd, with T > 1 also with torch's own pool at 1 thread
+          (OpenBLAS's still at T), the fastest compared (torch 1.13 has no
+          scaled_dot_product_attention); no dx (token ids have no gradient)
   numpy   the textbook manual backprop: forward matmuls, then delta -> dW = delta^T a,
           db = sum(delta), delta <- delta W, element-wise derivatives from the saved outputs
   ckpt    (case d) torch checkpointing as torch.utils.checkpoint.checkpoint_sequential does it,
@@ -22,6 +26,7 @@ at least 3 timed steps after one warm-up step, timed for at least --min-time sec
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -30,7 +35,7 @@ import time
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--threads", type=int, required=True)
 parser.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement")
-parser.add_argument("--cases", default="a,b,c,d")
+parser.add_argument("--cases", default="a,b,c,d,e")
 parser.add_argument("--json", help="write the results here (default: stdout)")
 parser.add_argument("--check", action="store_true",
                     help="also check numpy's gradients against torch's (once per run is enough)")
@@ -44,6 +49,7 @@ os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 try:
@@ -61,6 +67,11 @@ CASES = {
     "c": (1024, [1024] * 9, "relu", True, "mse"),
     "d": (128, [256] * 65, "tanh", True, "mse"),
 }
+
+
+# Case (e): GPT-2-style decoder, tests/engine/graph_test_models.h's GptSpec with
+# bench/engine_bench.cc's GptCase(): batch, T, vocabulary, d, heads, blocks.
+GPT = dict(batch=8, seq=128, vocab=1024, d=256, heads=4, blocks=4)
 
 
 def nominal_flops(batch, widths):
@@ -220,6 +231,157 @@ class Net:
         return loss, dW, db, delta
 
 
+# --- case (e): GPT-2-style decoder ----------------------------------------------------------
+
+def _splitmix(z):
+    """splitmix64's finaliser on a uint64 array (wrapping, as the C++ does)."""
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _keys(tensor, n):
+    return (np.uint64(tensor + 1) << np.uint64(32)) | np.arange(n, dtype=np.uint64)
+
+
+def gpt_parameter_shapes(c=GPT):
+    """(name, shape) in GptSpec's parameter order: the state_dict names of class Gpt."""
+    d, t, v = c["d"], c["seq"], c["vocab"]
+    out = [("wte.weight", (v, d)), ("wpe.weight", (t, d))]
+    for layer in range(c["blocks"]):
+        p = f"h.{layer}"
+        out += [(f"{p}.ln_1.weight", (d,)), (f"{p}.ln_1.bias", (d,)),
+                (f"{p}.attn.c_attn.weight", (3 * d, d)), (f"{p}.attn.c_attn.bias", (3 * d,)),
+                (f"{p}.attn.c_proj.weight", (d, d)), (f"{p}.attn.c_proj.bias", (d,)),
+                (f"{p}.ln_2.weight", (d,)), (f"{p}.ln_2.bias", (d,)),
+                (f"{p}.mlp.c_fc.weight", (4 * d, d)), (f"{p}.mlp.c_fc.bias", (4 * d,)),
+                (f"{p}.mlp.c_proj.weight", (d, 4 * d)), (f"{p}.mlp.c_proj.bias", (d,))]
+    return out + [("ln_f.weight", (d,)), ("ln_f.bias", (d,))]
+
+
+def gpt_data(c=GPT):
+    """The engine bench's numbers (Note [Case (e) data] in bench/engine_bench.cc): parameter t's
+    element i is U(-a, a), a = 0.02 sqrt(3), from splitmix64((t + 1) << 32 | i); LayerNorm
+    weights 1; ids and targets from tensors 1000 and 1001 modulo the vocabulary."""
+    a = 0.02 * np.sqrt(3.0)
+    params = {}
+    for t, (name, shape) in enumerate(gpt_parameter_shapes(c)):
+        n = int(np.prod(shape))
+        if "ln" in name and name.endswith(".weight"):
+            values = np.ones(n, np.float32)
+        else:
+            u = (_splitmix(_keys(t, n)) >> np.uint64(40)).astype(np.float64) * 2.0 ** -24
+            values = ((2.0 * u - 1.0) * a).astype(np.float32)
+        params[name] = values.reshape(shape)
+    tokens = c["batch"] * c["seq"]
+    shape = (c["batch"], c["seq"])
+    ids = (_splitmix(_keys(1000, tokens)) % np.uint64(c["vocab"])).astype(np.int64).reshape(shape)
+    targets = (_splitmix(_keys(1001, tokens)) % np.uint64(c["vocab"])).astype(np.int64)
+    return params, ids, targets.reshape(shape)
+
+
+class GptAttention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        d, t = c["d"], c["seq"]
+        self.heads = c["heads"]
+        self.scale = 1.0 / math.sqrt(d // c["heads"])  # A constant, not traced arithmetic.
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d)
+        self.register_buffer("causal", torch.tril(torch.ones(t, t, dtype=torch.bool)),
+                             persistent=False)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        hd = d // self.heads
+        q, k, v = self.c_attn(x).split(d, dim=2)
+        q = q.view(b, t, self.heads, hd).transpose(1, 2)
+        k = k.view(b, t, self.heads, hd).transpose(1, 2)
+        v = v.view(b, t, self.heads, hd).transpose(1, 2)
+        # The fastest plain-ops attention in torch 1.13 on this CPU (baddbmm with an additive
+        # mask, which folds the scale and mask into the product, measured slower).
+        att = (q @ k.transpose(-2, -1)) * self.scale
+        att = F.softmax(att.masked_fill(~self.causal[:t, :t], float("-inf")), dim=-1)
+        return self.c_proj((att @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class GptMlp(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c_fc = nn.Linear(c["d"], 4 * c["d"])
+        self.c_proj = nn.Linear(4 * c["d"], c["d"])
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class GptBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(c["d"])
+        self.attn = GptAttention(c)
+        self.ln_2 = nn.LayerNorm(c["d"])
+        self.mlp = GptMlp(c)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Gpt(nn.Module):
+    """GPT-2 as GptSpec builds it: token + position embeddings, pre-norm blocks, ln_f, an LM
+    head tied to wte, mean cross-entropy with ignore_index -1; forward returns the loss."""
+
+    def __init__(self, c=GPT):
+        super().__init__()
+        self.vocab = c["vocab"]
+        self.wte = nn.Embedding(c["vocab"], c["d"])
+        self.wpe = nn.Embedding(c["seq"], c["d"])
+        self.h = nn.ModuleList([GptBlock(c) for _ in range(c["blocks"])])
+        self.ln_f = nn.LayerNorm(c["d"])
+        self.register_buffer("positions", torch.arange(c["seq"]), persistent=False)
+
+    def forward(self, ids, targets):
+        x = self.wte(ids) + self.wpe(self.positions[:ids.shape[1]])
+        for block in self.h:
+            x = block(x)
+        logits = F.linear(self.ln_f(x), self.wte.weight)
+        return F.cross_entropy(logits.reshape(-1, self.vocab), targets.reshape(-1),
+                               ignore_index=-1)
+
+
+class GptCase:
+    """Case (e): Gpt at the engine bench's weights, run eager and as torch.jit.trace'd."""
+
+    def __init__(self):
+        c = GPT
+        params, ids, targets = gpt_data(c)
+        self.model = Gpt(c)
+        self.model.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
+        self.ids, self.targets = torch.from_numpy(ids), torch.from_numpy(targets)
+        self.params = list(self.model.parameters())
+        self.traced = torch.jit.trace(self.model, (self.ids, self.targets), check_trace=False)
+        # Nominal: 6 * tokens * (matmul parameters) + attention's two batched products (x3 for
+        # forward + backward); the engine's counter is its plan's FLOPs.
+        tokens = c["batch"] * c["seq"]
+        d = c["d"]
+        linear = c["blocks"] * (12 * d * d) + c["vocab"] * d
+        attention = c["blocks"] * 2 * 2 * tokens * c["seq"] * d
+        self.flops = 6.0 * tokens * linear + 3.0 * attention
+
+    def step(self, variant="eager"):
+        for p in self.params:
+            p.grad = None
+        loss = (self.traced if variant == "jit" else self.model)(self.ids, self.targets)
+        loss.backward()
+        return loss
+
+    def loss_and_grad_norm(self):
+        loss = float(self.step())
+        return loss, math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in self.params))
+
+
 def _storage_ptr(t):
     s = t.untyped_storage() if hasattr(t, "untyped_storage") else t.storage()
     return s.data_ptr()
@@ -280,6 +442,32 @@ def main():
     }
     result["sgemm"] = sgemm(min_time=min(args.min_time, 0.5))
     for name in args.cases.split(","):
+        if name == "e":
+            gpt = GptCase()
+            entry = {"flops": gpt.flops, "torch_variants": {}}
+            entry["loss"], entry["grad_norm"] = gpt.loss_and_grad_norm()
+            # With T threads, OpenBLAS's pool has T; torch's own (OpenMP) pool runs the
+            # element-wise ops with T or with 1 thread: waking a passive OpenMP team for each of
+            # the step's many small ops can cost more than it saves, so both are timed.
+            for intra in sorted({args.threads, 1}, reverse=True):
+                torch.set_num_threads(intra)
+                for mode in ("eager", "jit"):
+                    variant = mode if intra == args.threads else f"{mode}, intra-op 1"
+                    # The profiling executor specialises a traced graph over its first runs.
+                    for _ in range(2):
+                        gpt.step(mode)
+                    entry["torch_variants"][variant] = timed(lambda m=mode: gpt.step(m),
+                                                             args.min_time)
+            torch.set_num_threads(args.threads)
+            best = min(entry["torch_variants"], key=lambda v: entry["torch_variants"][v][0])
+            entry["torch_variant"] = best
+            entry["torch_s"], entry["torch_reps"] = entry["torch_variants"][best]
+            result["cases"][name] = entry
+            print(f"peers threads={args.threads} e: torch {entry['torch_s'] * 1e3:.1f} ms "
+                  f"({best}; " + ", ".join(f"{v} {t * 1e3:.1f} ms" for v, (t, _) in
+                                           entry["torch_variants"].items()) +
+                  f"), loss {entry['loss']:.7f}", file=sys.stderr)
+            continue
         net = Net(name)
         entry = {"flops": net.flops}
         if args.check:

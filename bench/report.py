@@ -14,7 +14,8 @@ import os
 import statistics
 import sys
 
-CASES = ["a", "b", "c", "d"]
+CASES = ["a", "b", "c", "d"]  # The chain cases (profile parts, numpy peer).
+PEER_CASES = CASES + ["e"]  # Every case PyTorch runs too.
 CASE_LABEL = {
     "a": "(a) batch 8, Linear 4→2, MSE",
     "b": "(b) batch 256, 784-1024-1024-10 ReLU, cross-entropy",
@@ -22,6 +23,7 @@ CASE_LABEL = {
     "d": "(d) batch 128, 64 × (Linear 256², tanh), MSE",
     "d_sqrt": "(d) SQRT checkpointing",
     "d_budget": "(d) MEMORY_BUDGET = SQRT's peak",
+    "e": "(e) GPT-2 decoder: batch 8, T 128, V 1024, d 256, 4 heads, 4 blocks",
 }
 PARTS = ["linear_fwd", "linear_bwd", "act", "loss", "diag"]
 PART_LABEL = {
@@ -61,6 +63,7 @@ def load_gbench(path):
 PERF_CATEGORIES = [
     ("benchmark set-up", r"gradserve::bench::|benchmark::|mersenne|normal_distribution"),
     ("GEMM kernel (oneDNN, JIT code)", r"^\[JIT\]"),
+    ("graph ops (softmax, LayerNorm, GELU, shapes, ...)", r"engine::graph::"),
     ("oneDNN driver (packing, threading)", r"libdnnl"),
     ("GEMM kernel (Eigen gebp)", r"gebp_kernel"),
     ("small products (engine::Gemm on Eigen, TinyGemm)", r"engine::(Gemm|EigenGemm|TinyGemm)<|"
@@ -276,7 +279,8 @@ def main():
         flops = rounds[0].eng(case, 1)["flops"] if rounds[0].eng(case, 1) else None
         return flops / seconds * 1e-9 if flops and seconds else None
 
-    vs_torch = {c: med(lambda r, c=c: ratio(torch_best_t(c)(r), eng_best_t(c)(r))) for c in CASES}
+    vs_torch = {c: med(lambda r, c=c: ratio(torch_best_t(c)(r), eng_best_t(c)(r)))
+                for c in PEER_CASES}
     vs_numpy = {c: med(lambda r, c=c: ratio(numpy_best_t(c)(r), eng_best_t(c)(r))) for c in CASES}
     vs_peer = {c: med(lambda r, c=c: ratio(peer_best_t(c)(r), eng_best_t(c)(r))) for c in CASES}
 
@@ -346,6 +350,15 @@ def main():
     b_service_ratio = med(svc_b_ratio)
     a_service_ratio = med(svc_a_ratio)
 
+    # Case (e) at each thread count: engine vs PyTorch's faster variant (eager or traced) at the
+    # same count, within the round.
+    def torch_at(case, threads):
+        return lambda r: min([t for t in (r.peer_time("torch", case, v, threads) for v in variants)
+                              if t is not None], default=None)
+
+    e_vs_torch_at = {t: med(lambda r, t=t: ratio(torch_at("e", t)(r), r.eng_time("e", t)))
+                     for t in (1, 2)}
+
     # ---- Targets -------------------------------------------------------------------------------
     a_best = med(eng_best_t("a"))
     c_peak = frac_peak("c")
@@ -358,6 +371,10 @@ def main():
          None if c_peak is None else c_peak >= 0.8),
         ("(d) engine ≥ 2.5× PyTorch", fmt_x(vs_torch["d"]),
          None if vs_torch["d"] is None else vs_torch["d"] >= 2.5),
+        ("(e) GPT-2 decoder: engine ≥ 1.0× PyTorch (to land)", fmt_x(vs_torch["e"]),
+         None if vs_torch["e"] is None else vs_torch["e"] >= 1.0),
+        ("(e) GPT-2 decoder: engine ≥ 1.3× PyTorch (target)", fmt_x(vs_torch["e"]),
+         None if vs_torch["e"] is None else vs_torch["e"] >= 1.3),
         ("(a) engine ≤ 1 µs per step", fmt_time(a_best),
          None if a_best is None else a_best <= 1e-6),
         ("(d) SQRT: cached activations ≤ 25% of NONE's", fmt_pct(sqrt_mem_ratio),
@@ -444,12 +461,12 @@ def main():
     out("| case | engine 1 thr | engine 2 thr | engine GFLOP/s | of FMA peak | of engine GEMM "
         "| PyTorch best | numpy best | engine vs PyTorch | engine vs numpy |")
     out("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for c in CASES + ["d_sqrt", "d_budget"]:
+    for c in CASES + ["d_sqrt", "d_budget", "e"]:
         e1 = med(lambda r: r.eng_time(c, 1))
         e2 = med(lambda r: r.eng_time(c, 2))
         best = med(eng_best_t(c))
         g = gflops(c, best)
-        if c in CASES:
+        if c in PEER_CASES:
             tb = rounds[0].peer_best("torch", c)
             nb = rounds[0].peer_best("numpy", c)
             tt, nt = med(torch_best_t(c)), med(numpy_best_t(c))
@@ -459,8 +476,11 @@ def main():
                     return ""
                 return f" ({b[2]} thr{', ' + b[1] if env_set else ''})"
             torch_cell = fmt_time(tt) + cfg(tb)
+            if c == "e" and tb:  # Which of Gpt's variants was fastest there.
+                variant = rounds[0].peers[(tb[1], tb[2])]["cases"]["e"].get("torch_variant")
+                torch_cell += f", {variant}" if variant else ""
             numpy_cell = fmt_time(nt) + cfg(nb)
-            row = [fmt_x(vs_torch[c]), fmt_x(vs_numpy[c])]
+            row = [fmt_x(vs_torch[c]), fmt_x(vs_numpy.get(c))]
         else:
             torch_cell = numpy_cell = ""
             row = ["", ""]
@@ -472,6 +492,70 @@ def main():
         "peak and the engine's own 1024³ GEMM at the same thread count, measured in the same "
         "round. Peer "
         "configuration (threads) shown is the best in round 1.")
+    out("")
+
+    # Case (e).
+    out("## (e) GPT-2-style decoder through the graph engine")
+    out("")
+    out("| threads | engine | PyTorch eager | PyTorch jit.trace | PyTorch eager, intra-op 1 "
+        "| PyTorch jit.trace, intra-op 1 | engine vs fastest PyTorch | engine GFLOP/s |")
+    out("|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def torch_variant_t(variant, threads):
+        def per_round(r):
+            vals = []
+            for (v, t), p in r.peers.items():
+                e = p["cases"].get("e")
+                if t == threads and e and variant in e.get("torch_variants", {}):
+                    vals.append(e["torch_variants"][variant][0])
+            return min(vals, default=None)
+        return per_round
+
+    for t in (1, 2):
+        et = med(lambda r: r.eng_time("e", t))
+        g = gflops("e", et)
+        cells = [fmt_time(med(torch_variant_t(v, t)))
+                 for v in ("eager", "jit", "eager, intra-op 1", "jit, intra-op 1")]
+        out(f"| {t} | {fmt_time(et)} | {' | '.join(cells)} | {fmt_x(e_vs_torch_at[t])} | "
+            f"{'–' if g is None else f'{g:.1f}'} |")
+    e_eng = [r.eng("e", t) for r in rounds for t in (1, 2) if r.eng("e", t)]
+    e_torch = [p["cases"]["e"] for r in rounds for p in r.peers.values() if "e" in p["cases"]]
+    if e_eng and e_torch:
+        le, lt = e_eng[0]["loss"], e_torch[0]["loss"]
+        ge, gt = e_eng[0]["grad_norm"], e_torch[0]["grad_norm"]
+        out("")
+        out(f"Same model, same numbers: at the same weights and tokens (bench/engine_bench.cc Note "
+            f"[Case (e) data]; bench/peers.py `gpt_data`) the engine's loss is {le:.7f} and "
+            f"PyTorch's {lt:.7f} (relative difference {abs(le - lt) / abs(lt):.1e}); the norm "
+            f"of all parameter gradients {ge:.7f} and {gt:.7f} "
+            f"({abs(ge - gt) / abs(gt):.1e}). float32 both.")
+        best_t = rounds[0].eng_best("e")[1]
+        ops = {}
+        for r in rounds:
+            b = r.eng("e", best_t)
+            for k, v in (b or {}).items():
+                if k.startswith("op_us:"):
+                    ops.setdefault(k[len("op_us:"):], []).append(v)
+        step = med(lambda r: r.eng_time("e", best_t))
+        if ops and step:
+            out("")
+            out(f"Engine time by op type at {best_t} thread(s) (forward + backward node times "
+                "from `GraphRunResult`, median over rounds; the rest is the loss, diagnostics "
+                "and the executor):")
+            out("")
+            out("| op | time per step | of step |")
+            out("|---|---:|---:|")
+            for op, vals in sorted(ops.items(), key=lambda kv: -median(kv[1])):
+                v = median(vals) * 1e-6
+                if v >= 0.005 * step:
+                    out(f"| {op} | {fmt_time(v)} | {fmt_pct(v / step)} |")
+        out("")
+        out("PyTorch: `class Gpt` in bench/peers.py, nn.Module blocks of plain torch ops "
+            "(attention as matmul, scale, masked_fill, softmax, matmul: torch 1.13 has no "
+            "scaled_dot_product_attention), run eager and as `torch.jit.trace`; at 2 threads "
+            "also with torch's own thread pool at 1 (`torch.set_num_threads(1)`, OpenBLAS's "
+            "pool still at 2). The fastest at each thread count is compared; the targets "
+            "compare the engine's best thread count with PyTorch's best configuration.")
     out("")
 
     # Peers in detail.
@@ -487,7 +571,7 @@ def main():
                 hdr.append(label)
     out("| " + " | ".join(hdr) + " |")
     out("|---|" + "---:|" * (len(hdr) - 1))
-    for c in CASES:
+    for c in PEER_CASES:
         cells = [CASE_LABEL[c]]
         for variant in variants:
             for who in ("torch", "numpy"):
@@ -683,17 +767,18 @@ def main():
             out(f"| ({c}) {t} thr | {fmt_time(gemm)} | {g:.1f} | {fmt_pct(ratio(g, eg))} | "
                 f"{fmt_pct(ratio(g, pk))} |")
 
-    perf = {c: perf_categories(os.path.join(a.work, f"perf-{c}.txt")) for c in CASES}
+    perf = {c: perf_categories(os.path.join(a.work, f"perf-{c}.txt")) for c in PEER_CASES}
     if any(perf.values()):
         out("")
         out("Sampling profile of the whole step at 1 thread (`perf record -e cpu-clock`, self "
             "time by symbol, grouped; benchmark set-up samples left out):")
         out("")
         cats = [k for k, _ in PERF_CATEGORIES] + ["other"]
-        used = [k for k in cats if any(perf[c] and perf[c].get(k, 0) >= 0.5 for c in CASES)]
+        used = [k for k in cats
+                if any(perf[c] and perf[c].get(k, 0) >= 0.5 for c in PEER_CASES)]
         out("| case | " + " | ".join(used) + " | samples |")
         out("|---|" + "---:|" * (len(used) + 1))
-        for c in CASES:
+        for c in PEER_CASES:
             if not perf[c]:
                 continue
             out(f"| ({c}) 1 thr | " + " | ".join(f"{perf[c].get(k, 0):.1f}%" for k in used) +
@@ -711,13 +796,13 @@ def main():
     out("## Rounds (drift check)")
     out("")
     out("| round | other CPU | used | load avg | seconds | CPU / wall, engine 1 thr "
-        "| engine b / c / d (best) | PyTorch b / c / d (best) | FMA peak 2 thr GFLOP/s "
+        "| engine b / c / d / e (best) | PyTorch b / c / d / e (best) | FMA peak 2 thr GFLOP/s "
         "| echo (a) p50 |")
     out("|---:|---:|---|---:|---:|---:|---|---|---:|---:|")
     for i, r in enumerate(all_rounds, 1):
-        eng_cells = " / ".join(fmt_time(r.eng_best(c)[0]) for c in ("b", "c", "d"))
+        eng_cells = " / ".join(fmt_time(r.eng_best(c)[0]) for c in ("b", "c", "d", "e"))
         torch_cells = " / ".join(fmt_time((r.peer_best("torch", c) or (None,))[0])
-                                 for c in ("b", "c", "d"))
+                                 for c in ("b", "c", "d", "e"))
         echo = r.service.get("a", {}).get("echo_p50_us")
         other = "?" if r.other_cpu is None else f"{r.other_cpu}%"
         out(f"| {i} | {other} | {'yes' if r in rounds else 'no'} | {r.load:.2f} | {r.seconds} "
@@ -767,7 +852,7 @@ def chart(a, rounds, pk1, pk2, eg2, gflops, med, eng_best_t, torch_best_t, numpy
 
     # Throughput of b, c, d.
     ax = axes[0][0]
-    cases = ["b", "c", "d"]
+    cases = ["b", "c", "d", "e"]
     width = 0.26
     for i, (who, fn) in enumerate((("engine", eng_best_t), ("PyTorch", torch_best_t),
                                    ("numpy", numpy_best_t))):
@@ -781,8 +866,9 @@ def chart(a, rounds, pk1, pk2, eg2, gflops, med, eng_best_t, torch_best_t, numpy
     ax.axhline(eg2, color="#9467bd", linestyle="-.", linewidth=1,
                label=f"engine GEMM 1024³ 2 thr ({eg2:.0f})")
     ax.set_xticks(range(len(cases)),
-                  ["(b) 784-1024-1024-10", "(c) 8 × 1024²", "(d) 64 × 256² tanh"])
-    ax.set_ylabel("GFLOP/s (6·B·in·out per Linear)")
+                  ["(b) 784-1024-1024-10", "(c) 8 × 1024²", "(d) 64 × 256² tanh",
+                   "(e) GPT-2, 4 blocks"])
+    ax.set_ylabel("GFLOP/s (6·B·in·out per Linear; (e): the plan's FLOPs)")
     ax.set_title("Training step throughput, best thread count (median of rounds)")
     ax.legend(fontsize=8, loc="upper right")
 

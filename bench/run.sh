@@ -12,7 +12,7 @@
 # See bench/README.md for what is measured and how to read it.
 #
 # Each round runs, in an order that rotates from round to round so no side always goes first:
-#   engine   build/.../bench/gradserve_engine_bench: cases a-d at 1 and 2 threads, FMA peak,
+#   engine   build/.../bench/gradserve_engine_bench: cases a-e at 1 and 2 threads, FMA peak,
 #            1024^3 GEMM through the engine and on Eigen's own kernel (Google Benchmark, JSON)
 #   peers    /usr/bin/python3 bench/peers.py at 1 and 2 threads: PyTorch, numpy backprop,
 #            torch checkpointing, OpenBLAS sgemm; once with OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE
@@ -180,7 +180,7 @@ done
 # no hardware counters, so it works in VMs); the report groups the samples by kind of work.
 if command -v perf >/dev/null 2>&1 &&
   perf record -q -e cpu-clock -o "${work}/perf-check.data" true >/dev/null 2>&1; then
-  for c in a b c d; do
+  for c in a b c d e; do
     echo "== perf: engine/${c}/threads:1" >&2
     perf record -q -e cpu-clock -F 1999 -o "${work}/perf-${c}.data" \
       "${engine_bin}" "--benchmark_filter=^engine/${c}/threads:1/" \
