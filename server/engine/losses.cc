@@ -11,15 +11,6 @@ double HuberTerm(double d, double delta) {
   return z < delta ? 0.5 * z * z : delta * (z - 0.5 * delta);
 }
 
-// log(sum(exp(z))) of one row, shifted by its maximum so nothing overflows.
-template <typename U, typename T>
-U LogSumExp(const T* z, int64_t width) {
-  const U max = static_cast<U>(*std::max_element(z, z + width));
-  U sum = 0;
-  for (int64_t j = 0; j < width; ++j) sum += std::exp(static_cast<U>(z[j]) - max);
-  return max + std::log(sum);
-}
-
 // How many terms MEAN divides by: every element, except for cross-entropy (per row).
 double MeanCount(const LossSpec& loss, int64_t batch, int64_t width) {
   return loss.kind == LossKind::kCrossEntropy ? static_cast<double>(batch)
@@ -61,7 +52,7 @@ double LossValue(const LossSpec& loss, int64_t batch, int64_t width, const T* ou
     case LossKind::kCrossEntropy:
       for (int64_t b = 0; b < batch; ++b) {
         const T* row = output + b * width;
-        sum += LogSumExp<double>(row, width) - static_cast<double>(row[targets.class_targets[b]]);
+        sum += CrossEntropyRowLoss(row, width, targets.class_targets[b]);
       }
       break;
     case LossKind::kExternal:
@@ -111,11 +102,8 @@ double LossGradient(const LossSpec& loss, int64_t batch, int64_t width, const T*
     case LossKind::kCrossEntropy: {  // dL/dz = (softmax(z) - onehot(t)) [/ B].
       const T weight = mean ? T(1) / static_cast<T>(count) : T(1);
       for (int64_t b = 0; b < batch; ++b) {
-        const T* z = output + b * width;
-        T* g = grad + b * width;
-        const T log_sum = LogSumExp<T>(z, width);
-        for (int64_t j = 0; j < width; ++j) g[j] = std::exp(z[j] - log_sum) * weight;
-        g[targets.class_targets[b]] -= weight;
+        CrossEntropyRowGradient(output + b * width, width, targets.class_targets[b], weight,
+                                grad + b * width);
       }
       break;
     }

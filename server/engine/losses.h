@@ -30,6 +30,17 @@ template <typename T>
 double LossValue(const LossSpec& loss, int64_t batch, int64_t width, const T* output,
                  const LossTargets<T>& targets);
 
+// One row of cross-entropy's gradient: g[j] = softmax(z)[j] * weight, minus weight at
+// `target` (cross_entropy.cc). The chain's LossGradient and the graph executor both call it, so
+// they round alike.
+template <typename T>
+void CrossEntropyRowGradient(const T* z, int64_t width, int64_t target, T weight, T* g);
+
+// One row's cross-entropy term, log(sum(exp(z))) - z[target], in double (cross_entropy.cc;
+// shared by the chain's losses and the graph executor, as above).
+template <typename T>
+double CrossEntropyRowLoss(const T* z, int64_t width, int64_t target);
+
 }  // namespace gradserve::engine
 
 #endif  // GRADSERVE_ENGINE_LOSSES_H_

@@ -20,16 +20,6 @@ double MicrosSince(Clock::time_point start) {
   return std::chrono::duration<double, std::micro>(Clock::now() - start).count();
 }
 
-// log(sum(exp(z))) of one row, shifted by its maximum: losses.cc's function, operation for
-// operation, so that a chain's cross-entropy and its graph's round the same way.
-template <typename U, typename T>
-U LogSumExp(const T* z, int64_t width) {
-  const U max = static_cast<U>(*std::max_element(z, z + width));
-  U sum = 0;
-  for (int64_t j = 0; j < width; ++j) sum += std::exp(static_cast<U>(z[j]) - max);
-  return max + std::log(sum);
-}
-
 // Cross-entropy over logits [rows, classes] with ignore_index (PyTorch semantics): MEAN divides
 // by the rows not ignored. With every row ignored, MEAN gives NaN (0/0, as PyTorch does) and
 // zero gradients. Rows run in parallel; their terms are added in row order.
@@ -48,13 +38,9 @@ double CrossEntropy(const GraphLossSpec& loss, int64_t rows, int64_t classes, co
       if (grad != nullptr) std::memset(grad + r * classes, 0, sizeof(T) * classes);
       return;
     }
-    terms[r] = LogSumExp<double>(zr, classes) - static_cast<double>(zr[t]);
-    if (grad != nullptr) {  // dL/dz = (softmax(z) - onehot(t)) [/ count]
-      T* g = grad + r * classes;
-      const T log_sum = LogSumExp<T>(zr, classes);
-      for (int64_t j = 0; j < classes; ++j) g[j] = std::exp(zr[j] - log_sum) * weight;
-      g[t] -= weight;
-    }
+    terms[r] = CrossEntropyRowLoss(zr, classes, t);
+    // dL/dz = (softmax(z) - onehot(t)) [/ count], as the chain's loss computes it.
+    if (grad != nullptr) CrossEntropyRowGradient(zr, classes, t, weight, grad + r * classes);
   });
   double sum = 0;
   for (double term : terms) sum += term;
