@@ -115,6 +115,10 @@ constexpr int64_t kFoldElements = int64_t{1} << 22;
 // transposed weight, then Add of the bias) runs as the chain's Linear does:
 //  * MatMul(Transpose(u, perm swapping the last two axes only), .) reads u in place, the Gemm
 //    transposing it (either operand). The Transpose node is dropped if nothing else reads it.
+//    Any other perm of rank >= 3 read only by the MatMul is split as (perm with its last two
+//    entries swapped, then the swap): the node copies by the first, its value now stored in
+//    that layout (the same elements: same norms), and the Gemm transposes. So attention's K^T
+//    (perm 0, 2, 3, 1) moves rows of head_dim elements, not one element at a time.
 //  * Add(MatMul(a, b), c) with c a bias over the last axis ([N], or [1, .., N]), where nothing
 //    else reads the product and c is available before the MatMul: the MatMul writes c into its
 //    output and accumulates the product onto it, defining the Add's output itself; dL/dc is the
@@ -142,6 +146,7 @@ void Graph::Fuse(const std::unordered_map<std::string_view, int>& by_name, Graph
   std::vector<bool> dead(steps.size(), false);
   std::vector<bool> trans_a(steps.size(), false), trans_b(steps.size(), false);
   std::vector<bool> bias(steps.size(), false);
+  std::vector<bool> rewritten(steps.size(), false);  // Transposes copying by another perm.
   auto rank2 = [&](int v) { return v >= 0 && values[v].type.shape.size() >= 2; };
   for (size_t t = 0; t < steps.size(); ++t) {
     if (op_of(t) != "MatMul" || !rank2(steps[t].inputs[0]) || !rank2(steps[t].inputs[1])) continue;
@@ -156,7 +161,25 @@ void Graph::Fuse(const std::unordered_map<std::string_view, int>& by_name, Graph
       bool swap = perm[rank - 1] == static_cast<int64_t>(rank - 2) &&
                   perm[rank - 2] == static_cast<int64_t>(rank - 1);
       for (size_t d = 0; d + 2 < rank; ++d) swap = swap && perm[d] == static_cast<int64_t>(d);
-      if (!swap) continue;
+      if (!swap) {
+        // Transpose(u, perm) = Transpose(Transpose(u, q), swap of the last two axes), q = perm
+        // with its last two entries swapped: when only this MatMul reads it, the node copies by
+        // q instead and the MatMul reads the copy transposed. Attention's K^T, perm (0, 2, 3,
+        // 1) of [B, T, H, hd], then copies rows of hd elements instead of single elements.
+        std::vector<int64_t> q = perm;
+        std::swap(q[rank - 1], q[rank - 2]);
+        bool identity = true;
+        for (size_t d = 0; d < rank; ++d) identity = identity && q[d] == static_cast<int64_t>(d);
+        if (identity || readers[v] != 1 || rewritten[p]) continue;
+        const Shape& in = values[u].type.shape;
+        Shape out(rank);
+        for (size_t d = 0; d < rank; ++d) out[d] = in[q[d]];
+        steps[p].kernel = MakeTransposeKernel(in, q, values[u].type.dtype);
+        values[v].type.shape = out;
+        rewritten[p] = true;
+        (j == 0 ? trans_a : trans_b)[t] = true;
+        continue;
+      }
       steps[t].inputs[j] = u;
       (j == 0 ? trans_a : trans_b)[t] = true;
       ++readers[u];

@@ -240,6 +240,10 @@ absl::StatusOr<std::unique_ptr<OpKernel>> MakeConstant(OpContext&, std::vector<V
 std::unique_ptr<OpKernel> MakeFusedMatMul(const Shape& a, bool ta, const Shape& b, bool tb,
                                           bool bias);
 
+// Planner fusion: a Transpose of a value of shape `in` by `perm` (a valid permutation).
+std::unique_ptr<OpKernel> MakeTransposeKernel(const Shape& in, const std::vector<int64_t>& perm,
+                                              DType dtype);
+
 // y = Softmax(Where(mask, x * scale, fill)) over x's last axis: inputs x, scale (a constant
 // scalar; null if has_scale is false), mask (constant bool, broadcast to x, last axis x's or 1),
 // fill (constant scalar). The same bits as the three nodes.

@@ -396,6 +396,11 @@ absl::StatusOr<int64_t> Axis(const OpContext& c, int64_t axis, int64_t rank, boo
 
 }  // namespace
 
+std::unique_ptr<OpKernel> MakeTransposeKernel(const Shape& in, const std::vector<int64_t>& perm,
+                                              DType dtype) {
+  return std::make_unique<TransposeKernel>(in, perm, DTypeSize(dtype), IsFloat(dtype));
+}
+
 absl::StatusOr<std::unique_ptr<OpKernel>> MakeTranspose(OpContext& c, std::vector<ValueType>* out) {
   RETURN_IF_ERROR(InputPresent(c, 0));
   const Shape& in = c.input(0)->shape;
