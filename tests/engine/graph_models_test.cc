@@ -220,10 +220,11 @@ TEST(GraphModels, FusedAndUnfusedPlansAgreeAndBothMatchFiniteDifferences) {
   plain.ints_ = fused.ints_;
   // Every Linear's weight Transpose is read in place by its MatMul, and its bias Add folded in
   // (4 per block); the tied head's Transpose too.
-  // (and the attention's scale and mask folded into its Softmax: 2 per block).
+  // (and the attention's scale and mask folded into its Softmax: 2 per block; its heads' three
+  // Reshapes and three Transposes written by the Split of q, k, v: 6 per block).
   const int linears = 4 * c.blocks;
   EXPECT_EQ(plain.graph().steps().size(),
-            fused.graph().steps().size() + 2 * linears + 1 + 2 * c.blocks);
+            fused.graph().steps().size() + 2 * linears + 1 + 2 * c.blocks + 6 * c.blocks);
   for (const Step& step : fused.graph().steps()) {
     EXPECT_NE(fused.spec_.nodes[step.node].name, "lm_head");
   }
@@ -376,6 +377,51 @@ TEST(GraphModels, AnyTransposeIntoAMatMulCopiesRowsAndIsReadTransposed) {
           << "tensor " << i << ", " << threads << " thread(s)";
     }
   }
+}
+
+// Split pieces each reshaped (no copy needed) and transposed are written by the Split in the
+// Transpose's layout: the Reshapes and Transposes leave the plan, and the outputs and gradients
+// are the unfused plan's bits. A piece whose Reshape would need a copy, or whose Reshape has
+// another reader, keeps its nodes.
+TEST(GraphModels, SplitPiecesReshapedAndTransposedAreWrittenInPlace) {
+  SpecBuilder b;
+  b.Param("x", {2, 6, 16}).Floats("w2", {1}, {1.5});
+  b.Node("Split", {"x"}, {"p0", "p1", "p2", "p3"},
+         {{"axis", int64_t{2}}, {"num_outputs", int64_t{4}}});  // [2, 6, 4] each
+  b.Ints("s4", {4}, {2, 6, 2, 2}).Ints("s2", {2}, {12, 4}).Ints("s3", {3}, {2, 2, 12});
+  b.Ints("flat", {1}, {-1});
+  b.Node("Reshape", {"p0", "s4"}, {"r0"});
+  b.Node("Transpose", {"r0"}, {"t0"}, {{"perm", std::vector<int64_t>{0, 2, 1, 3}}});
+  b.Node("Reshape", {"p1", "s2"}, {"r1"});  // Merges [2, 6]: contiguous in x.
+  b.Node("Transpose", {"r1"}, {"t1"}, {{"perm", std::vector<int64_t>{1, 0}}});
+  b.Node("Reshape", {"p2", "s3"}, {"r2"});  // [2, 6, 4] -> [2, 2, 12] of a window: a copy.
+  b.Node("Transpose", {"r2"}, {"t2"}, {{"perm", std::vector<int64_t>{2, 1, 0}}});
+  b.Node("Reshape", {"p3", "s4"}, {"r3"});
+  b.Node("Transpose", {"r3"}, {"t3"}, {{"perm", std::vector<int64_t>{3, 2, 1, 0}}});
+  b.Node("Tanh", {"r3"}, {"t3b"});  // r3 has another reader: p3's nodes are kept.
+  b.Node("Mul", {"t3", "w2"}, {"t3c"});
+  std::vector<std::string> flat;
+  for (const char* v : {"t0", "t1", "t2", "t3b", "t3c"}) {
+    b.Node("Reshape", {v, "flat"}, {std::string(v) + "f"});
+    flat.push_back(std::string(v) + "f");
+  }
+  b.Node("Concat", flat, {"all"}, {{"axis", int64_t{0}}});
+  const GraphSpec spec = b.WeightedSum("all");
+  Harness fused(spec, {{5 * 48}});
+  Harness plain(spec, {{5 * 48}});
+  plain.options_.fuse = false;
+  ASSERT_TRUE(fused.Plan().ok()) << fused.Plan();
+  ASSERT_TRUE(plain.Plan().ok());
+  // p0's and p1's Reshape and Transpose are gone; p2 (a copying Reshape) and p3 keep theirs.
+  EXPECT_EQ(plain.graph().steps().size(), fused.graph().steps().size() + 4);
+  fused.Fill(12);
+  plain.params_ = fused.params_;
+  plain.floats_ = fused.floats_;
+  ASSERT_TRUE(fused.Run().ok());
+  ASSERT_TRUE(plain.Run().ok());
+  EXPECT_EQ(fused.outputs_, plain.outputs_);
+  EXPECT_EQ(fused.grads_, plain.grads_);
+  EXPECT_GRADIENTS_MATCH(fused);
 }
 
 TEST(GraphModels, GptRunsAreBitIdenticalRunToRunInFloat32) {

@@ -103,6 +103,59 @@ ConstantValue ConstantFromBytes(const void* data, const ValueType& type) {
   return c;
 }
 
+std::vector<int64_t> DenseStrides(const Shape& shape) {
+  std::vector<int64_t> strides(shape.size(), 1);
+  for (int d = static_cast<int>(shape.size()) - 2; d >= 0; --d) {
+    strides[d] = strides[d + 1] * shape[d + 1];
+  }
+  return strides;
+}
+
+// The element strides of `to` as a reshape of a strided view (`from`, `strides`) with the same
+// elements in the same order, if the view can be reshaped without a copy (numpy's rule: each
+// group of axes whose sizes multiply to the same product must be contiguous within the view).
+bool ReshapeStrides(const Shape& from, const std::vector<int64_t>& strides, const Shape& to,
+                    std::vector<int64_t>* to_strides) {
+  Shape os;
+  std::vector<int64_t> ost;
+  for (size_t d = 0; d < from.size(); ++d) {
+    if (from[d] == 1) continue;
+    os.push_back(from[d]);
+    ost.push_back(strides[d]);
+  }
+  to_strides->assign(to.size(), 0);
+  size_t oi = 0, ni = 0;
+  while (ni < to.size()) {
+    if (to[ni] == 1) {
+      ++ni;
+      continue;
+    }
+    if (oi >= os.size()) return false;
+    int64_t op = os[oi], np = to[ni];
+    size_t oj = oi, nj = ni;
+    while (op != np) {
+      if (op < np) {
+        if (++oj >= os.size()) return false;
+        op *= os[oj];
+      } else {
+        if (++nj >= to.size()) return false;
+        np *= to[nj];
+      }
+    }
+    for (size_t k = oi; k < oj; ++k) {
+      if (ost[k] != ost[k + 1] * os[k + 1]) return false;
+    }
+    int64_t stride = ost[oj];
+    for (size_t k = nj + 1; k-- > ni;) {
+      (*to_strides)[k] = stride;
+      stride *= to[k];
+    }
+    oi = oj + 1;
+    ni = nj + 1;
+  }
+  return oi == os.size();
+}
+
 constexpr double kFoldFlops = 1e7;
 constexpr int64_t kPlanTimeConstantElements = 4096;
 constexpr int64_t kFoldElements = int64_t{1} << 22;
@@ -119,6 +172,11 @@ constexpr int64_t kFoldElements = int64_t{1} << 22;
 //    entries swapped, then the swap): the node copies by the first, its value now stored in
 //    that layout (the same elements: same norms), and the Gemm transposes. So attention's K^T
 //    (perm 0, 2, 3, 1) moves rows of head_dim elements, not one element at a time.
+//  * Split(x) whose pieces are each read only by a Reshape read only by a Transpose (attention's
+//    heads: [B, T, 3d] -> q, k, v [B, T, d] -> [B, T, H, hd] -> [B, H, T, hd]): the Split
+//    copies each such piece straight into the Transpose's output (a strided view of x, when the
+//    Reshape needs no copy), and the Reshape and Transpose nodes are dropped. Copies: the same
+//    bits.
 //  * Add(MatMul(a, b), c) with c a bias over the last axis ([N], or [1, .., N]), where nothing
 //    else reads the product and c is available before the MatMul: the MatMul writes c into its
 //    output and accumulates the product onto it, defining the Add's output itself; dL/dc is the
@@ -146,7 +204,8 @@ void Graph::Fuse(const std::unordered_map<std::string_view, int>& by_name, Graph
   std::vector<bool> dead(steps.size(), false);
   std::vector<bool> trans_a(steps.size(), false), trans_b(steps.size(), false);
   std::vector<bool> bias(steps.size(), false);
-  std::vector<bool> rewritten(steps.size(), false);  // Transposes copying by another perm.
+  std::vector<bool> rewritten(steps.size(), false);         // Transposes copying by another perm...
+  std::vector<std::vector<int64_t>> perm_of(steps.size());  // ... this one.
   auto rank2 = [&](int v) { return v >= 0 && values[v].type.shape.size() >= 2; };
   for (size_t t = 0; t < steps.size(); ++t) {
     if (op_of(t) != "MatMul" || !rank2(steps[t].inputs[0]) || !rank2(steps[t].inputs[1])) continue;
@@ -177,6 +236,7 @@ void Graph::Fuse(const std::unordered_map<std::string_view, int>& by_name, Graph
         steps[p].kernel = MakeTransposeKernel(in, q, values[u].type.dtype);
         values[v].type.shape = out;
         rewritten[p] = true;
+        perm_of[p] = q;
         (j == 0 ? trans_a : trans_b)[t] = true;
         continue;
       }
@@ -189,6 +249,62 @@ void Graph::Fuse(const std::unordered_map<std::string_view, int>& by_name, Graph
         --readers[u];
       }
     }
+  }
+  // Split pieces each read by a Reshape (an alias) read by a Transpose: the Split writes each
+  // piece in the Transpose's layout (attention's Q, K and V heads from one [B, T, 3d] product).
+  std::vector<int> reader_of(values.size(), -1);
+  for (size_t t = 0; t < steps.size(); ++t) {
+    if (dead[t]) continue;
+    for (int v : steps[t].inputs) {
+      if (v >= 0) reader_of[v] = static_cast<int>(t);
+    }
+  }
+  auto sole_reader = [&](int v, const char* op) {
+    const int r = reader_of[v];
+    return readers[v] == 1 && r >= 0 && !dead[r] && op_of(r) == op ? r : -1;
+  };
+  for (size_t s = 0; s < steps.size(); ++s) {
+    if (dead[s] || op_of(s) != "Split" || steps[s].inputs[0] < 0) continue;
+    const int whole_v = steps[s].inputs[0];
+    const Shape& whole = values[whole_v].type.shape;
+    std::vector<int>& outs = steps[s].outputs;
+    if (values[whole_v].elements == 0) continue;
+    int axis = -1;  // The split axis: where the pieces differ from the whole.
+    for (size_t d = 0; d < whole.size(); ++d) {
+      if (values[outs[0]].type.shape[d] != whole[d]) axis = static_cast<int>(d);
+    }
+    if (axis < 0) continue;
+    const std::vector<int64_t> whole_strides = DenseStrides(whole);
+    std::vector<StridedPiece> pieces;
+    int64_t start = 0;
+    bool any = false;
+    for (int& w : outs) {
+      StridedPiece piece{values[w].type.shape, whole_strides, start * whole_strides[axis]};
+      start += values[w].type.shape[axis];
+      const int r = sole_reader(w, "Reshape");
+      const int u = r < 0 ? -1 : steps[r].outputs[0];
+      const int p = u < 0 ? -1 : sole_reader(u, "Transpose");
+      std::vector<int64_t> reshaped;
+      if (p < 0 || !ReshapeStrides(piece.shape, piece.strides, values[u].type.shape, &reshaped)) {
+        pieces.push_back(std::move(piece));
+        continue;
+      }
+      const int v = steps[p].outputs[0];
+      const std::vector<int64_t> perm =
+          rewritten[p] ? perm_of[p]
+                       : TransposePerm(spec.nodes[steps[p].node], values[u].type.shape.size());
+      piece.shape = values[v].type.shape;
+      piece.strides.assign(perm.size(), 0);
+      for (size_t d = 0; d < perm.size(); ++d) piece.strides[d] = reshaped[perm[d]];
+      pieces.push_back(std::move(piece));
+      dead[r] = dead[p] = true;
+      values[w].materialized = false;
+      values[u].materialized = false;
+      values[v].index = static_cast<int>(s);
+      w = v;
+      any = true;
+    }
+    if (any) steps[s].kernel = MakeStridedSplit(whole, values[whole_v].type.dtype, pieces);
   }
   for (size_t t = 0; t < steps.size(); ++t) {
     if (op_of(t) != "Add") continue;

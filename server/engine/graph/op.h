@@ -240,6 +240,18 @@ absl::StatusOr<std::unique_ptr<OpKernel>> MakeConstant(OpContext&, std::vector<V
 std::unique_ptr<OpKernel> MakeFusedMatMul(const Shape& a, bool ta, const Shape& b, bool tb,
                                           bool bias);
 
+// Planner fusion: a Split whose piece k is the strided view of its input [whole] given by
+// pieces[k] (element strides into the whole and an offset): a Split followed by a Reshape and
+// a Transpose of each piece writes each piece in its final layout at once. The pieces must
+// tile the whole.
+struct StridedPiece {
+  Shape shape;
+  std::vector<int64_t> strides;
+  int64_t offset = 0;
+};
+std::unique_ptr<OpKernel> MakeStridedSplit(const Shape& whole, DType dtype,
+                                           const std::vector<StridedPiece>& pieces);
+
 // Planner fusion: a Transpose of a value of shape `in` by `perm` (a valid permutation).
 std::unique_ptr<OpKernel> MakeTransposeKernel(const Shape& in, const std::vector<int64_t>& perm,
                                               DType dtype);

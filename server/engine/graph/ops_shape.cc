@@ -6,6 +6,7 @@
 #include <limits>
 #include <numeric>
 
+#include "absl/container/inlined_vector.h"
 #include "absl/strings/str_cat.h"
 #include "server/engine/graph/kernels.h"
 
@@ -99,18 +100,36 @@ class StridedCopy {
       });
       return;
     }
-    ForEachIndex(rows_, elements_ >= kParallelElements, [&](int64_t r) {
-      int64_t so = src_offset_, dof = dst_offset_, rest = r;
+    // Rows in blocks, each block's first row index decomposed once and the rest walked as an
+    // odometer: short rows (attention heads' 64 elements) would otherwise pay more for the
+    // divisions than for the copy.
+    constexpr int64_t kRowsPerTask = 64;
+    const int64_t tasks = (rows_ + kRowsPerTask - 1) / kRowsPerTask;
+    ForEachIndex(tasks, elements_ >= kParallelElements, [&](int64_t task) {
+      const int64_t r0 = task * kRowsPerTask;
+      const int64_t r1 = std::min(rows_, r0 + kRowsPerTask);
+      absl::InlinedVector<int64_t, 8> index(outer_rank, 0);
+      int64_t so = src_offset_, dof = dst_offset_, rest = r0;
       for (int d = outer_rank - 1; d >= 0; --d) {
-        const int64_t i = rest % sizes_[d];
+        index[d] = rest % sizes_[d];
         rest /= sizes_[d];
-        so += i * src_[d];
-        dof += i * dst_[d];
+        so += index[d] * src_[d];
+        dof += index[d] * dst_[d];
       }
-      if (si == 1 && di == 1) {
-        std::memcpy(dst + dof, src + so, sizeof(E) * inner);
-      } else {
-        for (int64_t j = 0; j < inner; ++j) dst[dof + j * di] = src[so + j * si];
+      for (int64_t r = r0; r < r1; ++r) {
+        if (si == 1 && di == 1) {
+          std::memcpy(dst + dof, src + so, sizeof(E) * inner);
+        } else {
+          for (int64_t j = 0; j < inner; ++j) dst[dof + j * di] = src[so + j * si];
+        }
+        for (int d = outer_rank - 1; d >= 0; --d) {
+          so += src_[d];
+          dof += dst_[d];
+          if (++index[d] < sizes_[d]) break;
+          so -= src_[d] * sizes_[d];
+          dof -= dst_[d] * sizes_[d];
+          index[d] = 0;
+        }
       }
     });
   }
@@ -395,6 +414,21 @@ absl::StatusOr<int64_t> Axis(const OpContext& c, int64_t axis, int64_t rank, boo
 }
 
 }  // namespace
+
+std::unique_ptr<OpKernel> MakeStridedSplit(const Shape& whole, DType dtype,
+                                           const std::vector<StridedPiece>& pieces) {
+  std::vector<StridedCopy> to_piece, to_whole;
+  for (const StridedPiece& p : pieces) {
+    const std::vector<int64_t> dense = DenseStrides(p.shape);
+    to_piece.emplace_back(p.shape, p.strides, p.offset, dense, 0);
+    to_whole.emplace_back(p.shape, dense, 0, p.strides, p.offset);
+  }
+  auto kernel = std::make_unique<PiecesKernel>(true, NumElements(whole), std::move(to_piece),
+                                               std::move(to_whole), DTypeSize(dtype),
+                                               IsFloat(dtype), static_cast<int>(pieces.size()));
+  kernel->covers_whole_ = true;
+  return kernel;
+}
 
 std::unique_ptr<OpKernel> MakeTransposeKernel(const Shape& in, const std::vector<int64_t>& perm,
                                               DType dtype) {
