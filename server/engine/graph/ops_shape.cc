@@ -2,6 +2,7 @@
 // Concat, Slice, Gather, Trilu, Constant). Their forward passes work on any dtype (they copy
 // elements of DTypeSize bytes), so int64 and bool values can be reshaped and masked too; their
 // backward passes move gradients back the same way (Gather's adds them up).
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -13,15 +14,42 @@
 namespace gradserve::engine::graph {
 namespace {
 
+std::vector<int64_t> DenseStrides(const Shape& shape) {
+  std::vector<int64_t> strides(shape.size(), 1);
+  for (int d = static_cast<int>(shape.size()) - 2; d >= 0; --d) {
+    strides[d] = strides[d + 1] * shape[d + 1];
+  }
+  return strides;
+}
+
 // dst[dst_offset + sum_d i_d dst_stride_d] = src[src_offset + sum_d i_d src_stride_d] for every
 // multi-index i of `shape`, axes coalesced where both sides allow; rows in parallel, the inner
 // axis a memcpy when both strides are 1.
 class StridedCopy {
  public:
   StridedCopy() = default;
-  StridedCopy(const Shape& shape, const std::vector<int64_t>& src_strides, int64_t src_offset,
-              const std::vector<int64_t>& dst_strides, int64_t dst_offset)
+  StridedCopy(const Shape& shape_in, const std::vector<int64_t>& src_strides_in, int64_t src_offset,
+              const std::vector<int64_t>& dst_strides_in, int64_t dst_offset)
       : src_offset_(src_offset), dst_offset_(dst_offset) {
+    Shape shape = shape_in;
+    std::vector<int64_t> src_strides = src_strides_in, dst_strides = dst_strides_in;
+    const int rank = static_cast<int>(shape.size());
+    if (rank > 2 && src_strides[rank - 1] == 1 && dst_strides[rank - 1] == 1) {
+      // Rows copied whole: walk the other axes in the strided side's memory order (the dense
+      // side's if both are), so that reads and writes each run as a few sequential streams. A
+      // Split writing attention's heads [B, H, T, hd] from [B, T, 3d] otherwise reads one row
+      // of hd every 3d elements, a cache miss per row.
+      const bool src_dense = src_strides == DenseStrides(shape);
+      const std::vector<int64_t>& key = src_dense ? dst_strides : src_strides;
+      std::vector<int> order(rank - 1);
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(), [&](int x, int y) { return key[x] > key[y]; });
+      for (int d = 0; d + 1 < rank; ++d) {
+        shape[d] = shape_in[order[d]];
+        src_strides[d] = src_strides_in[order[d]];
+        dst_strides[d] = dst_strides_in[order[d]];
+      }
+    }
     for (size_t d = 0; d < shape.size(); ++d) {
       if (shape[d] == 1) continue;
       if (!sizes_.empty() && src_.back() == src_strides[d] * shape[d] &&
@@ -140,14 +168,6 @@ class StridedCopy {
   int64_t rows_ = 1;
   int64_t elements_ = 0;
 };
-
-std::vector<int64_t> DenseStrides(const Shape& shape) {
-  std::vector<int64_t> strides(shape.size(), 1);
-  for (int d = static_cast<int>(shape.size()) - 2; d >= 0; --d) {
-    strides[d] = strides[d + 1] * shape[d + 1];
-  }
-  return strides;
-}
 
 // Reshape, Squeeze, Unsqueeze: the same elements in the same order.
 class CopyKernel final : public Kernel<CopyKernel> {
