@@ -41,9 +41,11 @@ struct Shape {
 };
 
 // Below and above the switch to oneDNN (m n k = 2^19), odd sizes, degenerate rows and columns,
-// and the products of the benchmark models.
-constexpr Shape kShapes[] = {{8, 2, 4},      {64, 64, 64},   {128, 64, 64},   {257, 129, 65},
-                             {1, 4096, 300}, {300, 1, 4096}, {1024, 10, 256}, {128, 256, 256}};
+// the products of the benchmark models, and products split across the team by rows and by
+// columns into uneven blocks (Note [Split GEMMs] in gemm.cc: m n k >= 2^22).
+constexpr Shape kShapes[] = {{8, 2, 4},       {64, 64, 64},   {128, 64, 64},   {257, 129, 65},
+                             {1, 4096, 300},  {300, 1, 4096}, {1024, 10, 256}, {128, 256, 256},
+                             {1000, 200, 30}, {33, 4099, 40}};
 
 // CTest's reduced-ISA runs name the kernel they expect, so a DNNL_MAX_CPU_ISA that oneDNN
 // ignored would not pass as a check of the other CPUs' code.
