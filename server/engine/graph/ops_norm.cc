@@ -30,6 +30,22 @@ double LaneSum(int64_t n, const F& f) {
          ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
 
+// LaneSum over j in [lo, hi) only, each j still in lane j % 8: the same bits as LaneSum(hi, f)
+// when f(j) is +0 for j < lo.
+template <typename F>
+double LaneSumRange(int64_t lo, int64_t hi, const F& f) {
+  double lanes[8] = {};
+  int64_t j = lo;
+  for (; j < hi && j % 8 != 0; ++j) lanes[j % 8] += f(j);
+  for (; j + 8 <= hi; j += 8) {
+#pragma omp simd
+    for (int l = 0; l < 8; ++l) lanes[l] += f(j + l);
+  }
+  for (; j < hi; ++j) lanes[j % 8] += f(j);
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+         ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
 template <typename T>
 T ExpOf(T x) {
   if constexpr (sizeof(T) == 4) {
@@ -295,11 +311,12 @@ class MaskedSoftmaxKernel final : public Kernel<MaskedSoftmaxKernel> {
     const T fill = *static_cast<const T*>(a.in[3]);
     T* y = static_cast<T*>(a.out[0]);
     const int64_t n = n_;
-    ForEachIndex(rows_, rows_ * n >= kParallelElements, [&](int64_t r) {
+    const bool fill_is_minus_inf = fill == -std::numeric_limits<T>::infinity();
+    // Where(mask, x * scale, fill), then the Softmax kernel's last-axis pass on it, in place.
+    const auto general = [&](int64_t r) {
       const T* xr = x + r * n;
       const uint8_t* mr = mask + MaskRow(r);
       T* yr = y + r * n;
-      // Where(mask, x * scale, fill), then the Softmax kernel's last-axis pass on it, in place.
       if (has_scale_) {
         for (int64_t j = 0; j < n; ++j) yr[j] = mr[j * mask_inner_] ? xr[j] * scale : fill;
       } else {
@@ -313,6 +330,38 @@ class MaskedSoftmaxKernel final : public Kernel<MaskedSoftmaxKernel> {
       const T inv = static_cast<T>(1.0 / LaneSum(n, [&](int64_t j) { return double(yr[j]); }));
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) yr[j] = yr[j] * inv;
+    };
+    ForEachIndex(rows_, rows_ * n >= kParallelElements, [&](int64_t r) {
+      const T* xr = x + r * n;
+      const uint8_t* mr = mask + MaskRow(r);
+      T* yr = y + r * n;
+      if (fill_is_minus_inf && mask_inner_ == 1) {
+        // Masked with -inf: outside the mask row's first and last kept entries every element
+        // comes out exactly 0 (e^-inf), adds +0 to its lane's sum and changes no maximum, so
+        // only [lo, hi) is computed (half of a causal mask's row on average); same bits.
+        int64_t lo = 0, hi = n;
+        while (lo < n && !mr[lo]) ++lo;
+        while (hi > lo && !mr[hi - 1]) --hi;
+        if (lo < hi) {
+          for (int64_t j = 0; j < lo; ++j) yr[j] = T(0);
+          for (int64_t j = hi; j < n; ++j) yr[j] = T(0);
+          for (int64_t j = lo; j < hi; ++j) yr[j] = mr[j] ? xr[j] * scale : fill;
+          T max = yr[lo];
+          for (int64_t j = lo + 1; j < hi; ++j) max = yr[j] > max ? yr[j] : max;
+          // An all -inf row (NaN out, below) and a NaN first entry (which the full row's scan
+          // would have skipped) take the general path.
+          if (max == -std::numeric_limits<T>::infinity() || max != max) return general(r);
+#pragma omp simd
+          for (int64_t j = lo; j < hi; ++j) yr[j] = ExpOf<T>(yr[j] - max);
+          const T inv =
+              static_cast<T>(1.0 / LaneSumRange(lo, hi, [&](int64_t j) { return double(yr[j]); }));
+          if (inv != inv) return general(r);  // A NaN in the row: NaN everywhere, as there.
+#pragma omp simd
+          for (int64_t j = lo; j < hi; ++j) yr[j] = yr[j] * inv;
+          return;
+        }
+      }
+      general(r);
     });
     return absl::OkStatus();
   }
