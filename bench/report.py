@@ -549,6 +549,23 @@ def main():
                 v = median(vals) * 1e-6
                 if v >= 0.005 * step:
                     out(f"| {op} | {fmt_time(v)} | {fmt_pct(v / step)} |")
+            # What bounds the step: the products' FLOPs (PyTorch's nominal count: 6 x tokens x
+            # matrix parameters plus attention's two batched products, x3) over MatMul's time.
+            mm = median(ops.get("MatMul", [])) if ops.get("MatMul") else None
+            gemm_flops = e_torch[0].get("flops")
+            torch_best = med(torch_best_t("e"))
+            if mm and gemm_flops:
+                mm_s = mm * 1e-6
+                g = gemm_flops / mm_s * 1e-9
+                pk = med(lambda r: r.peak(best_t))
+                en = med(lambda r: r.engine_gemm(best_t))
+                out("")
+                out(f"What bounds (e): the MatMul nodes take {fmt_pct(mm_s / step)} of the step "
+                    f"and run their {gemm_flops * 1e-9:.1f} GFLOP at {g:.0f} GFLOP/s "
+                    f"({fmt_pct(ratio(g, pk))} of the FMA peak, {fmt_pct(ratio(g, en))} of the "
+                    f"engine's 1024³ GEMM at {best_t} thread(s), bias and diagnostics of their "
+                    f"gradients included); with everything else free the step would be "
+                    f"{fmt_x(ratio(torch_best, mm_s))} PyTorch's best.")
         out("")
         out("PyTorch: `class Gpt` in bench/peers.py, nn.Module blocks of plain torch ops "
             "(attention as matmul, scale, masked_fill, softmax, matmul: torch 1.13 has no "
