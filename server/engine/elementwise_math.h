@@ -96,6 +96,45 @@ T Sigmoid(T x) {
   }
 }
 
+// GELU as PyTorch's kernels compute it, with the constants as they spell them, so float results
+// round the same way. The chain's layers and the graph's Gelu both call these, in files compiled
+// with -ffp-contract=off, so the two forms give the same bits.
+inline constexpr double kSqrtHalf = 0.70710678118654752440;     // 1/sqrt(2)
+inline constexpr double kInvSqrt2Pi = 0.39894228040143267794;   // 1/sqrt(2 pi)
+inline constexpr double kSqrt2OverPi = 0.79788456080286535588;  // sqrt(2/pi)
+inline constexpr double kGeluCubic = 0.044715;
+
+// y = x Phi(x).
+template <typename T>
+T Gelu(T x) {
+  return x * T(0.5) * (T(1) + std::erf(x * T(kSqrtHalf)));
+}
+
+// dy/dx = Phi(x) + x phi(x).
+template <typename T>
+T GeluDerivative(T x) {
+  const T cdf = T(0.5) * (T(1) + std::erf(x * T(kSqrtHalf)));
+  const T pdf = T(kInvSqrt2Pi) * std::exp(T(-0.5) * x * x);
+  return cdf + x * pdf;
+}
+
+// y = x/2 (1 + tanh(u)), u = c (x + k x^3).
+template <typename T>
+T GeluTanh(T x) {
+  const T inner = T(kSqrt2OverPi) * (x + T(kGeluCubic) * x * x * x);
+  return T(0.5) * x * (T(1) + Tanh<T>(inner));
+}
+
+template <typename T>
+T GeluTanhDerivative(T x) {
+  const T x_sq = x * x;
+  const T tanh_inner = Tanh<T>(T(kSqrt2OverPi) * (x + T(kGeluCubic) * x_sq * x));
+  const T left_derivative = T(0.5) * (T(1) + tanh_inner);
+  const T right_derivative = T(1) - tanh_inner * tanh_inner;
+  const T inner_derivative = T(kSqrt2OverPi) * (T(1) + T(3 * kGeluCubic) * x_sq);
+  return left_derivative + T(0.5) * x * right_derivative * inner_derivative;
+}
+
 }  // namespace gradserve::engine
 
 #endif  // GRADSERVE_ENGINE_ELEMENTWISE_MATH_H_

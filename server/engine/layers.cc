@@ -6,53 +6,10 @@
 
 #include "server/engine/elementwise_math.h"
 #include "server/engine/gemm.h"
+#include "server/engine/parallel_loops.h"
 #include "server/engine/types.h"
 
 namespace gradserve::engine {
-namespace {
-
-// Loops are split across the OpenMP team only when there is enough work to pay for waking it.
-// Below that they run inline: even a parallel region whose `if` is false costs ~0.3 us, which
-// for the smallest models is half a training step.
-constexpr int64_t kParallelElements = 1 << 15;
-
-// fn(i) for i in [0, n), split across the team if `parallel`.
-template <typename Fn>
-void ForEachIndex(int64_t n, bool parallel, const Fn& fn) {
-  if (!parallel) {
-    for (int64_t i = 0; i < n; ++i) fn(i);
-    return;
-  }
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) fn(i);
-}
-
-// Element-wise loops, vectorised (Note [Vectorised element-wise math]). `fn` captures its
-// pointers by value; each thread runs its own copy, a local the loop's stores cannot alias, so
-// the compiler keeps the pointers in registers and vectorises the loop.
-template <typename T, typename Fn>
-void ForEachElement(int64_t n, const Fn& fn) {
-  if (n < kParallelElements) {
-    const Fn local = fn;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) local(j);
-    return;
-  }
-#pragma omp parallel
-  {
-    const Fn local = fn;
-#pragma omp for simd schedule(static)
-    for (int64_t j = 0; j < n; ++j) local(j);
-  }
-}
-
-// Constants as PyTorch's GELU kernels spell them, so float results round the same way.
-constexpr double kSqrtHalf = 0.70710678118654752440;     // 1/sqrt(2)
-constexpr double kInvSqrt2Pi = 0.39894228040143267794;   // 1/sqrt(2 pi)
-constexpr double kSqrt2OverPi = 0.79788456080286535588;  // sqrt(2/pi)
-constexpr double kGeluCubic = 0.044715;
-
-}  // namespace
 
 template <typename T>
 void LayerForward(const LayerSpec& layer, const LinearParamsView<T>& params, int64_t batch,
@@ -74,34 +31,27 @@ void LayerForward(const LayerSpec& layer, const LinearParamsView<T>& params, int
       return;
     }
     case LayerKind::kReLU:
-      ForEachElement<T>(n, [=](int64_t j) { out[j] = in[j] > T(0) ? in[j] : T(0); });
+      ForEachElement(n, [=](int64_t j) { out[j] = in[j] > T(0) ? in[j] : T(0); });
       return;
     case LayerKind::kLeakyReLU: {
       const T slope = static_cast<T>(layer.negative_slope);
-      ForEachElement<T>(n, [=](int64_t j) { out[j] = in[j] > T(0) ? in[j] : in[j] * slope; });
+      ForEachElement(n, [=](int64_t j) { out[j] = in[j] > T(0) ? in[j] : in[j] * slope; });
       return;
     }
     case LayerKind::kSigmoid:
-      ForEachElement<T>(n, [=](int64_t j) { out[j] = Sigmoid<T>(in[j]); });
+      ForEachElement(n, [=](int64_t j) { out[j] = Sigmoid<T>(in[j]); });
       return;
     case LayerKind::kTanh:
-      ForEachElement<T>(n, [=](int64_t j) { out[j] = Tanh<T>(in[j]); });
+      ForEachElement(n, [=](int64_t j) { out[j] = Tanh<T>(in[j]); });
       return;
     case LayerKind::kGelu:
-      ForEachElement<T>(n, [=](int64_t j) {
-        const T x = in[j];
-        out[j] = x * T(0.5) * (T(1) + std::erf(x * T(kSqrtHalf)));
-      });
+      ForEachElement(n, [=](int64_t j) { out[j] = Gelu<T>(in[j]); });
       return;
     case LayerKind::kGeluTanh:
-      ForEachElement<T>(n, [=](int64_t j) {
-        const T x = in[j];
-        const T inner = T(kSqrt2OverPi) * (x + T(kGeluCubic) * x * x * x);
-        out[j] = T(0.5) * x * (T(1) + Tanh<T>(inner));
-      });
+      ForEachElement(n, [=](int64_t j) { out[j] = GeluTanh<T>(in[j]); });
       return;
     case LayerKind::kIdentity:
-      ForEachElement<T>(n, [=](int64_t j) { out[j] = in[j]; });
+      ForEachElement(n, [=](int64_t j) { out[j] = in[j]; });
       return;
   }
 }
@@ -112,38 +62,24 @@ void ElementwiseBackward(const LayerSpec& layer, int64_t batch, int64_t width, c
   const int64_t n = batch * width;
   switch (layer.kind) {
     case LayerKind::kReLU:  // y = max(x, 0): dx = dy where y > 0.
-      ForEachElement<T>(n, [=](int64_t j) { grad[j] = output[j] > T(0) ? grad[j] : T(0); });
+      ForEachElement(n, [=](int64_t j) { grad[j] = output[j] > T(0) ? grad[j] : T(0); });
       return;
     case LayerKind::kLeakyReLU: {  // y = x > 0 ? x : a x: dx = x > 0 ? dy : a dy.
       const T slope = static_cast<T>(layer.negative_slope);
-      ForEachElement<T>(n,
-                        [=](int64_t j) { grad[j] = input[j] > T(0) ? grad[j] : grad[j] * slope; });
+      ForEachElement(n, [=](int64_t j) { grad[j] = input[j] > T(0) ? grad[j] : grad[j] * slope; });
       return;
     }
     case LayerKind::kSigmoid:  // y = s(x): dx = dy (1 - y) y.
-      ForEachElement<T>(n, [=](int64_t j) { grad[j] = grad[j] * (T(1) - output[j]) * output[j]; });
+      ForEachElement(n, [=](int64_t j) { grad[j] = grad[j] * (T(1) - output[j]) * output[j]; });
       return;
     case LayerKind::kTanh:  // y = tanh(x): dx = dy (1 - y^2).
-      ForEachElement<T>(n, [=](int64_t j) { grad[j] = grad[j] * (T(1) - output[j] * output[j]); });
+      ForEachElement(n, [=](int64_t j) { grad[j] = grad[j] * (T(1) - output[j] * output[j]); });
       return;
     case LayerKind::kGelu:  // y = x Phi(x): dx = dy (Phi(x) + x phi(x)).
-      ForEachElement<T>(n, [=](int64_t j) {
-        const T x = input[j];
-        const T cdf = T(0.5) * (T(1) + std::erf(x * T(kSqrtHalf)));
-        const T pdf = T(kInvSqrt2Pi) * std::exp(T(-0.5) * x * x);
-        grad[j] = grad[j] * (cdf + x * pdf);
-      });
+      ForEachElement(n, [=](int64_t j) { grad[j] = grad[j] * GeluDerivative<T>(input[j]); });
       return;
     case LayerKind::kGeluTanh:  // y = x/2 (1 + tanh(u)), u = c (x + k x^3).
-      ForEachElement<T>(n, [=](int64_t j) {
-        const T x = input[j];
-        const T x_sq = x * x;
-        const T tanh_inner = Tanh<T>(T(kSqrt2OverPi) * (x + T(kGeluCubic) * x_sq * x));
-        const T left_derivative = T(0.5) * (T(1) + tanh_inner);
-        const T right_derivative = T(1) - tanh_inner * tanh_inner;
-        const T inner_derivative = T(kSqrt2OverPi) * (T(1) + T(3 * kGeluCubic) * x_sq);
-        grad[j] = grad[j] * (left_derivative + T(0.5) * x * right_derivative * inner_derivative);
-      });
+      ForEachElement(n, [=](int64_t j) { grad[j] = grad[j] * GeluTanhDerivative<T>(input[j]); });
       return;
     case LayerKind::kIdentity:
     case LayerKind::kLinear:

@@ -1,5 +1,6 @@
-// Low-level loops shared by the graph operators: parallel loops, numpy broadcasting and the
-// deterministic reduction of a broadcast gradient back to its operand's shape.
+// Low-level loops shared by the graph operators (the parallel loops are the chain's, from
+// parallel_loops.h): numpy broadcasting and the deterministic reduction of a broadcast gradient
+// back to its operand's shape.
 //
 // Every loop here is parallel over the index it writes (OpenMP static schedules, no atomics)
 // and, where it sums, sums each result in a fixed order that does not depend on the thread
@@ -14,42 +15,9 @@
 #include <vector>
 
 #include "server/engine/graph/op.h"
+#include "server/engine/parallel_loops.h"  // The chain's loops: a graph's pass runs as its layer.
 
 namespace gradserve::engine::graph {
-
-// Loops are split across the OpenMP team only when there is enough work to pay for waking it
-// (the same threshold as layers.cc).
-inline constexpr int64_t kParallelElements = 1 << 15;
-
-// fn(i) for i in [0, n), split across the team if `parallel`.
-template <typename Fn>
-void ForEachIndex(int64_t n, bool parallel, const Fn& fn) {
-  if (!parallel || n <= 1) {
-    for (int64_t i = 0; i < n; ++i) fn(i);
-    return;
-  }
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) fn(i);
-}
-
-// Element-wise loops, vectorised, exactly as layers.cc runs them (Note [Vectorised element-wise
-// math]): files that use this are compiled with the same flags as layers.cc, so a graph's
-// activation rounds as the chain's does.
-template <typename Fn>
-void ForEachElement(int64_t n, const Fn& fn) {
-  if (n < kParallelElements) {
-    const Fn local = fn;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) local(j);
-    return;
-  }
-#pragma omp parallel
-  {
-    const Fn local = fn;
-#pragma omp for simd schedule(static)
-    for (int64_t j = 0; j < n; ++j) local(j);
-  }
-}
 
 // numpy broadcasting of up to three operands to an output shape, with dimensions coalesced:
 // the output is rows() x inner() (row-major, dense); operand k's element for output (r, j) is

@@ -13,11 +13,6 @@
 namespace gradserve::engine::graph {
 namespace {
 
-// Constants as PyTorch's GELU kernels (and layers.cc) spell them.
-constexpr double kSqrtHalf = 0.70710678118654752440;     // 1/sqrt(2)
-constexpr double kInvSqrt2Pi = 0.39894228040143267794;   // 1/sqrt(2 pi)
-constexpr double kSqrt2OverPi = 0.79788456080286535588;  // sqrt(2/pi)
-constexpr double kGeluCubic = 0.044715;
 constexpr double kTwoOverSqrtPi = 1.12837916709551257390;  // 2/sqrt(pi)
 
 enum class Unary {
@@ -91,17 +86,10 @@ class UnaryKernel final : public Kernel<UnaryKernel> {
         ForEachElement(n_, [=](int64_t j) { out[j] = Tanh<T>(in[j]); });
         break;
       case Unary::kGelu:
-        ForEachElement(n_, [=](int64_t j) {
-          const T x = in[j];
-          out[j] = x * T(0.5) * (T(1) + std::erf(x * T(kSqrtHalf)));
-        });
+        ForEachElement(n_, [=](int64_t j) { out[j] = Gelu<T>(in[j]); });
         break;
       case Unary::kGeluTanh:
-        ForEachElement(n_, [=](int64_t j) {
-          const T x = in[j];
-          const T inner = T(kSqrt2OverPi) * (x + T(kGeluCubic) * x * x * x);
-          out[j] = T(0.5) * x * (T(1) + Tanh<T>(inner));
-        });
+        ForEachElement(n_, [=](int64_t j) { out[j] = GeluTanh<T>(in[j]); });
         break;
       case Unary::kErf:
         ForEachElement(n_, [=](int64_t j) { out[j] = std::erf(in[j]); });
@@ -145,23 +133,10 @@ class UnaryKernel final : public Kernel<UnaryKernel> {
         ForEachElement(n_, [=](int64_t j) { dx[j] = dy[j] * (T(1) - y[j] * y[j]); });
         break;
       case Unary::kGelu:  // y = x Phi(x): dx = dy (Phi(x) + x phi(x)).
-        ForEachElement(n_, [=](int64_t j) {
-          const T v = x[j];
-          const T cdf = T(0.5) * (T(1) + std::erf(v * T(kSqrtHalf)));
-          const T pdf = T(kInvSqrt2Pi) * std::exp(T(-0.5) * v * v);
-          dx[j] = dy[j] * (cdf + v * pdf);
-        });
+        ForEachElement(n_, [=](int64_t j) { dx[j] = dy[j] * GeluDerivative<T>(x[j]); });
         break;
       case Unary::kGeluTanh:  // y = x/2 (1 + tanh(u)), u = c (x + k x^3).
-        ForEachElement(n_, [=](int64_t j) {
-          const T v = x[j];
-          const T v_sq = v * v;
-          const T tanh_inner = Tanh<T>(T(kSqrt2OverPi) * (v + T(kGeluCubic) * v_sq * v));
-          const T left_derivative = T(0.5) * (T(1) + tanh_inner);
-          const T right_derivative = T(1) - tanh_inner * tanh_inner;
-          const T inner_derivative = T(kSqrt2OverPi) * (T(1) + T(3 * kGeluCubic) * v_sq);
-          dx[j] = dy[j] * (left_derivative + T(0.5) * v * right_derivative * inner_derivative);
-        });
+        ForEachElement(n_, [=](int64_t j) { dx[j] = dy[j] * GeluTanhDerivative<T>(x[j]); });
         break;
       case Unary::kErf:  // dx = dy 2/sqrt(pi) e^(-x^2).
         ForEachElement(
