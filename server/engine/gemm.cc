@@ -121,6 +121,17 @@ void StridedEigenGemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const f
   if (ta && tb) assign(am.transpose(), bm.transpose());
 }
 
+// Note [oneDNN set-up on the main thread]
+// oneDNN generates its GEMM kernels once, on the first thread that calls it, and probes with
+// dlopen on the way; glibc keeps that thread's dlerror state in a buffer it frees when the thread
+// exits. Split GEMMs (Note [Split GEMMs]) and graph ops call oneDNN from OpenMP workers, which
+// never exit: LeakSanitizer then reported the buffer as a leak whenever a worker happened to be
+// first (1 run in 12). One small product at start-up, on the main thread, does the set-up there.
+[[maybe_unused]] const bool kOneDnnReady = [] {
+  float a[16 * 16] = {}, b[16 * 16] = {}, c[16 * 16];
+  return dnnl_sgemm('N', 'N', 16, 16, 16, 1.0f, a, 16, b, 16, 0.0f, c, 16) == dnnl_success;
+}();
+
 // Whether oneDNN computed the product (else nothing of C was written).
 bool OneDnnGemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, const float* b,
                 float* c, bool accumulate) {
