@@ -157,11 +157,11 @@ absl::Status Prefixed(const absl::Status& status, absl::string_view prefix) {
   return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
 }
 
-// Validates a CheckGradients request and fills `options` from it.
-absl::StatusOr<std::unique_ptr<PreparedRequest>> PrepareCheck(
-    const v1::CheckGradientsRequest& request, const ServiceLimits& limits,
-    engine::GradientCheckOptions* options) {
+// CheckGradients' own fields (chain and graph alike), validated into `options`.
+absl::Status ReadCheckOptions(const v1::CheckGradientsRequest& request, const ServiceLimits& limits,
+                              engine::GradientCheckOptions* options) {
   options->seed = request.seed();
+  options->dropout_seed = request.request().options().dropout_seed();
   if (request.samples_per_tensor() < 0 || request.samples_per_tensor() > limits.max_check_samples) {
     return absl::InvalidArgumentError(absl::StrCat("samples_per_tensor: expected 0 .. ",
                                                    limits.max_check_samples, ", got ",
@@ -175,6 +175,14 @@ absl::StatusOr<std::unique_ptr<PreparedRequest>> PrepareCheck(
     }
     options->step = request.step();
   }
+  return absl::OkStatus();
+}
+
+// Validates a CheckGradients request and fills `options` from it.
+absl::StatusOr<std::unique_ptr<PreparedRequest>> PrepareCheck(
+    const v1::CheckGradientsRequest& request, const ServiceLimits& limits,
+    engine::GradientCheckOptions* options) {
+  RETURN_IF_ERROR(ReadCheckOptions(request, limits, options));
   if (!request.has_request()) return absl::InvalidArgumentError("request: required");
   auto prepared = PrepareRequest(request.request(), limits, /*needs_input_gradient=*/true,
                                  options->should_stop);
@@ -226,8 +234,17 @@ absl::Status RunGraphCheck(const GraphViews& views, GraphPlanner* planner,
   return absl::OkStatus();
 }
 
-// CheckGradients' forward passes per analytic pass (for the plan's FLOPs check).
+// CheckGradients' passes per analytic pass, in analytic passes: one analytic pass, then two
+// forward passes (a third of a full pass each) per sample of each tensor checked.
 double CheckFlopsFactor(int samples, int tensors) { return 1 + 2.0 * samples * tensors / 3; }
+
+// The tensors CheckGradients samples: each parameter tensor and dx (chain); each parameter and
+// each input named in input_gradient_names (graph).
+int CheckedTensors(const v1::ComputeGradientsRequest& request) {
+  return IsGraphRequest(request)
+             ? request.named_parameters_size() + request.options().input_gradient_names_size()
+             : 2 * request.parameters_size() + 1;
+}
 
 absl::Status CheckGraph(const v1::CheckGradientsRequest& request, const ServiceLimits& limits,
                         const ComputeContext& context, engine::GradientCheckOptions options,
@@ -237,23 +254,9 @@ absl::Status CheckGraph(const v1::CheckGradientsRequest& request, const ServiceL
       context.phase_times->decode = Seconds(Clock::now() - decode_start);
     }
   };
-  // The same checks of samples_per_tensor and step as the chain's (PrepareCheck).
-  options.seed = request.seed();
-  options.dropout_seed = request.request().options().dropout_seed();
-  if (request.samples_per_tensor() < 0 || request.samples_per_tensor() > limits.max_check_samples) {
+  if (absl::Status read = ReadCheckOptions(request, limits, &options); !read.ok()) {
     decoded();
-    return absl::InvalidArgumentError(absl::StrCat("samples_per_tensor: expected 0 .. ",
-                                                   limits.max_check_samples, ", got ",
-                                                   request.samples_per_tensor()));
-  }
-  if (request.samples_per_tensor() > 0) options.samples_per_tensor = request.samples_per_tensor();
-  if (request.step() != 0) {
-    if (!(request.step() > 0 && request.step() < 1)) {
-      decoded();
-      return absl::InvalidArgumentError(
-          absl::StrCat("step: expected a value in (0, 1), got ", request.step()));
-    }
-    options.step = request.step();
+    return read;
   }
   const v1::ComputeGradientsRequest& inner = request.request();
   absl::Status form = CheckModelForm(inner);
@@ -264,9 +267,7 @@ absl::Status CheckGraph(const v1::CheckGradientsRequest& request, const ServiceL
   absl::StatusOr<std::unique_ptr<GraphViews>> views =
       planner.ok()
           ? PrepareGraphRequest(inner, limits, planner->get(),
-                                CheckFlopsFactor(options.samples_per_tensor,
-                                                 inner.named_parameters_size() +
-                                                     inner.options().input_gradient_names_size()),
+                                CheckFlopsFactor(options.samples_per_tensor, CheckedTensors(inner)),
                                 &activation_bytes)
           : planner.status();
   decoded();
@@ -405,12 +406,8 @@ double ComputeGradientsCost(const v1::ComputeGradientsRequest& request) {
 
 double CheckGradientsCost(const v1::CheckGradientsRequest& request) {
   const int samples = request.samples_per_tensor() > 0 ? request.samples_per_tensor() : 16;
-  const int tensors = IsGraphRequest(request.request())
-                          ? request.request().named_parameters_size() +
-                                request.request().options().input_gradient_names_size()
-                          : 2 * request.request().parameters_size() + 1;
-  // One analytic pass, then two forward passes (a third of a full pass each) per sample.
-  return ComputeGradientsCost(request.request()) * (1 + 2.0 * samples * tensors / 3);
+  return ComputeGradientsCost(request.request()) *
+         CheckFlopsFactor(samples, CheckedTensors(request.request()));
 }
 
 absl::Status CheckClaimedSizes(const v1::CheckGradientsRequest& request,

@@ -256,11 +256,7 @@ absl::Status StreamSession::Setup(v1::StreamSetup* setup) {
     request_.mutable_model()->mutable_graph()->clear_constants();
     model_bytes_ =
         static_cast<int64_t>(request_.model().ByteSizeLong()) + planner_->constant_bytes();
-    if (held_bytes() > limits_.max_stream_bytes) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "setup.model: the stream would hold ", held_bytes(),
-          " bytes for the graph, over max_stream_bytes (", limits_.max_stream_bytes, ")"));
-    }
+    RETURN_IF_ERROR(CheckHeldBytes("setup.model", " for the graph"));
   }
   set_up_ = true;
   return absl::OkStatus();
@@ -410,12 +406,7 @@ absl::Status StreamSession::TakeParameters(v1::StreamStep* step) {
   }
   request_.mutable_parameters()->Swap(step->mutable_parameters());
   has_parameters_ = true;
-  if (held_bytes() > limits_.max_stream_bytes) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("parameters: the stream would hold ", held_bytes(),
-                     " bytes, over max_stream_bytes (", limits_.max_stream_bytes, ")"));
-  }
-  return absl::OkStatus();
+  return CheckHeldBytes("parameters");
 }
 
 // The index of the graph parameter `named` (entry e of the step's list `list`) names; refused
@@ -461,12 +452,14 @@ absl::Status StreamSession::TakeNamedParameters(v1::StreamStep* step) {
     held->mutable_tensor()->Swap(step->mutable_named_parameters(entry[p])->mutable_tensor());
   }
   has_parameters_ = true;
-  if (held_bytes() > limits_.max_stream_bytes) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("named_parameters: the stream would hold ", held_bytes(),
-                     " bytes, over max_stream_bytes (", limits_.max_stream_bytes, ")"));
-  }
-  return absl::OkStatus();
+  return CheckHeldBytes("named_parameters");
+}
+
+absl::Status StreamSession::CheckHeldBytes(absl::string_view field, absl::string_view what) const {
+  if (held_bytes() <= limits_.max_stream_bytes) return absl::OkStatus();
+  return absl::ResourceExhaustedError(absl::StrCat(field, ": the stream would hold ", held_bytes(),
+                                                   " bytes", what, ", over max_stream_bytes (",
+                                                   limits_.max_stream_bytes, ")"));
 }
 
 absl::Status StreamSession::CheckHeldShape(const v1::Tensor& tensor,

@@ -99,6 +99,8 @@ class StreamSession {
   absl::Status ApplyUpdate(const v1::StreamStep& step);
   template <typename T>
   absl::Status ApplyNamedUpdate(const v1::StreamStep& step);
+  // RESOURCE_EXHAUSTED naming `field` once what the stream holds is over max_stream_bytes.
+  absl::Status CheckHeldBytes(absl::string_view field, absl::string_view what = "") const;
   // A named parameter sent whole: the stream's dtype, its declared shape, its byte length.
   absl::Status CheckHeldShape(const v1::Tensor& tensor, const std::vector<int64_t>& shape,
                               const std::string& field) const;
