@@ -15,6 +15,8 @@ packages=(
   libdnnl-dev ocl-icd-opencl-dev
   libcpp-httplib-dev  # the Prometheus endpoint (--metrics-listen)
   nlohmann-json3-dev  # gradclient bench --json
+  # ONNX import: ModelProto, the checker and shape inference (built on our protobuf 3.21).
+  libonnx-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-grpcio python3-protobuf python3-numpy  # the generated-Python-client test
   openssl  # security_test makes its certificates with the openssl CLI

@@ -8,7 +8,7 @@
 #   --build-dir D  build tree of the fuzz preset (default build/fuzz)
 #   --merge        afterwards, merge the inputs that found new coverage into fuzz/corpus/
 #                  (libFuzzer -merge=1 keeps only those that add coverage)
-#   TARGET         compute_gradients, check_gradients, stream, graph (default: all four)
+#   TARGET         compute_gradients, check_gradients, stream, graph, onnx (default: all five)
 #
 # New inputs go to a scratch corpus in the build tree, never into the repository unless
 # --merge. A crash, leak, sanitizer report, timeout (10 s per input) or failed check stops the
@@ -28,12 +28,12 @@ while [[ $# -gt 0 ]]; do
     --time) seconds="$2"; shift 2 ;;
     --build-dir) build_dir="$2"; shift 2 ;;
     --merge) merge=1; shift ;;
-    compute_gradients|check_gradients|stream|graph) targets+=("$1"); shift ;;
+    compute_gradients|check_gradients|stream|graph|onnx) targets+=("$1"); shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "fuzz/run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
-[[ ${#targets[@]} -gt 0 ]] || targets=(compute_gradients check_gradients stream graph)
+[[ ${#targets[@]} -gt 0 ]] || targets=(compute_gradients check_gradients stream graph onnx)
 
 cd "${source_dir}"
 cmake --preset fuzz -B "${build_dir}" >/dev/null
@@ -54,8 +54,13 @@ for t in "${targets[@]}"; do
   echo "== fuzzing ${t} for ${seconds} s (log: ${log})"
   rc=0
   # New inputs land in the first corpus directory (the scratch one); the seeds are read only.
-  "${build_dir}/fuzz/${t}_fuzz" "${work}" "${source_dir}/fuzz/corpus/${t}" \
-    -max_total_time="${seconds}" -timeout=10 -rss_limit_mb=2048 -max_len=16384 \
+  # ONNX seeds are whole exported models, up to ~50 KB.
+  max_len=16384
+  [[ ${t} == onnx ]] && max_len=65536
+  seeds=("${source_dir}/fuzz/corpus/${t}")
+  [[ ${t} == onnx ]] && seeds+=("${source_dir}/tests/data/onnx")
+  "${build_dir}/fuzz/${t}_fuzz" "${work}" "${seeds[@]}" \
+    -max_total_time="${seconds}" -timeout=10 -rss_limit_mb=2048 -max_len="${max_len}" \
     -report_slow_units=2 -print_final_stats=1 -artifact_prefix="${artifacts}/${t}-" \
     >"${log}" 2>&1 || rc=$?
   done_line="$(grep -E '^#[0-9]+[[:space:]]+(DONE|INITED)' "${log}" | tail -n 1 || true)"
@@ -75,7 +80,7 @@ for t in "${targets[@]}"; do
     summary+=("${t}: ok, ${execs:-?} runs, ${rate:-?} exec/s, ${cov:-cov ?}, ${added:-?} new inputs, peak RSS ${rss:-?} MB, slow-unit reports ${slow}")
   fi
   if [[ ${merge} -eq 1 && ${rc} -eq 0 ]]; then
-    "${build_dir}/fuzz/${t}_fuzz" -merge=1 -max_len=16384 "${source_dir}/fuzz/corpus/${t}" \
+    "${build_dir}/fuzz/${t}_fuzz" -merge=1 -max_len="${max_len}" "${source_dir}/fuzz/corpus/${t}" \
       "${work}" >"${log}.merge" 2>&1
     echo "merged into fuzz/corpus/${t}: $(grep -o 'added [0-9]* new units' "${log}.merge" || true)"
   fi

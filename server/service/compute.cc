@@ -1,6 +1,8 @@
 #include "server/service/compute.h"
 
 #include <chrono>
+#include <functional>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "server/engine/backprop.h"
@@ -8,6 +10,8 @@
 #include "server/engine/gradient_check.h"
 #include "server/engine/status_macros.h"
 #include "server/service/convert.h"
+#include "server/service/convert_graph.h"
+#include "server/service/onnx_import.h"
 
 namespace gradserve::service {
 namespace {
@@ -308,6 +312,10 @@ absl::Status ComputeGraphGradients(const v1::ComputeGradientsRequest& request,
 absl::Status ComputeGradients(const v1::ComputeGradientsRequest& request,
                               const ServiceLimits& limits, const ComputeContext& context,
                               v1::ComputeGradientsResponse* response) {
+  if (request.model().has_onnx()) {
+    v1::ComputeGradientsRequest copy = request;
+    return ComputeGradients(&copy, limits, context, response);
+  }
   if (IsGraphRequest(request)) {
     const Clock::time_point decode_start = Clock::now();
     RETURN_IF_ERROR(CheckModelForm(request));
@@ -342,8 +350,54 @@ absl::Status ComputeGradients(const v1::ComputeGradientsRequest& request,
   return Run<double>(*prepared, context, response);
 }
 
+namespace {
+
+// Note [ONNX import]: converts the model in place, counting what the conversion holds and its
+// time as decoding, then runs `compute` on the graph form; errors name the file's nodes.
+absl::Status WithOnnxLowered(v1::ComputeGradientsRequest* request, const ServiceLimits& limits,
+                             const ComputeContext& context,
+                             const std::function<absl::Status()>& compute) {
+  if (!request->model().has_onnx()) return compute();
+  const Clock::time_point start = Clock::now();
+  if (context.reserve_memory) {
+    // The parsed file and its graph form, each about as large as the file.
+    RETURN_IF_ERROR(
+        context.reserve_memory(3 * static_cast<int64_t>(request->model().onnx().model().size())));
+  }
+  absl::Status lowered = LowerOnnxRequest(request, limits);
+  const double seconds = Seconds(Clock::now() - start);
+  if (!lowered.ok()) {
+    if (context.phase_times != nullptr) context.phase_times->decode = seconds;
+    return lowered;
+  }
+  const absl::Status status = compute();
+  if (context.phase_times != nullptr) context.phase_times->decode += seconds;
+  return RenameOnnxFields(status);
+}
+
+}  // namespace
+
+absl::Status ComputeGradients(v1::ComputeGradientsRequest* request, const ServiceLimits& limits,
+                              const ComputeContext& context,
+                              v1::ComputeGradientsResponse* response) {
+  return WithOnnxLowered(request, limits, context, [&] {
+    return ComputeGradients(std::as_const(*request), limits, context, response);
+  });
+}
+
+absl::Status CheckGradients(v1::CheckGradientsRequest* request, const ServiceLimits& limits,
+                            const ComputeContext& context, v1::CheckGradientsResponse* response) {
+  return WithOnnxLowered(request->mutable_request(), limits, context, [&] {
+    return CheckGradients(std::as_const(*request), limits, context, response);
+  });
+}
+
 absl::Status CheckGradients(const v1::CheckGradientsRequest& request, const ServiceLimits& limits,
                             const ComputeContext& context, v1::CheckGradientsResponse* response) {
+  if (request.request().model().has_onnx()) {
+    v1::CheckGradientsRequest copy = request;
+    return CheckGradients(&copy, limits, context, response);
+  }
   engine::GradientCheckOptions options;
   options.threads = context.threads;
   options.should_stop = context.should_stop;
@@ -377,7 +431,9 @@ double EstimatedFlops(const v1::Model& model, std::span<const v1::Tensor* const>
     }
     return 6 * rows * multiply_adds;
   }
-  double parameter_elements = 0;
+  // An ONNX file is mostly its weights (float32, for a default export); before it is parsed,
+  // its size is the estimate.
+  double parameter_elements = static_cast<double>(model.onnx().model().size()) / 4;
   for (const v1::GraphParameter& p : model.graph().parameters()) {
     double n = 1;
     for (int64_t d : p.shape()) n *= size(d);
@@ -418,8 +474,10 @@ absl::Status CheckClaimedSizes(const v1::CheckGradientsRequest& request,
 int64_t ResponseBytesBound(const v1::ComputeGradientsRequest& request,
                            const ServiceLimits& limits) {
   if (IsGraphRequest(request)) {
+    // An ONNX file's parameters, not yet known, are at most its size, twice over in float64.
     return static_cast<int64_t>(
-        std::min<double>(GraphResponseBytes(request), limits.max_message_bytes));
+        std::min<double>(GraphResponseBytes(request) + 2.0 * request.model().onnx().model().size(),
+                         limits.max_message_bytes));
   }
   // The gradients are as large as the parameters; the output and dx as large as the batch
   // times the widths claimed (not yet validated: the bound is clamped below).

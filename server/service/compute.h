@@ -39,6 +39,11 @@ struct ComputeContext {
 absl::Status ComputeGradients(const v1::ComputeGradientsRequest& request,
                               const ServiceLimits& limits, const ComputeContext& context,
                               v1::ComputeGradientsResponse* response);
+// The same, for a request it may rewrite: an ONNX model is converted to its graph in place
+// (Note [ONNX import]) rather than in a copy of the request.
+absl::Status ComputeGradients(v1::ComputeGradientsRequest* request, const ServiceLimits& limits,
+                              const ComputeContext& context,
+                              v1::ComputeGradientsResponse* response);
 
 class GraphPlanner;
 
@@ -50,6 +55,8 @@ absl::Status ComputeGraphGradients(const v1::ComputeGradientsRequest& request,
                                    GraphPlanner* planner, v1::ComputeGradientsResponse* response);
 
 absl::Status CheckGradients(const v1::CheckGradientsRequest& request, const ServiceLimits& limits,
+                            const ComputeContext& context, v1::CheckGradientsResponse* response);
+absl::Status CheckGradients(v1::CheckGradientsRequest* request, const ServiceLimits& limits,
                             const ComputeContext& context, v1::CheckGradientsResponse* response);
 
 void GetServerInfo(const ServiceLimits& limits, int threads, v1::GetServerInfoResponse* response);

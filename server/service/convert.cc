@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "server/engine/status_macros.h"
+#include "server/service/onnx_import.h"
 
 namespace gradserve::service {
 namespace {
@@ -479,6 +480,12 @@ absl::Status CheckClaimedSizes(const v1::ComputeGradientsRequest& request,
                                const ServiceLimits& limits) {
   if (!request.has_model()) return Invalid("model", "required");
   RETURN_IF_ERROR(CheckModelForm(request));
+  if (request.model().has_onnx()) {
+    ASSIGN_OR_RETURN(const ImportedOnnx imported,
+                     ImportOnnx(request.model(), v1::DTYPE_UNSPECIFIED, limits));
+    return RenameOnnxFields(
+        GraphPlanner::Create(imported.model, request.options(), limits, /*cache=*/false).status());
+  }
   if (IsGraphRequest(request)) {
     return GraphPlanner::Create(request.model(), request.options(), limits, /*cache=*/false)
         .status();

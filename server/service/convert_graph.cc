@@ -290,7 +290,10 @@ v1::Model GraphSpecToModel(const eg::GraphSpec& spec, v1::DType float_dtype) {
 }
 
 absl::Status CheckModelForm(const v1::ComputeGradientsRequest& request) {
-  if (request.model().has_graph()) {
+  if (request.model().has_graph() || request.model().has_onnx()) {
+    if (request.model().has_graph() && request.model().has_onnx()) {
+      return Invalid("model.onnx", "must be unset when model.graph is set");
+    }
     if (request.model().layers_size() > 0) {
       return Invalid("model.layers",
                      "must be empty when model.graph is set (a model is either "

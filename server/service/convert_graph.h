@@ -99,9 +99,9 @@ class GraphPlanner {
   int64_t plans_built_ = 0;
 };
 
-// Whether a request is for a graph model.
+// Whether a request is for a graph model (an ONNX model is one once imported).
 inline bool IsGraphRequest(const v1::ComputeGradientsRequest& request) {
-  return request.model().has_graph();
+  return request.model().has_graph() || request.model().has_onnx();
 }
 
 // Validates a graph request's tensors and plans it with `planner` (made from request.model and

@@ -316,6 +316,7 @@ class GradientServiceImpl::UnaryCall final : public grpc::ServerGenericBidiReact
 
   grpc::CallbackServerContext* context() const { return context_; }
   const Request& request() const { return request_; }
+  Request* mutable_request() { return &request_; }
   Response* response() { return &response_; }
   ComputeScheduler::Place* place() { return &place_; }
   // Adds to what this call holds; RESOURCE_EXHAUSTED (nothing added) if it does not fit.
@@ -427,12 +428,12 @@ double GradientServiceImpl::CostOf(const v1::ComputeGradientsRequest& request) {
 double GradientServiceImpl::CostOf(const v1::CheckGradientsRequest& request) {
   return CheckGradientsCost(request);
 }
-absl::Status GradientServiceImpl::Compute(const v1::ComputeGradientsRequest& request,
+absl::Status GradientServiceImpl::Compute(v1::ComputeGradientsRequest* request,
                                           const ComputeContext& context,
                                           v1::ComputeGradientsResponse* response) const {
   return service::ComputeGradients(request, options_.limits, context, response);
 }
-absl::Status GradientServiceImpl::Compute(const v1::CheckGradientsRequest& request,
+absl::Status GradientServiceImpl::Compute(v1::CheckGradientsRequest* request,
                                           const ComputeContext& context,
                                           v1::CheckGradientsResponse* response) const {
   return service::CheckGradients(request, options_.limits, context, response);
@@ -507,7 +508,7 @@ void GradientServiceImpl::Dispatch(UnaryCall<Request, Response>* call, size_t re
       return call->Reserve(bytes, "this call's activations and workspace");
     });
     const absl::Status status =
-        limits->Why(Compute(call->request(), timed.context(), call->response()));
+        limits->Why(Compute(call->mutable_request(), timed.context(), call->response()));
     CallTimes times = timed.times();
     // Before the total: ByteSizeLong walks the whole response.
     const size_t response_bytes = status.ok() ? call->response()->ByteSizeLong() : 0;

@@ -143,9 +143,9 @@ class GradientServiceImpl final : public v1::GradientService::CallbackService {
   // Each method served at its headers: its cost estimate and its computation.
   static double CostOf(const v1::ComputeGradientsRequest& request);
   static double CostOf(const v1::CheckGradientsRequest& request);
-  absl::Status Compute(const v1::ComputeGradientsRequest& request, const ComputeContext& context,
+  absl::Status Compute(v1::ComputeGradientsRequest* request, const ComputeContext& context,
                        v1::ComputeGradientsResponse* response) const;
-  absl::Status Compute(const v1::CheckGradientsRequest& request, const ComputeContext& context,
+  absl::Status Compute(v1::CheckGradientsRequest* request, const ComputeContext& context,
                        v1::CheckGradientsResponse* response) const;
   // Answers a cheap call right on the gRPC thread: fill() fills `response` unless the server is
   // shutting down (UNAVAILABLE); logged and counted like every call.

@@ -13,6 +13,7 @@
 #include "server/engine/model.h"
 #include "server/engine/status_macros.h"
 #include "server/service/convert.h"
+#include "server/service/onnx_import.h"
 
 namespace gradserve::service {
 namespace {
@@ -219,14 +220,16 @@ absl::StatusOr<bool> StreamSession::Handle(v1::StreamGradientsRequest* message,
       break;
   }
   if (answered.ok()) return answered;
-  return absl::Status(answered.status().code(), absl::StrCat("message ", index, " (", kind,
-                                                             "): ", answered.status().message()));
+  // Note [ONNX import]: the stream holds the file's graph form; errors name the file's nodes.
+  const absl::Status status = onnx_ ? RenameOnnxFields(answered.status()) : answered.status();
+  return absl::Status(status.code(),
+                      absl::StrCat("message ", index, " (", kind, "): ", status.message()));
 }
 
 absl::Status StreamSession::Setup(v1::StreamSetup* setup) {
   if (!setup->has_model()) return Invalid("setup.model", "required");
-  if (setup->model().has_graph()) {
-    RETURN_IF_ERROR(SetupGraph(*setup));
+  if (setup->model().has_graph() || setup->model().has_onnx()) {
+    RETURN_IF_ERROR(SetupGraph(setup));
   } else {
     ASSIGN_OR_RETURN(engine::ModelSpec spec, ToModelSpec(setup->model(), limits_));
     if (setup->dtype() != v1::DTYPE_FLOAT32 && setup->dtype() != v1::DTYPE_FLOAT64) {
@@ -258,6 +261,13 @@ absl::Status StreamSession::Setup(v1::StreamSetup* setup) {
         static_cast<int64_t>(request_.model().ByteSizeLong()) + planner_->constant_bytes();
     RETURN_IF_ERROR(CheckHeldBytes("setup.model", " for the graph"));
   }
+  if (onnx_) {
+    // The stream starts with the file's values; steps may replace any of them by name.
+    for (v1::NamedTensor& value : onnx_defaults_) request_.add_named_parameters()->Swap(&value);
+    onnx_defaults_.clear();
+    has_parameters_ = true;
+    RETURN_IF_ERROR(CheckHeldBytes("setup.model.onnx", " for the file's parameters"));
+  }
   set_up_ = true;
   return absl::OkStatus();
 }
@@ -267,12 +277,29 @@ absl::Status StreamSession::Setup(v1::StreamSetup* setup) {
 // limits), and planned once per tuple of graph input shapes: the planner keeps the plans for
 // the steps that bring the same shapes (all of a training loop's steps but maybe its last,
 // smaller batch). Each step then only checks its tensors against the plan it reuses.
-absl::Status StreamSession::SetupGraph(const v1::StreamSetup& setup) {
+absl::Status StreamSession::SetupGraph(v1::StreamSetup* setup_message) {
+  const v1::StreamSetup& setup = *setup_message;
   if (setup.dtype() != v1::DTYPE_FLOAT32 && setup.dtype() != v1::DTYPE_FLOAT64) {
     return Invalid("setup.dtype",
                    absl::StrCat("expected DTYPE_FLOAT32 or DTYPE_FLOAT64, got ",
                                 v1::DType_IsValid(setup.dtype()) ? v1::DType_Name(setup.dtype())
                                                                  : absl::StrCat(setup.dtype())));
+  }
+  if (setup.model().has_onnx()) {
+    if (setup.model().has_graph()) {
+      return Invalid("setup.model.onnx", "must be unset when model.graph is set");
+    }
+    if (setup.model().layers_size() > 0) {
+      return Invalid("setup.model.layers", "must be empty when model.onnx is set");
+    }
+    absl::StatusOr<ImportedOnnx> imported = ImportOnnx(setup.model(), setup.dtype(), limits_);
+    if (!imported.ok()) {
+      return absl::Status(imported.status().code(),
+                          absl::StrCat("setup.", imported.status().message()));
+    }
+    setup_message->mutable_model()->Swap(&imported->model);
+    onnx_defaults_ = std::move(imported->defaults);
+    onnx_ = true;
   }
   const v1::Model& model = setup.model();
   if (model.layers_size() > 0) {
@@ -436,6 +463,16 @@ absl::Status StreamSession::TakeNamedParameters(v1::StreamStep* step) {
     const std::string field = absl::StrCat("named_parameters[", e, "]");
     ASSIGN_OR_RETURN(const int p, NamedParameter(named, "named_parameters", e, &entry));
     RETURN_IF_ERROR(CheckHeldShape(named.tensor(), spec.parameters[p].shape, field + ".tensor"));
+  }
+  if (onnx_) {
+    // The others keep what the stream holds (the file's values at first).
+    for (size_t p = 0; p < spec.parameters.size(); ++p) {
+      if (entry[p] < 0) continue;
+      request_.mutable_named_parameters(static_cast<int>(p))
+          ->mutable_tensor()
+          ->Swap(step->mutable_named_parameters(entry[p])->mutable_tensor());
+    }
+    return CheckHeldBytes("named_parameters");
   }
   for (size_t p = 0; p < spec.parameters.size(); ++p) {
     if (entry[p] < 0) {

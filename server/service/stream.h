@@ -83,7 +83,7 @@ class StreamSession {
   };
 
   absl::Status Setup(v1::StreamSetup* setup);
-  absl::Status SetupGraph(const v1::StreamSetup& setup);
+  absl::Status SetupGraph(v1::StreamSetup* setup);
   absl::Status Chunk(v1::TensorChunk* chunk);
   absl::StatusOr<bool> Step(v1::StreamStep* step, const ComputeContext& context,
                             v1::StreamGradientsResponse* response);
@@ -129,6 +129,10 @@ class StreamSession {
   // ComputeGradients call.
   v1::ComputeGradientsRequest request_;
   bool has_parameters_ = false;
+  // An ONNX model (Note [ONNX import]): steps may send any subset of the parameters, and
+  // errors name the file's nodes. The file's values wait here between import and set-up.
+  bool onnx_ = false;
+  std::vector<v1::NamedTensor> onnx_defaults_;
   std::map<std::string, Staged> staged_;
   int64_t staged_bytes_ = 0;
   Accumulation accumulation_;
