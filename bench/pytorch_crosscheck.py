@@ -2,7 +2,7 @@
 """Acceptance check: gradserve's gradients agree with PyTorch autograd.
 
     /usr/bin/python3 bench/pytorch_crosscheck.py --target 127.0.0.1:PORT [--rounds 3] [--seed 0]
-        [--only all|chain|graph] [--quiet]
+        [--only all|chain|graph|onnx] [--quiet]
 
 Starts nothing: point it at a running server. For seeded random MLPs covering every layer kind
 (Linear with and without bias, ReLU, LeakyReLU at several slopes, Sigmoid, Tanh, GELU exact and
@@ -32,7 +32,14 @@ max|server - torch| / max(max|torch|, 1e-6 * G), G the largest |torch gradient| 
 case (see GRAPH_FLOOR), and the thresholds are the same. Also: the traced graph run forward in
 numpy (client/python/graph_numpy.py) against torch, every checkpoint mode bit-identical on the
 GPT, and the tracer's refusals (unsupported module, mask computed on the server, training-mode
-Dropout without a seed). Exit status 1 if anything fails.
+Dropout without a seed).
+
+ONNX models (--only onnx runs just these): the modules of tests/data/onnx/export_models.py
+(every activation, residual LayerNorm MLP at opsets 17 and 13, a decoder on
+nn.MultiheadAttention, nanoGPT with a tied head) exported afresh by gradserve_onnx.from_torch
+with new random batches (several batch sizes, and sequence lengths below the export's), in
+float64 and float32, compared with autograd tensor by tensor (same metric and floor as the graph
+models). Exit status 1 if anything fails.
 """
 
 import argparse
@@ -64,6 +71,7 @@ except ImportError:
         del sys.modules[_name]
     import gradserve_client as gc
 import gradserve_graph as gg  # noqa: E402  (after the stubs are on sys.path)
+import gradserve_onnx  # noqa: E402
 import graph_numpy  # noqa: E402
 import torch_models  # noqa: E402
 pb = gc.pb
@@ -548,6 +556,80 @@ def tracing_checks(failures: List[str]) -> None:
     print("\n".join(results))
 
 
+def run_onnx_cases(stub, args, failures: List[str], worst: dict) -> int:
+    """Exports the ONNX test modules afresh (gradserve_onnx.from_torch) and compares each
+    answer with autograd on new batches; returns the number of cases."""
+    sys.path.insert(0, str(REPO / "tests" / "data" / "onnx"))
+    import export_models as em  # The test models' definitions.
+
+    print("\nONNX models (gradserve_onnx.from_torch, torch.onnx.export opset 17 / 13): "
+          "per-tensor error as for graph models; worst tensor per case")
+    torch.manual_seed(args.seed)
+    cases = [
+        ("mlp", lambda: em.ActivationMLP(), lambda b, t: torch.randn(b, 5), "mse", 17),
+        ("residual_mlp", lambda: torch_models.ResidualMLP(5, 8, 16, 3, 2),
+         lambda b, t: torch.randn(b, 5), "mse", 17),
+        ("residual_mlp13", lambda: torch_models.ResidualMLP(5, 8, 16, 3, 2),
+         lambda b, t: torch.randn(b, 5), "mse", 13),
+        ("mha_decoder", lambda: em.MHADecoder(), lambda b, t: torch.randint(0, 11, (b, t)),
+         "cross_entropy", 17),
+        ("gpt_tied", lambda: torch_models.GPT(11, 6, 2, 2, 8),
+         lambda b, t: torch.randint(0, 11, (b, t)), "cross_entropy", 17),
+    ]
+    count = 0
+    for name, make, batch, loss, opset in cases:
+        for dtype in (torch.float64, torch.float32):
+            module = make().to(dtype)
+            example = batch(2, 6)
+            if example.is_floating_point():
+                example = example.to(dtype)
+            try:
+                model = gradserve_onnx.from_torch(module, (example,), loss=loss, opset=opset)
+            except Exception as error:  # noqa: BLE001 - an export failure is a failed case
+                failures.append(f"onnx {name}: export failed: {error}")
+                continue
+            for b, t in ((3, 6), (5, 4)):
+                count += 1
+                x = batch(b, t)
+                if x.is_floating_point():
+                    x = x.to(dtype)
+                    y = torch.randn(b, 3, dtype=dtype)
+                else:
+                    y = torch.randint(0, 11, (b, t))
+                module.zero_grad()
+                out = module(x)
+                ref_loss = (nn.functional.mse_loss(out, y) if loss == "mse" else
+                            nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]),
+                                                        y.reshape(-1)))
+                ref_loss.backward()
+                label = f"onnx {name} {str(dtype)[6:]} batch {list(x.shape)}"
+                try:
+                    got_loss, grads = model.compute(stub, x.numpy(), y.numpy(),
+                                                    timeout=args.timeout)
+                except grpc.RpcError as error:
+                    failures.append(f"{label}: {error.code().name}: {error.details()}")
+                    print(f"{label}: RPC ERROR {error.code().name}: {error.details()}")
+                    continue
+                want = {k: p.grad.numpy() for k, p in module.named_parameters()}
+                G = max(float(np.max(np.abs(g))) for g in want.values())
+                errors = {"loss": abs(got_loss - ref_loss.item()) / max(abs(ref_loss.item()),
+                                                                        TINY)}
+                for key, g in want.items():
+                    errors[key] = (graph_rel_err(grads[key], g, GRAPH_FLOOR * G)
+                                   if key in grads else math.inf)
+                tensor, err = max(errors.items(), key=lambda kv: kv[1])
+                np_dtype = np.float64 if dtype == torch.float64 else np.float32
+                ok = err <= THRESHOLD[np_dtype]
+                if err > worst[np_dtype][0]:
+                    worst[np_dtype] = (err, label)
+                if not ok:
+                    failures.append(f"{label}: {tensor} error {err:.2e}")
+                if not (ok and args.quiet):
+                    print(f"{label:<48} {err:>9.2e}  worst: {tensor}"
+                          f"{'' if ok else '  <-- FAIL'}")
+    return count
+
+
 def run_graph_cases(stub, args, failures: List[str], worst: dict) -> int:
     """Runs every graph case; returns the number of cases."""
     tracing_checks(failures)
@@ -740,8 +822,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
     parser.add_argument("--quiet", action="store_true", help="print only failing rows")
-    parser.add_argument("--only", choices=("all", "chain", "graph"), default="all",
-                        help="run only the chain (layers) or the graph-model cases")
+    parser.add_argument("--only", choices=("all", "chain", "graph", "onnx"), default="all",
+                        help="run only the chain (layers), graph-model or ONNX cases")
     args = parser.parse_args()
 
     torch.set_num_threads(1)  # deterministic reductions in the reference
@@ -786,6 +868,9 @@ def main() -> int:
     index = 0
     if args.only == "graph":
         index += run_graph_cases(stub, args, failures, worst)
+        return finish(index, worst, failures, channel)
+    if args.only == "onnx":
+        index += run_onnx_cases(stub, args, failures, worst)
         return finish(index, worst, failures, channel)
     header = (f"{'#':>4} {'case':<15} {'dtype':<7} {'loss':<15} {'reduction':<9} {'batch':>5} "
               f"{'max rel err':>11} {'worst':<6} model")
@@ -841,6 +926,7 @@ def main() -> int:
 
     if args.only == "all":
         index += run_graph_cases(stub, args, failures, worst)
+        index += run_onnx_cases(stub, args, failures, worst)
     return finish(index, worst, failures, channel)
 
 

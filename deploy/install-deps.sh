@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs every Debian 12 package gradserve needs to build, test and run.
 #   deploy/install-deps.sh            build + test dependencies (the default)
-#   deploy/install-deps.sh --bench    also the benchmark peers (PyTorch, matplotlib) and
-#                                     python3-h2 (bench/abuse.sh)
+#   deploy/install-deps.sh --bench    also the benchmark peers (PyTorch, matplotlib),
+#                                     python3-h2 (bench/abuse.sh) and python3-onnx (exporting
+#                                     the ONNX test models, gradserve_onnx.from_torch)
 # Idempotent: packages already present are skipped, so the README commands can call it every
 # time. Needs root (or sudo) only when something is missing.
 set -euo pipefail
@@ -28,8 +29,9 @@ for arg in "$@"; do
   case "$arg" in
     # libopenblas0-pthread: without it Debian's numpy and torch use the reference BLAS.
     # python3-h2: bench/abuse.sh speaks raw HTTP/2 for its slow-reader attack.
+    # python3-onnx: tests/data/onnx/export_models.py and gradserve_onnx.from_torch.
     --bench) packages+=(python3-torch python3-matplotlib python3-threadpoolctl
-                        libopenblas0-pthread python3-h2) ;;
+                        libopenblas0-pthread python3-h2 python3-onnx) ;;
     *) echo "install-deps.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
