@@ -4,6 +4,8 @@
 //   connection flags: --tls, --tls-ca, --tls-cert, --tls-key, --tls-server-name,
 //   --auth-token-file (or $GRADSERVE_AUTH_TOKEN)
 //   gradclient [--target HOST:PORT] bench [--concurrency N] [--duration S] [--shape SPEC] ...
+//   gradclient [--target HOST:PORT] compute --onnx FILE --input NAME=FILE.npy
+//                                           --loss-target FILE.npy [--out DIR] ...
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <cstdlib>
@@ -11,6 +13,7 @@
 #include <random>
 
 #include "client/bench_command.h"
+#include "client/compute_command.h"
 #include "client/stats_command.h"
 #include "gradserve/client.h"
 
@@ -121,6 +124,8 @@ int main(int argc, char** argv) {
       "stats", "print GetStats: calls by status code, latency percentiles per phase");
   gradserve::client::bench::BenchOptions bench_options;
   CLI::App* bench = gradserve::client::bench::AddBenchCommand(app, &bench_options);
+  gradserve::client::compute::ComputeOptions compute_options;
+  CLI::App* compute = gradserve::client::compute::AddComputeCommand(app, &compute_options);
   CLI11_PARSE(app, argc, argv);
 
   options.timeout = std::chrono::milliseconds(timeout_ms);
@@ -172,6 +177,9 @@ int main(int argc, char** argv) {
   }
   if (bench->parsed()) {
     return gradserve::client::bench::RunBench(target, options, credentials, bench_options);
+  }
+  if (compute->parsed()) {
+    return gradserve::client::compute::RunCompute(client, compute_options, std::cout, std::cerr);
   }
   if (check->parsed()) {
     v1::CheckGradientsRequest request;

@@ -19,7 +19,7 @@ packages=(
   # ONNX import: ModelProto, the checker and shape inference (built on our protobuf 3.21).
   libonnx-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  python3 python3-grpcio python3-protobuf python3-numpy  # the generated-Python-client test
+  python3 python3-grpcio python3-protobuf python3-numpy  # Python-client, compute .npy tests
   openssl  # security_test makes its certificates with the openssl CLI
   clang-14 libomp-14-dev libclang-rt-14-dev  # tests/ci.sh: TSan with libomp + Archer, libFuzzer
   # llvm-symbolizer: tsan.supp matches function names, so TSan must symbolise its reports.
