@@ -552,6 +552,8 @@ void GetServerInfo(const ServiceLimits& limits, int threads, v1::GetServerInfoRe
                     v1::Checkpointing::MODE_SQRT, v1::Checkpointing::MODE_MEMORY_BUDGET}) {
     response->add_checkpoint_modes(mode);
   }
+  response->set_onnx_min_opset(kMinOnnxOpset);
+  response->set_onnx_max_opset(kMaxOnnxOpset);
 }
 
 }  // namespace gradserve::service

@@ -748,7 +748,8 @@ absl::StatusOr<std::unique_ptr<GraphViews>> PrepareGraphRequest(
     if (!std::equal(t.shape().begin(), t.shape().end(), shape.begin(), shape.end())) {
       return Invalid(
           field + ".tensor.shape",
-          absl::StrCat("expected ", ShapeString(shape), " (model.graph.parameters[", p, "]), got ",
+          absl::StrCat("expected ", ShapeString(shape), " (model.graph.parameters[", p, "], \"",
+                       spec.parameters[p].name, "\"), got ",
                        ShapeString({t.shape().data(), static_cast<size_t>(t.shape_size())})));
     }
     RETURN_IF_ERROR(CheckTensorBytes(t, field + ".tensor", limits).status());

@@ -328,6 +328,8 @@ TEST(GraphService, ServerInfoListsGraphOpsAndLimits) {
   service::GetServerInfo(Limits(), 1, &info);
   EXPECT_THAT(info.graph_ops(), ::testing::Contains("MatMul"));
   EXPECT_THAT(info.graph_ops(), ::testing::Contains("LayerNormalization"));
+  EXPECT_EQ(info.onnx_min_opset(), 13);
+  EXPECT_EQ(info.onnx_max_opset(), 17);
   EXPECT_EQ(info.limits().max_graph_nodes(), Limits().max_graph_nodes);
   EXPECT_EQ(info.limits().max_graph_rank(), Limits().max_graph_rank);
 }
