@@ -660,9 +660,10 @@ absl::StatusOr<Graph> Graph::Create(GraphSpec spec, const PlanOptions& options) 
     for (const ValueType& t : out_types) out_elements += NumElements(t.shape);
     foldable = foldable && out_elements <= kFoldElements;
     const uint32_t shape_only = kernel->shape_only_inputs();
+    const auto reads_data = [&](size_t j) { return j >= 32 || !(shape_only >> j & 1); };
     for (size_t j = 0; j < node_inputs[i].size(); ++j) {
       const int v = node_inputs[i][j];
-      foldable = foldable && (v < 0 || constant_of[v] >= 0 || (shape_only >> j & 1));
+      foldable = foldable && (v < 0 || constant_of[v] >= 0 || !reads_data(j));
     }
     if (foldable) {
       std::vector<std::vector<uint64_t>> buffers;
@@ -674,8 +675,7 @@ absl::StatusOr<Graph> Graph::Create(GraphSpec spec, const PlanOptions& options) 
       std::vector<const void*> in_ptrs;
       for (size_t j = 0; j < node_inputs[i].size(); ++j) {
         const int v = node_inputs[i][j];
-        const bool data = v >= 0 && !(shape_only >> j & 1);
-        in_ptrs.push_back(data ? g.constant_data(v) : nullptr);
+        in_ptrs.push_back(v >= 0 && reads_data(j) ? g.constant_data(v) : nullptr);
       }
       std::vector<double> saved(kernel->saved_elements() + 1);
       const CallContext call;

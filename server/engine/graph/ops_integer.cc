@@ -54,7 +54,6 @@ class CastKernel final : public Kernel<CastKernel> {
       if (IsFloat(from)) differentiable_ = passthrough_ = 1;
     }
     forward_flops_ = static_cast<double>(n);
-    backward_flops_ = from == to ? 0 : static_cast<double>(n);
   }
 
   template <typename T>
