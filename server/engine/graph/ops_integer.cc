@@ -335,15 +335,16 @@ absl::StatusOr<std::unique_ptr<OpKernel>> MakeCast(OpContext& c, std::vector<Val
     case kOnnxBool:
       dtype = DType::kBool;
       break;
-    case kOnnxInt32:
-    case kOnnxFloat16:
-    default:
+    default: {
+      // The engine has no int32 or half values: refused rather than silently widened.
+      const absl::string_view name = to == kOnnxInt32     ? " (INT32)"
+                                     : to == kOnnxFloat16 ? " (FLOAT16)"
+                                                          : "";
       return c.AttributeError(
-          "to", absl::StrCat(to == kOnnxInt32     ? "6 (INT32) is not supported"
-                             : to == kOnnxFloat16 ? "10 (FLOAT16) is not supported"
-                                                  : absl::StrCat(to, " is not supported"),
-                             " (supported: 1 FLOAT and 11 DOUBLE, both the call's float dtype; "
-                             "7 INT64; 9 BOOL)"));
+          "to", absl::StrCat(to, name,
+                             " is not supported (supported: 1 FLOAT and 11 DOUBLE, both the "
+                             "call's float dtype; 7 INT64; 9 BOOL)"));
+    }
   }
   const ValueType& in = *c.input(0);
   out->push_back({dtype, in.shape});
