@@ -459,8 +459,29 @@ absl::StatusOr<std::unique_ptr<GraphPlanner>> GraphPlanner::Create(
               std::vector<double>(attr.floats().values().begin(), attr.floats().values().end());
           break;
         case v1::Attribute::kT: {
+          if (node.op_type() == "ConstantOfShape" && attr.name() == "value") {
+            // The engine's attributes hold no tensors: its one element becomes a one-element
+            // list, floats for a floating tensor and ints for an integer one (op.h).
+            ASSIGN_OR_RETURN(
+                const eg::ConstantSpec value,
+                ToConstant(attr.name(), attr.t(), afield + ".t", limits, &constant_bytes));
+            if (value.shape.size() > 1 || value.floats.size() + value.ints.size() != 1) {
+              return Invalid(afield + ".t", "expected a one-element tensor");
+            }
+            if (value.dtype == eg::DType::kBool) {
+              return Invalid(afield + ".t.dtype", "expected a floating or integer tensor");
+            }
+            if (eg::IsFloat(value.dtype)) {
+              as.value = value.floats;
+            } else {
+              as.value = value.ints;
+            }
+            break;
+          }
           if (node.op_type() != "Constant" || attr.name() != "value") {
-            return Invalid(afield, "tensor attributes are accepted only as Constant's \"value\"");
+            return Invalid(afield,
+                           "tensor attributes are accepted only as Constant's and "
+                           "ConstantOfShape's \"value\"");
           }
           if (node.outputs_size() != 1) {
             return Invalid(field + ".outputs", "a Constant node defines exactly one value");

@@ -2,9 +2,13 @@
 // reference, and the backward pass against finite differences (Note [Finite-difference floor]
 // in graph_test_util.h), with numpy broadcasting cases; all operands are parameters, so every
 // operand's gradient is checked, and the loss is sum(w * y) for a random w.
+#include <cctype>
 #include <cmath>
 #include <functional>
+#include <limits>
+#include <map>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "gmock/gmock.h"
@@ -525,6 +529,57 @@ std::vector<OpCase> Cases() {
        nullptr});
   cases.push_back(
       {"DropoutOffIsIdentity", {{"a", {3, 4}}}, One("Dropout", {"a"}), {3, 4}, same, nullptr});
+  // Both mean the call's float dtype: the identity, its gradient passed through.
+  cases.push_back({"CastToFloat",
+                   {{"a", {3, 4}}},
+                   One("Cast", {"a"}, {{"to", int64_t{1}}}),
+                   {3, 4},
+                   same,
+                   nullptr});
+  cases.push_back({"CastToDouble",
+                   {{"a", {3, 4}}},
+                   One("Cast", {"a"}, {{"to", int64_t{11}}}),
+                   {3, 4},
+                   same,
+                   nullptr});
+  auto expand = [&](std::string name, Shape a, std::vector<int64_t> target, Shape out) {
+    cases.push_back({name,
+                     {{"a", a}},
+                     [=](SpecBuilder& b) {
+                       b.Ints("shape", {static_cast<int64_t>(target.size())}, target)
+                           .Node("Expand", {"a", "shape"}, {"y"});
+                     },
+                     out,
+                     [=](const Data& d) {
+                       std::vector<double> y(NumElements(out));
+                       for (int64_t j = 0; j < static_cast<int64_t>(y.size()); ++j) {
+                         y[j] = d[0][Operand(Unravel(j, out), a)];
+                       }
+                       return y;
+                     },
+                     nullptr});
+  };
+  expand("ExpandBroadcastsInnerAndNewAxes", {3, 1}, {2, 3, 4}, {2, 3, 4});
+  expand("ExpandBroadcastsOuterAxis", {1, 4}, {3, 4}, {3, 4});
+  expand("ExpandKeepsTheInputsLargerAxes", {2, 3}, {1, 1, 1}, {1, 2, 3});
+  expand("ExpandScalar", {}, {2, 2}, {2, 2});
+  // A mask computed by Equal on constants folds to a bool constant that Where reads.
+  cases.push_back({"WhereOnAFoldedEqualMask",
+                   {{"a", {2, 3}}, {"b", {}}},
+                   [](SpecBuilder& b) {
+                     b.Ints("ids", {2, 3}, {0, 4, 0, 5, 5, 0})
+                         .Ints("zero", {}, {0})
+                         .Node("Equal", {"ids", "zero"}, {"pad"})
+                         .Node("Where", {"pad", "b", "a"}, {"y"});
+                   },
+                   {2, 3},
+                   [](const Data& d) {
+                     const std::vector<int> pad = {1, 0, 1, 0, 0, 1};
+                     std::vector<double> y;
+                     for (int j = 0; j < 6; ++j) y.push_back(pad[j] ? d[1][0] : d[0][j]);
+                     return y;
+                   },
+                   nullptr});
   cases.push_back({"DropoutTraining",
                    {{"a", {4, 8}}},
                    [](SpecBuilder& b) {
@@ -738,6 +793,352 @@ TEST(GraphGather, IndexOutOfRangeFromAnInputIsInvalidArgument) {
   const auto result = h.Run();
   EXPECT_EQ(result.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(result.status().message()), ::testing::HasSubstr("index 4"));
+}
+
+// ---- Int64 and bool ops: no gradient, so checked by their values ------------------------------
+
+// The values `names` of a graph built by `build` (its nodes first, so graph.nodes[0] is the
+// first it adds), as int64 (bools as 0/1) or floats, and whether each was folded at plan time.
+// The loss is on its own parameter (y = -p), since these ops have no gradient.
+struct Evaluated {
+  absl::Status status;
+  std::map<std::string, std::vector<int64_t>> ints;
+  std::map<std::string, std::vector<double>> floats;
+  std::map<std::string, Shape> shapes;
+  std::map<std::string, bool> folded;
+};
+
+Evaluated Evaluate(SpecBuilder b, std::vector<Shape> input_shapes,
+                   const std::vector<std::string>& names,
+                   const std::vector<std::pair<std::string, std::vector<int64_t>>>& ints = {}) {
+  b.Param("p", {1}).Node("Neg", {"p"}, {"y"});
+  GraphSpec spec = b.WeightedSum("y");
+  for (const std::string& n : names) spec.outputs.push_back(n);
+  input_shapes.push_back({1});
+  Harness h(spec, input_shapes);
+  Evaluated e;
+  e.status = h.Plan();
+  if (!e.status.ok()) return e;
+  h.Fill(1);
+  for (const auto& [name, data] : ints) h.SetInts(name, data);
+  const absl::StatusOr<GraphRunResult> run = h.Run();
+  if (!run.ok()) {
+    e.status = run.status();
+    return e;
+  }
+  for (size_t o = 0; o < names.size(); ++o) {
+    const ValueInfo& v = h.graph().values()[h.graph().output_value(static_cast<int>(o) + 1)];
+    const void* data = h.outputs_[o + 1].data();
+    e.folded[names[o]] = v.kind == ValueKind::kConstant;
+    e.shapes[names[o]] = v.type.shape;
+    if (v.type.dtype == DType::kInt64) {
+      const int64_t* p = static_cast<const int64_t*>(data);
+      e.ints[names[o]].assign(p, p + v.elements);
+    } else if (v.type.dtype == DType::kBool) {
+      const uint8_t* p = static_cast<const uint8_t*>(data);
+      e.ints[names[o]].assign(p, p + v.elements);
+    } else {
+      const double* p = static_cast<const double*>(data);
+      e.floats[names[o]].assign(p, p + v.elements);
+    }
+  }
+  return e;
+}
+
+constexpr int64_t kMin = std::numeric_limits<int64_t>::min();
+constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+
+// Two's complement wrapping, as the ops compute (uint64_t arithmetic is defined).
+int64_t Wrap(uint64_t x) { return static_cast<int64_t>(x); }
+
+TEST(GraphIntegerOps, ArithmeticBroadcastsWrapsAndTruncatesFoldedAndPerCall) {
+  const std::vector<int64_t> a = {7, kMin, kMax, -7, -9, 0};
+  const std::vector<int64_t> b = {2, -1, 3};
+  std::map<std::string, std::vector<int64_t>> expected;
+  for (int j = 0; j < 6; ++j) {
+    const uint64_t x = static_cast<uint64_t>(a[j]), y = static_cast<uint64_t>(b[j % 3]);
+    expected["add"].push_back(Wrap(x + y));
+    expected["sub"].push_back(Wrap(x - y));
+    expected["mul"].push_back(Wrap(x * y));
+    expected["div"].push_back(b[j % 3] == -1 ? Wrap(0 - x) : a[j] / b[j % 3]);
+  }
+  EXPECT_EQ(expected["div"], (std::vector<int64_t>{3, kMin, kMax / 3, -3, 9, 0}));
+  for (const bool folded : {true, false}) {
+    SpecBuilder sb;
+    if (folded) {
+      sb.Ints("a", {2, 3}, a);
+    } else {
+      sb.Input("a", DType::kInt64);
+    }
+    sb.Ints("b", {3}, b);
+    for (const char* op : {"Add", "Sub", "Mul", "Div"}) {
+      std::string out = op;
+      out[0] = static_cast<char>(std::tolower(out[0]));
+      sb.Node(op, {"a", "b"}, {out});
+    }
+    const Evaluated e = folded ? Evaluate(sb, {}, {"add", "sub", "mul", "div"})
+                               : Evaluate(sb, {{2, 3}}, {"add", "sub", "mul", "div"}, {{"a", a}});
+    ASSERT_TRUE(e.status.ok()) << e.status;
+    for (const char* out : {"add", "sub", "mul", "div"}) {
+      EXPECT_EQ(e.ints.at(out), expected[out]) << out << (folded ? " folded" : " per call");
+      EXPECT_EQ(e.shapes.at(out), (Shape{2, 3}));
+      EXPECT_EQ(e.folded.at(out), folded) << out;
+    }
+  }
+}
+
+TEST(GraphIntegerOps, DivisionByZeroIsInvalidArgumentNamingTheNode) {
+  {  // A constant divisor: refused when planned.
+    SpecBuilder sb;
+    sb.Ints("a", {2}, {4, 5}).Ints("b", {2}, {1, 0}).Node("Div", {"a", "b"}, {"q"});
+    const Evaluated e = Evaluate(sb, {}, {"q"});
+    EXPECT_EQ(e.status.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(e.status.message()),
+                ::testing::HasSubstr(
+                    "graph.nodes[0] (\"q\", Div).inputs[1] (\"b\"): integer division by zero"));
+  }
+  {  // A divisor folded from other nodes' outputs (b - b).
+    SpecBuilder sb;
+    sb.Ints("a", {2}, {4, 5}).Ints("b", {2}, {1, 3});
+    sb.Node("Sub", {"b", "b"}, {"zero"}).Node("Div", {"a", "zero"}, {"q"});
+    const Evaluated e = Evaluate(sb, {}, {"q"});
+    EXPECT_EQ(e.status.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(e.status.message()),
+                ::testing::HasSubstr("graph.nodes[1] (\"q\", Div).inputs[1]"));
+  }
+  {  // A divisor read per call: the run fails.
+    SpecBuilder sb;
+    sb.Input("ids", DType::kInt64).Ints("a", {}, {9}).Node("Div", {"a", "ids"}, {"q"});
+    const Evaluated e = Evaluate(sb, {{3}}, {"q"}, {{"ids", {3, 0, 1}}});
+    EXPECT_EQ(e.status.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(e.status.message()),
+                ::testing::HasSubstr("graph.nodes[0] (\"q\", Div).inputs[1]: integer division by "
+                                     "zero (flat index 1)"));
+  }
+}
+
+TEST(GraphIntegerOps, ShapeReadsOnlyShapesAndFoldsWhateverItsInput) {
+  SpecBuilder sb;
+  sb.Input("x").Input("ids", DType::kInt64);
+  sb.Node("Shape", {"x"}, {"all"});
+  sb.Node("Shape", {"x"}, {"tail"}, {{"start", int64_t{1}}});
+  sb.Node("Shape", {"x"}, {"head"}, {{"end", int64_t{-1}}});
+  sb.Node("Shape", {"x"}, {"middle"}, {{"start", int64_t{-2}}, {"end", int64_t{-1}}});
+  sb.Node("Shape", {"x"}, {"none"}, {{"start", int64_t{2}}, {"end", int64_t{1}}});
+  sb.Node("Shape", {"ids"}, {"ids_shape"});
+  sb.Node("Relu", {"x"}, {"h"}).Node("Shape", {"h"}, {"node_shape"});
+  const std::vector<std::string> names = {"all",  "tail",      "head",      "middle",
+                                          "none", "ids_shape", "node_shape"};
+  const Evaluated e = Evaluate(sb, {{2, 3, 5}, {4, 1}}, names);
+  ASSERT_TRUE(e.status.ok()) << e.status;
+  EXPECT_EQ(e.ints.at("all"), (std::vector<int64_t>{2, 3, 5}));
+  EXPECT_EQ(e.ints.at("tail"), (std::vector<int64_t>{3, 5}));
+  EXPECT_EQ(e.ints.at("head"), (std::vector<int64_t>{2, 3}));
+  EXPECT_EQ(e.ints.at("middle"), (std::vector<int64_t>{3}));
+  EXPECT_EQ(e.ints.at("none"), (std::vector<int64_t>{}));
+  EXPECT_EQ(e.ints.at("ids_shape"), (std::vector<int64_t>{4, 1}));
+  EXPECT_EQ(e.ints.at("node_shape"), (std::vector<int64_t>{2, 3, 5}));
+  for (const std::string& n : names) EXPECT_TRUE(e.folded.at(n)) << n;
+}
+
+TEST(GraphIntegerOps, CastBetweenFloatInt64AndBool) {
+  SpecBuilder sb;
+  sb.Ints("i", {4}, {3, -2, 0, 5}).Ints("m", {2}, {1, 0}, DType::kBool);
+  sb.Floats("f", {5}, {1.75, -2.5, 0.0, -0.25, std::nan("")});
+  sb.Node("Cast", {"i"}, {"i_float"}, {{"to", int64_t{1}}});
+  sb.Node("Cast", {"i"}, {"i_bool"}, {{"to", int64_t{9}}});
+  sb.Node("Cast", {"i"}, {"i_int"}, {{"to", int64_t{7}}});
+  sb.Node("Cast", {"m"}, {"m_int"}, {{"to", int64_t{7}}});
+  sb.Node("Cast", {"m"}, {"m_double"}, {{"to", int64_t{11}}});
+  sb.Node("Cast", {"f"}, {"f_bool"}, {{"to", int64_t{9}}});
+  sb.Node("Slice", {"f", "zero", "four"}, {"finite"});
+  sb.Ints("zero", {1}, {0}).Ints("four", {1}, {4});
+  sb.Node("Cast", {"finite"}, {"f_int"}, {{"to", int64_t{7}}});
+  // Per call: a float input to int64 (truncated toward zero).
+  sb.Input("x").Node("Cast", {"x"}, {"x_int"}, {{"to", int64_t{7}}});
+  const std::vector<std::string> names = {"i_float",  "i_bool", "i_int", "m_int",
+                                          "m_double", "f_bool", "f_int", "x_int"};
+  const Evaluated e = Evaluate(sb, {{3}}, names);
+  ASSERT_TRUE(e.status.ok()) << e.status;
+  EXPECT_EQ(e.floats.at("i_float"), (std::vector<double>{3, -2, 0, 5}));
+  EXPECT_EQ(e.ints.at("i_bool"), (std::vector<int64_t>{1, 1, 0, 1}));
+  EXPECT_EQ(e.ints.at("i_int"), (std::vector<int64_t>{3, -2, 0, 5}));
+  EXPECT_EQ(e.ints.at("m_int"), (std::vector<int64_t>{1, 0}));
+  EXPECT_EQ(e.floats.at("m_double"), (std::vector<double>{1, 0}));
+  EXPECT_EQ(e.ints.at("f_bool"), (std::vector<int64_t>{1, 1, 0, 1, 1}));  // NaN is true.
+  EXPECT_EQ(e.ints.at("f_int"), (std::vector<int64_t>{1, -2, 0, 0}));
+  EXPECT_FALSE(e.folded.at("x_int"));
+  for (const std::string& n : names) {
+    EXPECT_EQ(e.folded.at(n), n != "x_int") << n;
+  }
+}
+
+TEST(GraphIntegerOps, CastRefusesUnsupportedTypesAndValuesOutOfRange) {
+  for (const auto& [to, message] : std::vector<std::pair<int64_t, std::string>>{
+           {6, "attributes.to: 6 (INT32) is not supported"},
+           {10, "attributes.to: 10 (FLOAT16) is not supported"},
+           {2, "attributes.to: 2 is not supported"}}) {
+    SpecBuilder sb;
+    sb.Ints("i", {2}, {1, 2}).Node("Cast", {"i"}, {"c"}, {{"to", to}});
+    const Evaluated e = Evaluate(sb, {}, {"c"});
+    EXPECT_EQ(e.status.code(), absl::StatusCode::kInvalidArgument) << to;
+    EXPECT_THAT(std::string(e.status.message()),
+                ::testing::HasSubstr("graph.nodes[0] (\"c\", Cast)." + message));
+  }
+  {
+    SpecBuilder sb;
+    sb.Ints("i", {2}, {1, 2}).Node("Cast", {"i"}, {"c"});
+    EXPECT_THAT(std::string(Evaluate(sb, {}, {"c"}).status.message()),
+                ::testing::HasSubstr("attributes.to: required"));
+  }
+  for (const double bad : {std::nan(""), 1e19, -1e300, double{INFINITY}}) {
+    SpecBuilder sb;
+    sb.Floats("f", {2}, {1.0, bad}).Node("Cast", {"f"}, {"c"}, {{"to", int64_t{7}}});
+    const Evaluated e = Evaluate(sb, {}, {"c"});
+    EXPECT_EQ(e.status.code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_THAT(std::string(e.status.message()),
+                ::testing::HasSubstr("graph.nodes[0] (\"c\", Cast).inputs[0]: value "));
+    EXPECT_THAT(std::string(e.status.message()), ::testing::HasSubstr("does not fit in an int64"));
+  }
+}
+
+TEST(GraphIntegerOps, RangeCountsAsOnnxAndRefusesBadSteps) {
+  SpecBuilder sb;
+  sb.Ints("zero", {}, {0}).Ints("five", {}, {5}).Ints("two", {}, {2}).Ints("minus_two", {}, {-2});
+  sb.Node("Range", {"zero", "five", "two"}, {"up"});
+  sb.Node("Range", {"five", "zero", "minus_two"}, {"down"});
+  sb.Node("Range", {"five", "zero", "two"}, {"empty"});
+  const Evaluated e = Evaluate(sb, {}, {"up", "down", "empty"});
+  ASSERT_TRUE(e.status.ok()) << e.status;
+  EXPECT_EQ(e.ints.at("up"), (std::vector<int64_t>{0, 2, 4}));
+  EXPECT_EQ(e.ints.at("down"), (std::vector<int64_t>{5, 3, 1}));
+  EXPECT_EQ(e.ints.at("empty"), (std::vector<int64_t>{}));
+  EXPECT_EQ(e.shapes.at("empty"), (Shape{0}));
+  EXPECT_TRUE(e.folded.at("up"));
+
+  struct Bad {
+    std::vector<int64_t> start_limit_delta;
+    std::string message;
+  };
+  for (const Bad& bad : std::vector<Bad>{
+           {{0, 5, 0}, "graph.nodes[0] (\"r\", Range).inputs[2] (\"d\"): delta is 0"},
+           {{kMin, kMax, 1}, "graph.nodes[0] (\"r\", Range): Range(" + std::to_string(kMin)}}) {
+    SpecBuilder b;
+    b.Ints("s", {}, {bad.start_limit_delta[0]})
+        .Ints("l", {}, {bad.start_limit_delta[1]})
+        .Ints("d", {}, {bad.start_limit_delta[2]})
+        .Node("Range", {"s", "l", "d"}, {"r"});
+    const Evaluated r = Evaluate(b, {}, {"r"});
+    EXPECT_EQ(r.status.code(), absl::StatusCode::kInvalidArgument) << r.status;
+    EXPECT_THAT(std::string(r.status.message()), ::testing::HasSubstr(bad.message));
+  }
+  {  // Past the plan's element limit (but countable): RESOURCE_EXHAUSTED from the shape check.
+    SpecBuilder b;
+    b.Ints("s", {}, {0}).Ints("l", {}, {int64_t{1} << 40}).Ints("d", {}, {1});
+    b.Node("Range", {"s", "l", "d"}, {"r"});
+    EXPECT_EQ(Evaluate(b, {}, {"r"}).status.code(), absl::StatusCode::kResourceExhausted);
+  }
+  {  // Limits read per call are refused: the output's size must be known when planning.
+    SpecBuilder b;
+    b.Input("n", DType::kInt64).Ints("s", {}, {0}).Ints("d", {}, {1});
+    b.Node("Range", {"s", "n", "d"}, {"r"});
+    const Evaluated r = Evaluate(b, {{}}, {"r"});
+    EXPECT_EQ(r.status.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(r.status.message()),
+                ::testing::HasSubstr("inputs[1] (\"n\"): must be a constant"));
+  }
+}
+
+TEST(GraphIntegerOps, ComparisonsBroadcastFoldedAndPerCall) {
+  SpecBuilder sb;
+  sb.Floats("f", {2, 2}, {1.0, 2.0, 3.0, std::nan("")}).Floats("g", {2}, {1.0, 3.0});
+  sb.Ints("i", {3}, {-1, 0, 1}).Ints("zero", {}, {0});
+  sb.Ints("m", {2}, {1, 0}, DType::kBool).Ints("n", {2}, {1, 1}, DType::kBool);
+  sb.Node("Equal", {"f", "g"}, {"f_eq"});
+  sb.Node("Less", {"f", "g"}, {"f_lt"});
+  sb.Node("Greater", {"f", "g"}, {"f_gt"});
+  sb.Node("Equal", {"i", "zero"}, {"i_eq"});
+  sb.Node("Less", {"i", "zero"}, {"i_lt"});
+  sb.Node("Greater", {"i", "zero"}, {"i_gt"});
+  sb.Node("Equal", {"m", "n"}, {"b_eq"});
+  sb.Node("Not", {"m"}, {"not_m"});
+  sb.Input("ids", DType::kInt64).Node("Equal", {"ids", "zero"}, {"ids_pad"});
+  sb.Node("Not", {"ids_pad"}, {"ids_kept"});
+  const std::vector<std::string> names = {"f_eq", "f_lt", "f_gt",  "i_eq",    "i_lt",
+                                          "i_gt", "b_eq", "not_m", "ids_pad", "ids_kept"};
+  const Evaluated e = Evaluate(sb, {{2, 2}}, names, {{"ids", {0, 7, 0, -3}}});
+  ASSERT_TRUE(e.status.ok()) << e.status;
+  EXPECT_EQ(e.ints.at("f_eq"), (std::vector<int64_t>{1, 0, 0, 0}));  // NaN equals nothing.
+  EXPECT_EQ(e.ints.at("f_lt"), (std::vector<int64_t>{0, 1, 0, 0}));
+  EXPECT_EQ(e.ints.at("f_gt"), (std::vector<int64_t>{0, 0, 1, 0}));
+  EXPECT_EQ(e.ints.at("i_eq"), (std::vector<int64_t>{0, 1, 0}));
+  EXPECT_EQ(e.ints.at("i_lt"), (std::vector<int64_t>{1, 0, 0}));
+  EXPECT_EQ(e.ints.at("i_gt"), (std::vector<int64_t>{0, 0, 1}));
+  EXPECT_EQ(e.ints.at("b_eq"), (std::vector<int64_t>{1, 0}));
+  EXPECT_EQ(e.ints.at("not_m"), (std::vector<int64_t>{0, 1}));
+  EXPECT_EQ(e.ints.at("ids_pad"), (std::vector<int64_t>{1, 0, 1, 0}));
+  EXPECT_EQ(e.ints.at("ids_kept"), (std::vector<int64_t>{0, 1, 0, 1}));
+  EXPECT_EQ(e.shapes.at("f_eq"), (Shape{2, 2}));
+  EXPECT_TRUE(e.folded.at("f_eq"));
+  EXPECT_FALSE(e.folded.at("ids_pad"));
+  EXPECT_FALSE(e.folded.at("ids_kept"));
+
+  SpecBuilder mixed;
+  mixed.Ints("i", {1}, {0}).Floats("g", {1}, {0.0}).Node("Equal", {"i", "g"}, {"eq"});
+  EXPECT_THAT(std::string(Evaluate(mixed, {}, {"eq"}).status.message()),
+              ::testing::HasSubstr("graph.nodes[0] (\"eq\", Equal).inputs[1] (\"g\"): expected "
+                                   "int64, got float64"));
+}
+
+TEST(GraphIntegerOps, ConstantOfShapeFillsAnInt64OrFloatValue) {
+  SpecBuilder sb;
+  sb.Input("x").Node("Shape", {"x"}, {"s"});
+  sb.Node("ConstantOfShape", {"s"}, {"zeros"});
+  sb.Node("ConstantOfShape", {"s"}, {"sevens"}, {{"value", std::vector<int64_t>{7}}});
+  sb.Node("ConstantOfShape", {"s"}, {"halves"}, {{"value", std::vector<double>{0.5}}});
+  sb.Ints("empty", {0}, {})
+      .Node("ConstantOfShape", {"empty"}, {"scalar"}, {{"value", std::vector<int64_t>{-4}}});
+  const Evaluated e = Evaluate(sb, {{2, 3}}, {"zeros", "sevens", "halves", "scalar"});
+  ASSERT_TRUE(e.status.ok()) << e.status;
+  EXPECT_EQ(e.floats.at("zeros"), std::vector<double>(6, 0.0));
+  EXPECT_EQ(e.ints.at("sevens"), std::vector<int64_t>(6, 7));
+  EXPECT_EQ(e.floats.at("halves"), std::vector<double>(6, 0.5));
+  EXPECT_EQ(e.shapes.at("halves"), (Shape{2, 3}));
+  EXPECT_EQ(e.ints.at("scalar"), std::vector<int64_t>{-4});
+  EXPECT_EQ(e.shapes.at("scalar"), Shape{});
+  EXPECT_TRUE(e.folded.at("sevens"));
+
+  for (const auto& [shape, value, message] :
+       std::vector<std::tuple<std::vector<int64_t>, AttributeValue, std::string>>{
+           {{2, -1}, std::vector<int64_t>{1}, "inputs[0] (\"shape\"): negative size in [2, -1]"},
+           {{2}, std::vector<int64_t>{1, 2}, "attributes.value: expected one value"},
+           {{2}, int64_t{1}, "attributes.value: expected a list of floats"}}) {
+    SpecBuilder b;
+    b.Ints("shape", {static_cast<int64_t>(shape.size())}, shape)
+        .Node("ConstantOfShape", {"shape"}, {"c"}, {{"value", value}});
+    const Evaluated r = Evaluate(b, {}, {"c"});
+    EXPECT_EQ(r.status.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(r.status.message()), ::testing::HasSubstr(message));
+  }
+}
+
+TEST(GraphIntegerOps, Int64GatherUnsqueezeConcatOnFoldedValues) {
+  SpecBuilder sb;
+  sb.Input("x").Node("Shape", {"x"}, {"s"});
+  sb.Ints("one", {}, {1}).Ints("last", {1}, {-1}).Ints("axes", {1}, {0}).Ints("pick", {2}, {2, 0});
+  sb.Node("Gather", {"s", "one"}, {"t"});        // Scalar index: a scalar.
+  sb.Node("Gather", {"s", "pick"}, {"picked"});  // 1-D indices.
+  sb.Node("Unsqueeze", {"t", "axes"}, {"t1"});
+  sb.Node("Concat", {"last", "t1", "picked"}, {"cat"}, {{"axis", int64_t{0}}});
+  const Evaluated e = Evaluate(sb, {{2, 3, 5}}, {"t", "picked", "t1", "cat"});
+  ASSERT_TRUE(e.status.ok()) << e.status;
+  EXPECT_EQ(e.ints.at("t"), std::vector<int64_t>{3});
+  EXPECT_EQ(e.shapes.at("t"), Shape{});
+  EXPECT_EQ(e.ints.at("picked"), (std::vector<int64_t>{5, 2}));
+  EXPECT_EQ(e.ints.at("t1"), std::vector<int64_t>{3});
+  EXPECT_EQ(e.shapes.at("t1"), Shape{1});
+  EXPECT_EQ(e.ints.at("cat"), (std::vector<int64_t>{-1, 3, 5, 2}));
+  for (const char* n : {"t", "picked", "t1", "cat"}) EXPECT_TRUE(e.folded.at(n)) << n;
 }
 
 }  // namespace

@@ -504,6 +504,133 @@ TEST(GraphPlan, RandomGraphsPlanOrAreRefusedAndRunDeterministically) {
   EXPECT_GT(ran, trials / 3);
 }
 
+// ---- torch.onnx's shape arithmetic folds at plan time -----------------------------------------
+
+bool Folded(const Graph& g, const std::string& name) {
+  for (const ValueInfo& v : g.values()) {
+    if (v.name == name) return v.kind == ValueKind::kConstant;
+  }
+  ADD_FAILURE() << "no value " << name;
+  return false;
+}
+
+// x [B, T, C] -> Reshape(x, [B, 1, T * C]), the target computed from Shape(x) as torch.onnx
+// exports a view with dynamic axes: every node but the Reshape folds, for each call's shapes.
+TEST(GraphPlan, ShapeArithmeticFoldsToTheReshapeTargetOfEachInputShape) {
+  SpecBuilder b;
+  b.Input("x").Ints("zero", {}, {0}).Ints("one", {}, {1}).Ints("two", {}, {2});
+  b.Ints("axes", {1}, {0}).Ints("unit", {1}, {1});
+  b.Node("Shape", {"x"}, {"s"});
+  b.Node("Gather", {"s", "zero"}, {"batch"});
+  b.Node("Gather", {"s", "one"}, {"time"});
+  b.Node("Gather", {"s", "two"}, {"channels"});
+  b.Node("Mul", {"time", "channels"}, {"flat"});
+  b.Node("Unsqueeze", {"batch", "axes"}, {"batch1"});
+  b.Node("Unsqueeze", {"flat", "axes"}, {"flat1"});
+  b.Node("Concat", {"batch1", "unit", "flat1"}, {"target"}, {{"axis", int64_t{0}}});
+  b.Node("Reshape", {"x", "target"}, {"y"});
+  const GraphSpec spec = b.WeightedSum("y");
+  for (const auto& [in, out] :
+       std::vector<std::pair<Shape, Shape>>{{{2, 3, 4}, {2, 1, 12}}, {{3, 1, 5}, {3, 1, 5}}}) {
+    testing::Harness h(spec, {in, out});
+    ASSERT_TRUE(h.Plan().ok()) << h.Plan();
+    const Graph& g = h.graph();
+    EXPECT_EQ(g.values()[g.output_value(0)].type.shape, out);
+    ASSERT_EQ(g.steps().size(), 1u);  // The Reshape alone runs.
+    EXPECT_EQ(g.spec().nodes[g.steps()[0].node].op_type, "Reshape");
+    for (const char* v : {"s", "batch", "time", "channels", "flat", "batch1", "flat1", "target"}) {
+      EXPECT_TRUE(Folded(g, v)) << v;
+    }
+    h.Fill(1);
+    ASSERT_TRUE(h.Run().ok());
+    EXPECT_EQ(h.outputs_[0], h.input("x"));
+  }
+}
+
+// The GPT pattern: positions = Range(0, Shape(idx)[1], 1), read from wpe; idx an int64 input.
+TEST(GraphPlan, PositionsFromARangeOverTheSequenceLengthFoldAndTrain) {
+  SpecBuilder b;
+  b.Input("idx", DType::kInt64).Param("wte", {10, 4}).Param("wpe", {8, 4});
+  b.Ints("zero", {}, {0}).Ints("one", {}, {1});
+  b.Node("Shape", {"idx"}, {"s"});
+  b.Node("Gather", {"s", "one"}, {"t"});
+  b.Node("Range", {"zero", "t", "one"}, {"positions"});
+  b.Node("Gather", {"wpe", "positions"}, {"pos_emb"});
+  b.Node("Gather", {"wte", "idx"}, {"tok_emb"});
+  b.Node("Add", {"tok_emb", "pos_emb"}, {"y"});
+  const GraphSpec spec = b.WeightedSum("y");
+  for (const int64_t t : {3, 5}) {
+    testing::Harness h(spec, {{2, t}, {2, t, 4}});
+    ASSERT_TRUE(h.Plan().ok()) << h.Plan();
+    const Graph& g = h.graph();
+    for (const char* v : {"s", "t", "positions"}) EXPECT_TRUE(Folded(g, v)) << v;
+    EXPECT_FALSE(Folded(g, "pos_emb"));  // Reads a parameter: runs per call.
+    EXPECT_EQ(g.values()[g.output_value(0)].type.shape, (Shape{2, t, 4}));
+    h.Fill(7);
+    std::vector<int64_t> ids(2 * t);
+    for (int64_t j = 0; j < 2 * t; ++j) ids[j] = (3 * j + 1) % 10;
+    h.SetInts("idx", ids);
+    ASSERT_TRUE(h.Run().ok());
+    const std::vector<double>& wte = h.param("wte");
+    const std::vector<double>& wpe = h.param("wpe");
+    for (int64_t j = 0; j < 2 * t; ++j) {
+      for (int64_t c = 0; c < 4; ++c) {
+        EXPECT_EQ(h.outputs_[0][j * 4 + c], wte[ids[j] * 4 + c] + wpe[(j % t) * 4 + c]);
+      }
+    }
+    EXPECT_GRADIENTS_MATCH(h);
+  }
+}
+
+// A slice to the sequence length minus one, and attention's 1/sqrt(head_dim) from Cast(Shape).
+TEST(GraphPlan, SliceEndsAndScalesFromShapesFold) {
+  SpecBuilder b;
+  b.Param("x", {2, 4});
+  b.Ints("one", {}, {1}).Ints("ones", {1}, {1}).Ints("axes", {1}, {0}).Ints("starts", {1}, {0});
+  b.Node("Shape", {"x"}, {"s"});
+  b.Node("Gather", {"s", "one"}, {"width"});
+  b.Node("Cast", {"width"}, {"width_f"}, {{"to", int64_t{1}}});
+  b.Node("Sqrt", {"width_f"}, {"scale"});
+  b.Node("Div", {"x", "scale"}, {"scaled"});
+  b.Node("Unsqueeze", {"width", "axes"}, {"width1"});
+  b.Node("Sub", {"width1", "ones"}, {"end"});
+  b.Node("Slice", {"scaled", "starts", "end", "ones"}, {"y"});
+  testing::Harness h(b.WeightedSum("y"), {{2, 3}});
+  ASSERT_TRUE(h.Plan().ok()) << h.Plan();
+  const Graph& g = h.graph();
+  for (const char* v : {"s", "width", "width_f", "scale", "width1", "end"}) {
+    EXPECT_TRUE(Folded(g, v)) << v;
+  }
+  EXPECT_EQ(g.steps().size(), 2u);  // Div, Slice.
+  h.Fill(3);
+  ASSERT_TRUE(h.Run().ok());
+  const std::vector<double>& x = h.param("x");
+  EXPECT_EQ(h.outputs_[0],
+            (std::vector<double>{x[0] / 2, x[1] / 2, x[2] / 2, x[4] / 2, x[5] / 2, x[6] / 2}));
+  EXPECT_GRADIENTS_MATCH(h);
+}
+
+// Expand to a shape made by ConstantOfShape-free arithmetic on Shape, as exports of
+// `x.expand(b, -1, -1)` do: the broadcast's gradient sums over the new axis.
+TEST(GraphPlan, ExpandToAFoldedShapeTrains) {
+  SpecBuilder b;
+  b.Input("h").Param("cls", {1, 1, 4}).Ints("zero", {}, {0}).Ints("axes", {1}, {0});
+  b.Ints("rest", {2}, {1, 4});
+  b.Node("Shape", {"h"}, {"s"});
+  b.Node("Gather", {"s", "zero"}, {"batch"});
+  b.Node("Unsqueeze", {"batch", "axes"}, {"batch1"});
+  b.Node("Concat", {"batch1", "rest"}, {"target"}, {{"axis", int64_t{0}}});
+  b.Node("Expand", {"cls", "target"}, {"tokens"});
+  b.Node("Concat", {"tokens", "h"}, {"y"}, {{"axis", int64_t{1}}});
+  testing::Harness h(b.WeightedSum("y"), {{3, 2, 4}, {3, 3, 4}}, {"h"});
+  ASSERT_TRUE(h.Plan().ok()) << h.Plan();
+  EXPECT_TRUE(Folded(h.graph(), "target"));
+  EXPECT_EQ(h.graph().values()[h.graph().output_value(0)].type.shape, (Shape{3, 3, 4}));
+  h.Fill(5);
+  ASSERT_TRUE(h.Run().ok());
+  EXPECT_GRADIENTS_MATCH(h);
+}
+
 TEST(GraphPlan, EveryRegisteredOpIsFoundByName) {
   const std::vector<absl::string_view> ops = SupportedOps();
   for (size_t i = 0; i < ops.size(); ++i) {

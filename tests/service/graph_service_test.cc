@@ -330,8 +330,46 @@ TEST(GraphService, ServerInfoListsGraphOpsAndLimits) {
   EXPECT_THAT(info.graph_ops(), ::testing::Contains("LayerNormalization"));
   EXPECT_EQ(info.onnx_min_opset(), 13);
   EXPECT_EQ(info.onnx_max_opset(), 17);
+  EXPECT_THAT(info.graph_ops(), ::testing::Contains("Shape"));
+  EXPECT_EQ(info.graph_ops_size(), static_cast<int>(eg::SupportedOps().size()));
   EXPECT_EQ(info.limits().max_graph_nodes(), Limits().max_graph_nodes);
   EXPECT_EQ(info.limits().max_graph_rank(), Limits().max_graph_rank);
+}
+
+// ConstantOfShape's `value` arrives as ONNX writes it, a one-element tensor attribute; the
+// engine's attributes hold no tensors, so the service passes it on as a one-element list: the
+// same gradients as a request that sent the list.
+TEST(GraphService, ConstantOfShapeTakesItsValueAsATensorAttribute) {
+  eg::testing::SpecBuilder b;
+  b.Input("x").Input("targets").Param("w", {4}).Ints("unit", {1}, {1});
+  b.Node("Shape", {"x"}, {"s"});
+  b.Node("ConstantOfShape", {"s"}, {"halves"}, {{"value", std::vector<double>{0.5}}});
+  b.Node("ConstantOfShape", {"unit"}, {"three"}, {{"value", std::vector<int64_t>{3}}});
+  b.Node("Cast", {"three"}, {"three_f"}, {{"to", int64_t{1}}});
+  b.Node("Mul", {"x", "w"}, {"xw"});
+  b.Node("Mul", {"xw", "three_f"}, {"xw3"});
+  b.Node("Add", {"xw3", "halves"}, {"y"});
+  const eg::GraphSpec spec = b.WithLoss("y", engine::LossKind::kMse, "targets");
+  const v1::ComputeGradientsRequest lists = GraphRequest<double>(spec, {{2, 3, 4}, {2, 3, 4}});
+  v1::ComputeGradientsResponse expected;
+  const absl::Status status = service::ComputeGradients(lists, Limits(), Context(), &expected);
+  ASSERT_TRUE(status.ok()) << status;
+
+  v1::ComputeGradientsRequest tensors = lists;
+  v1::Graph* g = tensors.mutable_model()->mutable_graph();
+  SetTensor<float>(g->mutable_nodes(1)->mutable_attributes(0)->mutable_t(), {0.5f}, {1});
+  SetTensor<int64_t>(g->mutable_nodes(2)->mutable_attributes(0)->mutable_t(), {3}, {});
+  v1::ComputeGradientsResponse response;
+  const absl::Status converted = service::ComputeGradients(tensors, Limits(), Context(), &response);
+  ASSERT_TRUE(converted.ok()) << converted;
+  ExpectSameBits(expected.named_gradients(0).tensor(), response.named_gradients(0).tensor(), "w");
+
+  SetTensor<float>(g->mutable_nodes(1)->mutable_attributes(0)->mutable_t(), {0.5f, 1.0f}, {2});
+  const absl::Status two = service::ComputeGradients(tensors, Limits(), Context(), &response);
+  EXPECT_EQ(two.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(two.message()),
+              HasSubstr("model.graph.nodes[1].attributes[0] (\"value\").t: expected a "
+                        "one-element tensor"));
 }
 
 // Issue 11: a correct float64 chain gradient reported 3.5e-5 relative error from entries near

@@ -650,12 +650,21 @@ absl::StatusOr<Graph> Graph::Create(GraphSpec spec, const PlanOptions& options) 
     // Trilu, a Where on constants...) is computed now, by its own kernel in the call's dtype,
     // and its outputs become constants: nothing to run per call, and they do not count as live
     // values between segments (Note [Graph checkpointing]). Only cheap nodes are folded, so
-    // planning stays bounded; Dropout never is (its masks depend on the call).
+    // planning stays bounded; Dropout never is (its masks depend on the call). An input whose
+    // data the kernel never reads (OpKernel::shape_only_inputs: Shape's) need not be constant,
+    // since every value's shape is known here: torch.onnx's exports compute shapes from the
+    // inputs' (Shape -> Gather -> Unsqueeze -> Concat -> Reshape), and the whole chain folds to
+    // the constant shape Reshape needs, for each call's input shapes.
     bool foldable = node.op_type != "Dropout" && kernel->forward_flops() <= kFoldFlops;
     int64_t out_elements = 0;
     for (const ValueType& t : out_types) out_elements += NumElements(t.shape);
     foldable = foldable && out_elements <= kFoldElements;
-    for (int v : node_inputs[i]) foldable = foldable && (v < 0 || constant_of[v] >= 0);
+    const uint32_t shape_only = kernel->shape_only_inputs();
+    const auto reads_data = [&](size_t j) { return j >= 32 || !(shape_only >> j & 1); };
+    for (size_t j = 0; j < node_inputs[i].size(); ++j) {
+      const int v = node_inputs[i][j];
+      foldable = foldable && (v < 0 || constant_of[v] >= 0 || !reads_data(j));
+    }
     if (foldable) {
       std::vector<std::vector<uint64_t>> buffers;
       std::vector<void*> out_ptrs;
@@ -664,7 +673,10 @@ absl::StatusOr<Graph> Graph::Create(GraphSpec spec, const PlanOptions& options) 
         out_ptrs.push_back(buffers.back().data());
       }
       std::vector<const void*> in_ptrs;
-      for (int v : node_inputs[i]) in_ptrs.push_back(v < 0 ? nullptr : g.constant_data(v));
+      for (size_t j = 0; j < node_inputs[i].size(); ++j) {
+        const int v = node_inputs[i][j];
+        in_ptrs.push_back(v >= 0 && reads_data(j) ? g.constant_data(v) : nullptr);
+      }
       std::vector<double> saved(kernel->saved_elements() + 1);
       const CallContext call;
       const absl::Status folded =

@@ -15,16 +15,16 @@
 // with Kahn's algorithm taking the lowest spec index among the ready nodes (so the order is a
 // function of the spec, whatever order the nodes come in), then, in that order, has each op's
 // factory check its inputs and attributes and infer its outputs' dtypes and shapes. Constant
-// nodes, and cheap nodes whose inputs are all constants, are folded into constants (Note
-// [Constant folding] in graph.cc); Transposes and bias Adds around MatMuls are fused into them
-// (Note [Fusions]). It then decides which values need a gradient (those that depend on a
-// parameter or on a requested input, and on which the loss depends), which nodes run backward,
-// which forward values are kept for backward (only what some backward reads), the checkpoint
-// segments (Note [Graph checkpointing]) and when each buffer is released; replaying that
-// schedule on sizes gives the peak memory the executor will hold. Cost: O(nodes + values +
-// edges) plus each op's shape work, and a log factor for the ready queue. Nothing the plan
-// holds grows with the data's sizes (only with the spec's), except folded constants, which
-// count in PlanCosts::constant_bytes.
+// nodes, and cheap nodes whose inputs are all constants (or read only for their shapes, as
+// Shape's), are folded into constants (Note [Constant folding] in graph.cc); Transposes and
+// bias Adds around MatMuls are fused into them (Note [Fusions]). It then decides which values
+// need a gradient (those that depend on a parameter or on a requested input, and on which the
+// loss depends), which nodes run backward, which forward values are kept for backward (only
+// what some backward reads), the checkpoint segments (Note [Graph checkpointing]) and when
+// each buffer is released; replaying that schedule on sizes gives the peak memory the executor
+// will hold. Cost: O(nodes + values + edges) plus each op's shape work, and a log factor for
+// the ready queue. Nothing the plan holds grows with the data's sizes (only with the spec's),
+// except folded constants, which count in PlanCosts::constant_bytes.
 #ifndef GRADSERVE_ENGINE_GRAPH_GRAPH_H_
 #define GRADSERVE_ENGINE_GRAPH_GRAPH_H_
 

@@ -49,9 +49,10 @@ class Broadcast {
 // The shape numpy broadcasting gives a and b, or false if they do not broadcast.
 bool BroadcastShapes(const Shape& a, const Shape& b, Shape* out);
 
-// out[i] = f(a[i], b[i]) with a and b broadcast as `bc` (operands 0 and 1) says.
-template <typename T, typename F>
-void BinaryLoop(const Broadcast& bc, const T* a, const T* b, T* out, const F& f) {
+// out[i] = f(a[i], b[i]) with a and b broadcast as `bc` (operands 0 and 1) says. U is T but
+// for comparisons (bool results, one byte each).
+template <typename T, typename U, typename F>
+void BinaryLoop(const Broadcast& bc, const T* a, const T* b, U* out, const F& f) {
   constexpr int64_t kChunk = int64_t{1} << 14;
   const int64_t inner = bc.inner();
   const int64_t chunks = (inner + kChunk - 1) / kChunk;
@@ -63,7 +64,7 @@ void BinaryLoop(const Broadcast& bc, const T* a, const T* b, T* out, const F& f)
     const int64_t n = std::min(kChunk, inner - c0);
     const T* pa = a + bc.Offset(r, 0) + c0 * sa;
     const T* pb = b + bc.Offset(r, 1) + c0 * sb;
-    T* po = out + r * inner + c0;
+    U* po = out + r * inner + c0;
     if (sa != 0 && sb != 0) {
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) po[j] = f(pa[j], pb[j]);
@@ -76,7 +77,7 @@ void BinaryLoop(const Broadcast& bc, const T* a, const T* b, T* out, const F& f)
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) po[j] = f(va, pb[j]);
     } else {
-      const T v = f(*pa, *pb);
+      const U v = f(*pa, *pb);
       for (int64_t j = 0; j < n; ++j) po[j] = v;
     }
   });

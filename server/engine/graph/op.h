@@ -8,10 +8,13 @@
 // grouped by family, one file each: ops_elementwise.cc (unary, binary with broadcasting, Where,
 // Dropout), ops_linalg.cc (Gemm, MatMul), ops_norm.cc (LayerNormalization, RMSNormalization,
 // Softmax, ReduceMean/ReduceSum), ops_shape.cc (Transpose, Reshape, Split, Concat, Slice,
-// Squeeze/Unsqueeze, Gather, Trilu, Identity, Constant).
+// Squeeze/Unsqueeze, Gather, Expand, Trilu, Identity, Constant), ops_integer.cc (Shape, Cast,
+// Range, ConstantOfShape, Equal/Less/Greater, Not, int64 Add/Sub/Mul/Div).
 //
 // Operators (FindOp; ONNX opset 17 names, attributes and semantics unless said):
-//   Add Sub Mul Div (numpy broadcasting)  Neg Relu LeakyRelu(alpha) Sigmoid Tanh Erf Sqrt Exp
+//   Add Sub Mul Div (numpy broadcasting; floating, or int64 with no gradient: Add/Sub/Mul wrap
+//   on overflow, Div truncates toward zero and refuses a zero divisor)
+//   Neg Relu LeakyRelu(alpha) Sigmoid Tanh Erf Sqrt Exp
 //   Identity  Gelu(approximate "none"|"tanh": opset 20)  Pow (exponent a constant scalar)
 //   Gemm(alpha, beta, transA, transB; C broadcast to [M, N])  MatMul (numpy, batched)
 //   LayerNormalization(axis, epsilon; output Y only; Scale/B of the normalised shape exactly)
@@ -24,8 +27,19 @@
 //   condition)  Trilu(upper; constant k)  Constant(value_float(s), value_int(s); tensor values
 //   go in GraphSpec::constants)  Dropout(constant ratio and training_mode inputs; seed required
 //   when training: masks are a hash of it, Note [Dropout masks]; optional bool mask output).
+//   Expand(constant int64 shape; bidirectional broadcasting; the gradient sums over the
+//   broadcast axes)
+// Shape arithmetic and masks (no gradient unless said):
+//   Shape(start, end: opset 15; any input, folded at plan time whatever it is, since only its
+//   shape is read)  Cast(to: 1 FLOAT and 11 DOUBLE both mean the call's float dtype, so a
+//   floating -> floating Cast is the identity and passes its gradient through; 7 INT64, 9 BOOL;
+//   floating -> int64 truncates and refuses values out of int64's range; others refused)
+//   Range(constant int64 scalars start, limit, delta)  ConstantOfShape(constant int64 shape;
+//   `value` a one-element list, floats for the call's float dtype or ints for int64, since
+//   attributes hold no tensors; default float 0)  Equal Less Greater (floating or int64, Equal
+//   also bool; numpy broadcasting; bool output)  Not(bool).
 // Shape-like inputs (Reshape's shape, Slice's starts, ...) must be constants, or computed from
-// constants only (the planner folds such nodes).
+// constants and Shape only (the planner folds such nodes).
 //
 // Buffers: every value is a contiguous row-major array of its dtype (T for floating values,
 // int64_t, or uint8_t for bool). Forward writes every element of its outputs; Backward writes
@@ -169,6 +183,9 @@ class OpKernel {
   // Output 0 is input 0's bytes unchanged (Reshape, Squeeze, Unsqueeze, Identity): the executor
   // shares the buffer instead of running Forward.
   bool output_aliases_input() const { return aliases_input_; }
+  // Bit i: Forward reads only input i's shape (known at plan time), never its data, so the
+  // planner folds the node even when that input is not a constant (Shape), passing null there.
+  uint32_t shape_only_inputs() const { return shape_only_; }
 
  protected:
   uint32_t reads_inputs_ = 0;
@@ -180,6 +197,7 @@ class OpKernel {
   int64_t workspace_elements_ = 0;
   uint32_t passthrough_ = 0;
   bool aliases_input_ = false;
+  uint32_t shape_only_ = 0;
 };
 
 // Implements the four virtual entry points with Derived::Fwd<T> / Derived::Bwd<T> templates.
@@ -233,6 +251,15 @@ absl::StatusOr<std::unique_ptr<OpKernel>> MakeSlice(OpContext&, std::vector<Valu
 absl::StatusOr<std::unique_ptr<OpKernel>> MakeGather(OpContext&, std::vector<ValueType>*);
 absl::StatusOr<std::unique_ptr<OpKernel>> MakeTrilu(OpContext&, std::vector<ValueType>*);
 absl::StatusOr<std::unique_ptr<OpKernel>> MakeConstant(OpContext&, std::vector<ValueType>*);
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeExpand(OpContext&, std::vector<ValueType>*);
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeShape(OpContext&, std::vector<ValueType>*);
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeCast(OpContext&, std::vector<ValueType>*);
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeRange(OpContext&, std::vector<ValueType>*);
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeConstantOfShape(OpContext&, std::vector<ValueType>*);
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeCompare(OpContext&, std::vector<ValueType>*);
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeNot(OpContext&, std::vector<ValueType>*);
+// Add/Sub/Mul/Div of int64 operands (MakeBinary hands them over).
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeIntegerBinary(OpContext&, std::vector<ValueType>*);
 
 // Planner fusions (Note [Fusions] in graph.cc): a MatMul of rank >= 2 operands a and b as
 // stored, reading a (ta) or b (tb) transposed in its last two axes, with a bias [N] as input 2

@@ -489,6 +489,9 @@ absl::StatusOr<std::unique_ptr<OpKernel>> MakeUnary(OpContext& c, std::vector<Va
 }
 
 absl::StatusOr<std::unique_ptr<OpKernel>> MakeBinary(OpContext& c, std::vector<ValueType>* out) {
+  if (c.input(0) != nullptr && c.input(0)->dtype == DType::kInt64) {
+    return MakeIntegerBinary(c, out);
+  }
   RETURN_IF_ERROR(c.ExpectFloat(0));
   RETURN_IF_ERROR(c.ExpectFloat(1));
   RETURN_IF_ERROR(c.UnknownAttribute());

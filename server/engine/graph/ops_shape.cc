@@ -1,7 +1,7 @@
 // Operators that move data without arithmetic (Transpose, Reshape, Squeeze, Unsqueeze, Split,
-// Concat, Slice, Gather, Trilu, Constant). Their forward passes work on any dtype (they copy
-// elements of DTypeSize bytes), so int64 and bool values can be reshaped and masked too; their
-// backward passes move gradients back the same way (Gather's adds them up).
+// Concat, Slice, Gather, Expand, Trilu, Constant). Their forward passes work on any dtype (they
+// copy elements of DTypeSize bytes), so int64 and bool values can be reshaped and masked too; their
+// backward passes move gradients back the same way (Gather's and Expand's add them up).
 #include <algorithm>
 #include <cstring>
 #include <limits>
@@ -361,6 +361,63 @@ class GatherKernel final : public Kernel<GatherKernel> {
  private:
   int64_t outer_, n_, inner_, count_, element_bytes_;
   std::string where_;
+};
+
+// out = in broadcast to out's shape; the gradient sums dOut over the broadcast axes.
+class ExpandKernel final : public Kernel<ExpandKernel> {
+ public:
+  ExpandKernel(const Shape& in, const Shape& out, int64_t element_bytes, bool differentiable)
+      : n_(NumElements(out)),
+        element_bytes_(element_bytes),
+        forward_(out, {&in}),
+        reduce_(out, in) {
+    differentiable_ = differentiable ? 1 : 0;
+    if (NumElements(in) == n_) {  // Only size-1 axes added: the same bytes.
+      aliases_input_ = true;
+      passthrough_ = differentiable_;
+    }
+    backward_flops_ = static_cast<double>(n_);
+  }
+  template <typename T>
+  absl::Status Fwd(const ForwardArgs<T>& a) const {
+    switch (element_bytes_) {
+      case 1:
+        Run(static_cast<const uint8_t*>(a.in[0]), static_cast<uint8_t*>(a.out[0]));
+        break;
+      case 4:
+        Run(static_cast<const uint32_t*>(a.in[0]), static_cast<uint32_t*>(a.out[0]));
+        break;
+      default:
+        Run(static_cast<const uint64_t*>(a.in[0]), static_cast<uint64_t*>(a.out[0]));
+        break;
+    }
+    return absl::OkStatus();
+  }
+  template <typename T>
+  void Bwd(const BackwardArgs<T>& a) const {
+    if (a.din[0] != nullptr) reduce_.Run(a.dout[0], a.din[0], 1.0);
+  }
+
+ private:
+  template <typename E>
+  void Run(const E* in, E* out) const {
+    const int64_t inner = forward_.inner();
+    const int64_t stride = forward_.inner_stride(0);
+    ForEachIndex(forward_.rows(), n_ >= kParallelElements, [&](int64_t r) {
+      const E* src = in + forward_.Offset(r, 0);
+      E* dst = out + r * inner;
+      if (stride == 0) {
+        std::fill(dst, dst + inner, *src);
+      } else {
+        std::memcpy(dst, src, sizeof(E) * inner);
+      }
+    });
+  }
+
+  int64_t n_;
+  int64_t element_bytes_;
+  Broadcast forward_;
+  SumToShape reduce_;
 };
 
 // Trilu over the last two axes [..., rows, cols]: keeps j - i >= k (upper) or <= k (lower).
@@ -752,6 +809,35 @@ absl::StatusOr<std::unique_ptr<OpKernel>> MakeGather(OpContext& c, std::vector<V
   out->push_back({dtype, shape});
   return std::make_unique<GatherKernel>(outer, data[axis], inner, NumElements(indices),
                                         DTypeSize(dtype), IsFloat(dtype), c.where());
+}
+
+absl::StatusOr<std::unique_ptr<OpKernel>> MakeExpand(OpContext& c, std::vector<ValueType>* out) {
+  RETURN_IF_ERROR(InputPresent(c, 0));
+  RETURN_IF_ERROR(c.UnknownAttribute());
+  ASSIGN_OR_RETURN(const std::vector<int64_t> target, c.ConstantInts(1));
+  if (c.constant(1)->shape.size() != 1)
+    return c.InputError(1, "expected a 1-D shape, got a scalar");
+  const Shape& in = c.input(0)->shape;
+  // Expand broadcasts both ways (a 1 in `target` keeps the input's size), so the sizes the
+  // request gives only matter where the input's are 1: bounded by the plan's element limit.
+  for (int64_t d : target) {
+    if (d < 0) return c.InputError(1, absl::StrCat("negative size in ", ShapeString(target)));
+  }
+  Shape shape;
+  if (!BroadcastShapes(in, target, &shape)) {
+    return c.InputError(1, absl::StrCat("shape ", ShapeString(target), " does not broadcast with ",
+                                        ShapeString(in), " (inputs[0])"));
+  }
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    if (d != 0 && n > (int64_t{1} << 62) / d) {
+      return c.InputError(1, absl::StrCat("shape ", ShapeString(shape), " has too many elements"));
+    }
+    n *= d;
+  }
+  const DType dtype = c.input(0)->dtype;
+  out->push_back({dtype, shape});
+  return std::make_unique<ExpandKernel>(in, shape, DTypeSize(dtype), IsFloat(dtype));
 }
 
 absl::StatusOr<std::unique_ptr<OpKernel>> MakeTrilu(OpContext& c, std::vector<ValueType>* out) {
