@@ -580,6 +580,12 @@ def run_onnx_cases(stub, args, failures: List[str], worst: dict) -> int:
     for name, make, batch, loss, opset in cases:
         for dtype in (torch.float64, torch.float32):
             module = make().to(dtype)
+            # ONNX holds float attributes in float32 (LayerNormalization's epsilon): the
+            # reference uses the epsilon the file can hold, or PyTorch's float64 1e-5 alone
+            # would differ by ~1e-9 on the GPT (README, ONNX models).
+            for m in module.modules():
+                if isinstance(m, nn.LayerNorm):
+                    m.eps = float(np.float32(m.eps))
             example = batch(2, 6)
             if example.is_floating_point():
                 example = example.to(dtype)
