@@ -272,6 +272,20 @@ TEST(OnnxImport, DropoutIsSeededOrOff) {
   EXPECT_NE(loss_with_seed(1), off);
 }
 
+// CheckGradients takes an ONNX model as ComputeGradients does: every parameter the file trains
+// is sampled against central differences.
+TEST(OnnxImport, CheckGradientsSamplesEveryParameterOfTheFile) {
+  const json ref = json::parse(ReadFile(kData / "residual_mlp.json"));
+  v1::CheckGradientsRequest check;
+  *check.mutable_request() = ReferenceRequest({ref, "float64"});
+  check.set_samples_per_tensor(4);
+  v1::CheckGradientsResponse response;
+  const absl::Status status = CheckGradients(check, ServiceLimits(), ComputeContext(), &response);
+  ASSERT_TRUE(status.ok()) << status;
+  EXPECT_EQ(response.checks_size(), static_cast<int>(ref["float64"]["gradients"].size()));
+  EXPECT_LT(response.max_rel_error(), 1e-6);
+}
+
 // --- Files the server refuses: each with its status and the node or field it names. ---
 
 onnx::ModelProto LoadModel(const std::string& file) {
