@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "server/engine/graph/kernels.h"
 
 namespace gradserve::engine::graph {
 
@@ -97,6 +98,17 @@ absl::StatusOr<std::vector<int64_t>> OpContext::ConstantInts(int i) const {
         i, absl::StrCat("expected a scalar or 1-D constant, got shape ", ShapeString(c->shape)));
   }
   return c->ints;
+}
+
+absl::StatusOr<Shape> OpContext::BroadcastInputs() const {
+  const Shape& a = input(0)->shape;
+  const Shape& b = input(1)->shape;
+  Shape shape;
+  if (!BroadcastShapes(a, b, &shape)) {
+    return InputError(1, absl::StrCat("shape ", ShapeString(b), " does not broadcast with ",
+                                      ShapeString(a), " (inputs[0])"));
+  }
+  return shape;
 }
 
 const AttributeSpec* OpContext::Find(absl::string_view name) {

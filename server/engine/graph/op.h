@@ -112,6 +112,8 @@ class OpContext {
   absl::Status ExpectDType(int i, DType dtype) const;
   // Input i must be a constant int64 tensor of rank <= 1; its values.
   absl::StatusOr<std::vector<int64_t>> ConstantInts(int i) const;
+  // The numpy broadcast of inputs 0 and 1's shapes (INVALID_ARGUMENT naming input 1 if none).
+  absl::StatusOr<Shape> BroadcastInputs() const;
 
   // Attribute readers: the default when absent, INVALID_ARGUMENT when of the wrong type. Each
   // read marks the attribute known; UnknownAttribute() names the first one no reader asked for.

@@ -497,11 +497,7 @@ absl::StatusOr<std::unique_ptr<OpKernel>> MakeBinary(OpContext& c, std::vector<V
   RETURN_IF_ERROR(c.UnknownAttribute());
   const Shape& a = c.input(0)->shape;
   const Shape& b = c.input(1)->shape;
-  Shape shape;
-  if (!BroadcastShapes(a, b, &shape)) {
-    return c.InputError(1, absl::StrCat("shape ", ShapeString(b), " does not broadcast with ",
-                                        ShapeString(a), " (inputs[0])"));
-  }
+  ASSIGN_OR_RETURN(const Shape shape, c.BroadcastInputs());
   const std::string& op = c.node().op_type;
   const Binary kind = op == "Add"   ? Binary::kAdd
                       : op == "Sub" ? Binary::kSub

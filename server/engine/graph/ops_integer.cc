@@ -426,11 +426,7 @@ absl::StatusOr<std::unique_ptr<OpKernel>> MakeCompare(OpContext& c, std::vector<
   RETURN_IF_ERROR(c.ExpectDType(1, dtype));
   const Shape& a = c.input(0)->shape;
   const Shape& b = c.input(1)->shape;
-  Shape shape;
-  if (!BroadcastShapes(a, b, &shape)) {
-    return c.InputError(1, absl::StrCat("shape ", ShapeString(b), " does not broadcast with ",
-                                        ShapeString(a), " (inputs[0])"));
-  }
+  ASSIGN_OR_RETURN(const Shape shape, c.BroadcastInputs());
   out->push_back({DType::kBool, shape});
   return std::make_unique<CompareKernel>(kind, dtype, a, b, shape);
 }
@@ -449,11 +445,7 @@ absl::StatusOr<std::unique_ptr<OpKernel>> MakeIntegerBinary(OpContext& c,
   RETURN_IF_ERROR(c.UnknownAttribute());
   const Shape& a = c.input(0)->shape;
   const Shape& b = c.input(1)->shape;
-  Shape shape;
-  if (!BroadcastShapes(a, b, &shape)) {
-    return c.InputError(1, absl::StrCat("shape ", ShapeString(b), " does not broadcast with ",
-                                        ShapeString(a), " (inputs[0])"));
-  }
+  ASSIGN_OR_RETURN(const Shape shape, c.BroadcastInputs());
   const std::string& op = c.node().op_type;
   const IntOp kind = op == "Add"   ? IntOp::kAdd
                      : op == "Sub" ? IntOp::kSub
