@@ -459,6 +459,25 @@ std::vector<OpCase> Cases() {
                                                 d[0][3], d[0][4], d[0][5], d[1][2], d[1][3]};
                    },
                    nullptr});
+  // More pieces than a 32-bit input mask has bits: every one of them gets its gradient.
+  {
+    std::vector<std::pair<std::string, Shape>> pieces;
+    std::vector<std::string> names;
+    for (int k = 0; k < 40; ++k) {
+      pieces.push_back({"p" + std::to_string(k), {1, 2}});
+      names.push_back(pieces.back().first);
+    }
+    cases.push_back({"ConcatOfFortyPieces",
+                     pieces,
+                     One("Concat", names, {{"axis", int64_t{0}}}),
+                     {40, 2},
+                     [](const Data& d) {
+                       std::vector<double> y;
+                       for (const auto& piece : d) y.insert(y.end(), piece.begin(), piece.end());
+                       return y;
+                     },
+                     nullptr});
+  }
   cases.push_back({"SliceStepsAndClamping",
                    {{"a", {5, 6}}},
                    [](SpecBuilder& b) {

@@ -427,7 +427,7 @@ class Executor {
     bool handed = false;  // Output 0's gradient buffer passed through to an input.
     for (size_t j = 0; j < step.inputs.size(); ++j) {
       const int v = step.inputs[j];
-      if (v < 0 || !(kernel.differentiable_inputs() >> j & 1) || !values_[v].needs_grad) {
+      if (v < 0 || !InputBit(kernel.differentiable_inputs(), j) || !values_[v].needs_grad) {
         din.push_back(nullptr);
         continue;
       }
@@ -445,7 +445,7 @@ class Executor {
       } else {
         first = grad_[v] == nullptr;
         const int out0 = step.outputs[0];
-        if (first && (kernel.gradient_passthrough() >> j & 1) && !handed &&
+        if (first && InputBit(kernel.gradient_passthrough(), j) && !handed &&
             grad_[out0] != nullptr) {
           // dL/d(input) is dL/d(output) bit for bit: the buffer changes hands, no copy.
           handed = true;

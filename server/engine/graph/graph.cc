@@ -660,7 +660,7 @@ absl::StatusOr<Graph> Graph::Create(GraphSpec spec, const PlanOptions& options) 
     for (const ValueType& t : out_types) out_elements += NumElements(t.shape);
     foldable = foldable && out_elements <= kFoldElements;
     const uint32_t shape_only = kernel->shape_only_inputs();
-    const auto reads_data = [&](size_t j) { return j >= 32 || !(shape_only >> j & 1); };
+    const auto reads_data = [&](size_t j) { return !InputBit(shape_only, j); };
     for (size_t j = 0; j < node_inputs[i].size(); ++j) {
       const int v = node_inputs[i][j];
       foldable = foldable && (v < 0 || constant_of[v] >= 0 || !reads_data(j));
@@ -821,7 +821,7 @@ absl::StatusOr<Graph> Graph::Create(GraphSpec spec, const PlanOptions& options) 
     bool any = false;
     for (size_t j = 0; j < step.inputs.size(); ++j) {
       const int v = step.inputs[j];
-      if (v >= 0 && (step.kernel->differentiable_inputs() >> j & 1) && depends[v]) any = true;
+      if (v >= 0 && InputBit(step.kernel->differentiable_inputs(), j) && depends[v]) any = true;
     }
     for (int v : step.outputs) depends[v] = any && IsFloat(values[v].type.dtype);
   }
@@ -833,7 +833,7 @@ absl::StatusOr<Graph> Graph::Create(GraphSpec spec, const PlanOptions& options) 
     if (!any) continue;
     for (size_t j = 0; j < step.inputs.size(); ++j) {
       const int v = step.inputs[j];
-      if (v >= 0 && (step.kernel->differentiable_inputs() >> j & 1)) on_path[v] = true;
+      if (v >= 0 && InputBit(step.kernel->differentiable_inputs(), j)) on_path[v] = true;
     }
   }
   for (size_t v = 0; v < values.size(); ++v) values[v].needs_grad = depends[v] && on_path[v];
@@ -841,7 +841,7 @@ absl::StatusOr<Graph> Graph::Create(GraphSpec spec, const PlanOptions& options) 
     Step& step = g.steps_[t];
     for (size_t j = 0; j < step.inputs.size(); ++j) {
       const int v = step.inputs[j];
-      if (v >= 0 && (step.kernel->differentiable_inputs() >> j & 1) && values[v].needs_grad) {
+      if (v >= 0 && InputBit(step.kernel->differentiable_inputs(), j) && values[v].needs_grad) {
         step.backward = true;
       }
     }
@@ -853,10 +853,10 @@ absl::StatusOr<Graph> Graph::Create(GraphSpec spec, const PlanOptions& options) 
       if (values[v].first_backward_use < 0) values[v].first_backward_use = t;
     };
     for (size_t j = 0; j < step.inputs.size(); ++j) {
-      if (step.kernel->backward_reads_inputs() >> j & 1) keep(step.inputs[j]);
+      if (InputBit(step.kernel->backward_reads_inputs(), j)) keep(step.inputs[j]);
     }
     for (size_t o = 0; o < step.outputs.size(); ++o) {
-      if (step.kernel->backward_reads_outputs() >> o & 1) keep(step.outputs[o]);
+      if (InputBit(step.kernel->backward_reads_outputs(), o)) keep(step.outputs[o]);
     }
   }
 
@@ -993,10 +993,10 @@ void Graph::BuildSchedule(int64_t k, const std::vector<bool>& held) {
       if (own_reader[v] < 0) own_reader[v] = t;
     };
     for (size_t j = 0; j < step.inputs.size(); ++j) {
-      if (step.kernel->backward_reads_inputs() >> j & 1) note(step.inputs[j]);
+      if (InputBit(step.kernel->backward_reads_inputs(), j)) note(step.inputs[j]);
     }
     for (size_t o = 0; o < step.outputs.size(); ++o) {
-      if (step.kernel->backward_reads_outputs() >> o & 1) note(step.outputs[o]);
+      if (InputBit(step.kernel->backward_reads_outputs(), o)) note(step.outputs[o]);
     }
   }
   for (size_t vi = 0; vi < values.size(); ++vi) {
@@ -1111,7 +1111,7 @@ void Graph::SimulateCosts() {
       bool handed = false;  // Output 0's gradient buffer passed through to an input.
       for (size_t j = 0; j < step.inputs.size(); ++j) {
         const int v = step.inputs[j];
-        if (v < 0 || !(step.kernel->differentiable_inputs() >> j & 1) || !values[v].needs_grad) {
+        if (v < 0 || !InputBit(step.kernel->differentiable_inputs(), j) || !values[v].needs_grad) {
           continue;
         }
         if (has_grad[v]) {
@@ -1120,7 +1120,7 @@ void Graph::SimulateCosts() {
         }
         has_grad[v] = true;
         if (values[v].kind != ValueKind::kNode) continue;  // The caller's buffer.
-        if ((step.kernel->gradient_passthrough() >> j & 1) && !handed &&
+        if (InputBit(step.kernel->gradient_passthrough(), j) && !handed &&
             has_grad[step.outputs[0]]) {
           handed = true;
           continue;

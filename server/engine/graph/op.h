@@ -159,6 +159,10 @@ struct BackwardArgs {
   const CallContext* call;
 };
 
+// Bit j of a per-input or per-output mask (differentiable_inputs(), backward_reads_inputs(), ...):
+// bit 31 stands for every input from the 31st on, since Concat takes any number of inputs.
+inline bool InputBit(uint32_t mask, size_t j) { return (mask >> (j < 31 ? j : 31)) & 1u; }
+
 class OpKernel {
  public:
   virtual ~OpKernel() = default;

@@ -238,7 +238,11 @@ class PiecesKernel final : public Kernel<PiecesKernel> {
         to_piece_(std::move(to_piece)),
         to_whole_(std::move(to_whole)),
         element_bytes_(element_bytes) {
-    differentiable_ = !differentiable ? 0 : whole_is_input ? 1u : (1u << num_pieces) - 1;
+    // Every piece: bit 31 stands for the pieces from the 31st on (InputBit).
+    differentiable_ = !differentiable    ? 0
+                      : whole_is_input   ? 1u
+                      : num_pieces >= 32 ? ~0u
+                                         : (1u << num_pieces) - 1;
   }
   template <typename T>
   absl::Status Fwd(const ForwardArgs<T>& a) const {
