@@ -369,7 +369,7 @@ TEST(OnnxImport, RefusesWhatItCannotDifferentiate) {
        absl::StatusCode::kInvalidArgument,
        {"model.onnx.model", "not a serialized ONNX ModelProto"}},
       {"not ONNX at all",
-       [] { return std::string("GIF89a\x01\x02\x03 not a model", 24); },
+       [] { return std::string("GIF89a\x01\x02\x03", 9) + " not a model"; },
        absl::StatusCode::kInvalidArgument,
        {"model.onnx.model"}},
       {"an initializer whose bytes do not match its shape",
