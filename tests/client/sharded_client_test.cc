@@ -28,6 +28,7 @@ namespace gt = ::gradserve::testing;
 using ::testing::_;
 using ::testing::HasSubstr;
 using ::testing::Invoke;
+using ::testing::Return;
 
 std::vector<double> Doubles(const v1::Tensor& tensor) {
   std::vector<double> values(tensor.data().size() / sizeof(double));
@@ -270,6 +271,55 @@ TEST_F(ShardedClientTest, PartForAReplicaThatIsDownIsRetriedOnTheNext) {
   ShardedClient client(channels);
   const v1::ComputeGradientsRequest request = ChainRequest(v1::REDUCTION_MEAN);
   ExpectSameAnswer(Sharded(client, request, 3), Reference(request));
+}
+
+// Replicas that answer UNAVAILABLE or DEADLINE_EXCEEDED (an attempt deadline shorter than the
+// call's): the part moves to the next one, and each part's answer is counted once.
+TEST(ShardedClientRetry, MovesToTheNextReplicaAndCountsEachPartOnce) {
+  for (const grpc::StatusCode code :
+       {grpc::StatusCode::UNAVAILABLE, grpc::StatusCode::DEADLINE_EXCEEDED}) {
+    SCOPED_TRACE(::testing::Message() << "code " << code);
+    auto failing = std::make_unique<v1::MockGradientServiceStub>();
+    auto serving = std::make_unique<v1::MockGradientServiceStub>();
+    EXPECT_CALL(*failing, ComputeGradients(_, _, _)).WillOnce(Return(grpc::Status(code, "no")));
+    EXPECT_CALL(*serving, ComputeGradients(_, _, _))
+        .Times(2)
+        .WillRepeatedly(Invoke([](grpc::ClientContext*, const v1::ComputeGradientsRequest& request,
+                                  v1::ComputeGradientsResponse* response) {
+          // A loss of the part's size: the combined MEAN loss tells which parts were counted.
+          response->set_loss(static_cast<double>(request.inputs().shape(0)));
+          response->mutable_stats()->set_num_examples(request.inputs().shape(0));
+          return grpc::Status::OK;
+        }));
+    std::vector<std::unique_ptr<v1::GradientService::StubInterface>> stubs;
+    stubs.push_back(std::move(failing));
+    stubs.push_back(std::move(serving));
+    ShardedClientOptions options;
+    options.attempt_timeout = std::chrono::milliseconds(100);
+    options.initial_backoff = std::chrono::milliseconds(1);
+    ShardedClient client(std::move(stubs), options);
+    v1::ComputeGradientsResponse response;
+    ASSERT_TRUE(client.ComputeGradients(ChainRequest(v1::REDUCTION_MEAN), 2, &response).ok());
+    EXPECT_EQ(response.stats().num_examples(), 10);
+    EXPECT_DOUBLE_EQ(response.loss(), 5.0);  // (5 * 5 + 5 * 5) / 10.
+  }
+}
+
+TEST(ShardedClientRetry, GivesUpAfterMaxAttemptsNamingThePart) {
+  auto down = std::make_unique<v1::MockGradientServiceStub>();
+  EXPECT_CALL(*down, ComputeGradients(_, _, _))
+      .Times(3)
+      .WillRepeatedly(Return(grpc::Status(grpc::StatusCode::UNAVAILABLE, "connection refused")));
+  std::vector<std::unique_ptr<v1::GradientService::StubInterface>> stubs;
+  stubs.push_back(std::move(down));
+  ShardedClientOptions options;
+  options.max_attempts = 3;
+  options.initial_backoff = std::chrono::milliseconds(1);
+  ShardedClient client(std::move(stubs), options);
+  v1::ComputeGradientsResponse response;
+  const grpc::Status status = client.ComputeGradients(ChainRequest(v1::REDUCTION_MEAN), &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(status.error_message(), HasSubstr("shard 0 of 1 (rows 0..9): connection refused"));
 }
 
 TEST_F(ShardedClientTest, InvalidPartFailsTheCallNamingIt) {
