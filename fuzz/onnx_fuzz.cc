@@ -42,7 +42,7 @@ v1::Tensor Zeros(v1::DType dtype, const std::vector<int64_t>& shape) {
     t.add_shape(d);
     n *= d;
   }
-  t.mutable_data()->assign(n * (dtype == v1::DTYPE_FLOAT32 ? 4 : 8), '\0');
+  t.mutable_data()->assign(n * gradserve::fuzz::ElementSize(dtype), '\0');
   return t;
 }
 

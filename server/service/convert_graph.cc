@@ -50,30 +50,6 @@ absl::Status CheckName(const std::string& name, const std::string& field) {
   return absl::OkStatus();
 }
 
-// Rank, sizes and element count of a shape against the limits. Returns the element count.
-absl::StatusOr<int64_t> CheckShape(std::span<const int64_t> shape, const std::string& field,
-                                   const ServiceLimits& limits) {
-  if (static_cast<int64_t>(shape.size()) > limits.max_graph_rank) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        field, ": rank ", shape.size(), " exceeds max_graph_rank (", limits.max_graph_rank, ")"));
-  }
-  int64_t elements = 1;
-  for (size_t d = 0; d < shape.size(); ++d) {
-    if (shape[d] <= 0) {
-      return Invalid(absl::StrCat(field, "[", d, "]"),
-                     absl::StrCat("expected a positive size, got ", shape[d]));
-    }
-    // Checked before multiplying, so the product cannot overflow.
-    if (shape[d] > limits.max_tensor_elements || elements * shape[d] > limits.max_tensor_elements) {
-      return absl::ResourceExhaustedError(absl::StrCat(field, ": ", ShapeString(shape),
-                                                       " has more than max_tensor_elements (",
-                                                       limits.max_tensor_elements, ")"));
-    }
-    elements *= shape[d];
-  }
-  return elements;
-}
-
 // A tensor's shape and byte length (its dtype checked by the caller). Returns the elements.
 absl::StatusOr<int64_t> CheckTensorBytes(const v1::Tensor& tensor, const std::string& field,
                                          const ServiceLimits& limits) {
@@ -200,6 +176,30 @@ void* AllocateTensor(v1::Tensor* tensor, v1::DType dtype, const eg::Shape& shape
 }
 
 }  // namespace
+
+// Rank, sizes and element count of a shape against the limits. Returns the element count.
+absl::StatusOr<int64_t> CheckShape(std::span<const int64_t> shape, const std::string& field,
+                                   const ServiceLimits& limits) {
+  if (static_cast<int64_t>(shape.size()) > limits.max_graph_rank) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        field, ": rank ", shape.size(), " exceeds max_graph_rank (", limits.max_graph_rank, ")"));
+  }
+  int64_t elements = 1;
+  for (size_t d = 0; d < shape.size(); ++d) {
+    if (shape[d] <= 0) {
+      return Invalid(absl::StrCat(field, "[", d, "]"),
+                     absl::StrCat("expected a positive size, got ", shape[d]));
+    }
+    // Checked before multiplying, so the product cannot overflow.
+    if (shape[d] > limits.max_tensor_elements || elements * shape[d] > limits.max_tensor_elements) {
+      return absl::ResourceExhaustedError(absl::StrCat(field, ": ", ShapeString(shape),
+                                                       " has more than max_tensor_elements (",
+                                                       limits.max_tensor_elements, ")"));
+    }
+    elements *= shape[d];
+  }
+  return elements;
+}
 
 eg::DType ToEngineDType(v1::DType dtype) {
   return dtype == v1::DTYPE_FLOAT64 ? eg::DType::kFloat64 : eg::DType::kFloat32;

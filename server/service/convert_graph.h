@@ -16,6 +16,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <span>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -135,6 +136,12 @@ absl::Status RunGraphRequest(const GraphViews& views, const engine::graph::Graph
 v1::Model GraphSpecToModel(const engine::graph::GraphSpec& spec, v1::DType float_dtype);
 
 engine::graph::DType ToEngineDType(v1::DType dtype);
+
+// A shape's rank, sizes and element count against the graph limits, before anything is
+// allocated from it: INVALID_ARGUMENT "FIELD[d]: expected a positive size", RESOURCE_EXHAUSTED
+// for max_graph_rank and max_tensor_elements. Returns the element count.
+absl::StatusOr<int64_t> CheckShape(std::span<const int64_t> shape, const std::string& field,
+                                   const ServiceLimits& limits);
 
 }  // namespace gradserve::service
 

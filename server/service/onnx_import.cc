@@ -8,6 +8,7 @@
 #include <unordered_map>
 #include <unordered_set>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
@@ -17,6 +18,7 @@
 #include "onnx/onnx_pb.h"
 #include "server/engine/graph/op.h"
 #include "server/engine/status_macros.h"
+#include "server/service/convert_graph.h"
 
 namespace gradserve::service {
 namespace {
@@ -74,24 +76,9 @@ absl::StatusOr<int64_t> CheckOnnxTensor(const TensorProto& t, const std::string&
     return Invalid(field, absl::StrCat("data type ", TensorTypeName(t.data_type()),
                                        " is not supported (FLOAT, DOUBLE, INT64, INT32, BOOL)"));
   }
-  if (t.dims_size() > limits.max_graph_rank) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        field, ": rank ", t.dims_size(), " exceeds max_graph_rank (", limits.max_graph_rank, ")"));
-  }
-  int64_t elements = 1;
-  for (int d = 0; d < t.dims_size(); ++d) {
-    const int64_t size = t.dims(d);
-    if (size <= 0) {
-      return Invalid(absl::StrCat(field, ".dims[", d, "]"),
-                     absl::StrCat("expected a positive size, got ", size));
-    }
-    // Checked before multiplying, so the product cannot overflow.
-    if (size > limits.max_tensor_elements || elements * size > limits.max_tensor_elements) {
-      return absl::ResourceExhaustedError(absl::StrCat(field, ": more than max_tensor_elements (",
-                                                       limits.max_tensor_elements, ") elements"));
-    }
-    elements *= size;
-  }
+  ASSIGN_OR_RETURN(
+      const int64_t elements,
+      CheckShape({t.dims().data(), static_cast<size_t>(t.dims_size())}, field + ".dims", limits));
   int64_t held = -1;
   const char* where = "";
   if (t.has_raw_data()) {
@@ -308,10 +295,11 @@ absl::StatusOr<ImportedOnnx> ImportOnnx(const v1::Model& model, v1::DType dtype,
   if (graph.sparse_initializer_size() > 0) {
     return Invalid("model.onnx: graph.sparse_initializer", "sparse initializers are not supported");
   }
+  std::vector<int64_t> initializer_elements(graph.initializer_size());
   for (int i = 0; i < graph.initializer_size(); ++i) {
     const std::string field = absl::StrCat("model.onnx: graph.initializer[", i, "] (",
                                            Quoted(graph.initializer(i).name()), ")");
-    RETURN_IF_ERROR(CheckOnnxTensor(graph.initializer(i), field, limits).status());
+    ASSIGN_OR_RETURN(initializer_elements[i], CheckOnnxTensor(graph.initializer(i), field, limits));
   }
   // ONNX's own checker: the structure, every node against its schema (attributes, input and
   // output counts), names defined before use. It reads only the message (no external data: see
@@ -467,7 +455,7 @@ absl::StatusOr<ImportedOnnx> ImportOnnx(const v1::Model& model, v1::DType dtype,
   for (int i = 0; i < graph.initializer_size(); ++i) {
     const TensorProto& t = graph.initializer(i);
     if (!used.contains(t.name()) || batch_named.contains(t.name())) continue;
-    const int64_t elements = CheckOnnxTensor(t, "", limits).value_or(0);
+    const int64_t elements = initializer_elements[i];
     bool trained =
         IsOnnxFloat(t.data_type()) && !frozen.contains(t.name()) && reaches_loss.contains(t.name());
     for (int64_t j = 0; trained && j < elements; ++j) trained = std::isfinite(FloatAt(t, j));
