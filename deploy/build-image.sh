@@ -5,6 +5,7 @@
 #   deploy/build-image.sh                  # builds gradserve:latest (localhost/gradserve:latest)
 #   deploy/build-image.sh --tag NAME:TAG   # another tag
 #   deploy/build-image.sh --jobs N         # parallel compile jobs in the build stage (default 2)
+#   deploy/build-image.sh --cpu native     # -march=native binaries (GRADSERVE_CPU; default portable)
 #   deploy/build-image.sh --bases-only     # only make sure the two base images exist
 #
 # What it does, each step skipped when already done (so it is safe to run again and again):
@@ -17,8 +18,9 @@
 #      debootstrap minbase root file system (or from localhost/fresh-debian:bookworm, made by
 #      shared/tools/fresh-debian-run, when that exists), since no registry can be pulled from;
 #   4. podman build --pull=never --format docker (the docker format keeps HEALTHCHECK) with host
-#      networking (so apt-get in RUN reaches the mirror), then removes the image the tag pointed
-#      to before, if nothing else uses it.
+#      networking (so apt-get in RUN reaches the mirror), the OCI version and revision labels
+#      taken from CMakeLists.txt and git, then removes the image the tag pointed to before, if
+#      nothing else uses it.
 # Needs root. Work files live in $GRADSERVE_IMAGE_WORK (default /var/tmp/gradserve-image).
 set -euo pipefail
 
@@ -29,11 +31,13 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 top=$(cd "$here/.." && pwd)
 tag=gradserve:latest
 jobs=2
+cpu=portable
 bases_only=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --tag) [ $# -ge 2 ] || die "--tag needs a value"; tag=$2; shift 2 ;;
     --jobs) [ $# -ge 2 ] || die "--jobs needs a value"; jobs=$2; shift 2 ;;
+    --cpu) [ $# -ge 2 ] || die "--cpu needs a value"; cpu=$2; shift 2 ;;
     --bases-only) bases_only=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown argument $1 (try --help)" ;;
@@ -156,10 +160,19 @@ fi
 [ "$bases_only" -eq 1 ] && exit 0
 
 # 4. the image
+case "$cpu" in portable|native) ;; *) die "--cpu must be portable or native" ;; esac
+version=$(sed -n 's/^project(gradserve VERSION \([0-9.]*\).*/\1/p' "$top/CMakeLists.txt")
+revision=$(git -C "$top" rev-parse HEAD 2>/dev/null || echo unknown)
+# A tree with uncommitted changes is not that revision: say so in the label.
+if [ "$revision" != unknown ] && [ -n "$(git -C "$top" status --porcelain 2>/dev/null)" ]; then
+  revision="$revision-dirty"
+fi
 old=$(podman image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
-say "building $tag from $top with deploy/Dockerfile ($jobs compile jobs)"
+say "building $tag ($cpu) from $top with deploy/Dockerfile ($jobs compile jobs)"
 podman build --pull=never --format docker --network host \
-  --build-arg BUILD_JOBS="$jobs" -t "$tag" -f "$here/Dockerfile" "$top"
+  --build-arg BUILD_JOBS="$jobs" --build-arg GRADSERVE_CPU="$cpu" \
+  --build-arg VERSION="${version:-0.0.0}" --build-arg REVISION="$revision" \
+  -t "$tag" -f "$here/Dockerfile" "$top"
 new=$(podman image inspect --format '{{.Id}}' "$tag")
 if [ -n "$old" ] && [ "$old" != "$new" ]; then
   podman rmi "$old" >/dev/null 2>&1 || true   # kept when another tag or a container uses it
