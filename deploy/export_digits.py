@@ -23,6 +23,9 @@ import sys
 
 DEFAULT_CSV = "/usr/lib/python3/dist-packages/sklearn/datasets/data/digits.csv.gz"
 NUM_EXAMPLES = 1797
+# The file names under OUT_DIR (tests/deploy/check_manifests.py checks runs name these).
+INPUTS_FILE = "x.npy"
+TARGETS_FILE = "y.npy"
 NUM_FEATURES = 64
 
 
@@ -71,9 +74,9 @@ def main():
         sys.exit(f"export_digits.py: {args.csv}: {len(labels)} examples, expected {NUM_EXAMPLES}")
 
     os.makedirs(args.out_dir, exist_ok=True)
-    write_npy(os.path.join(args.out_dir, "x.npy"), "<f4", (len(labels), NUM_FEATURES),
+    write_npy(os.path.join(args.out_dir, INPUTS_FILE), "<f4", (len(labels), NUM_FEATURES),
               struct.pack("<%df" % len(pixels), *pixels))
-    write_npy(os.path.join(args.out_dir, "y.npy"), "<i8", (len(labels),),
+    write_npy(os.path.join(args.out_dir, TARGETS_FILE), "<i8", (len(labels),),
               struct.pack("<%dq" % len(labels), *labels))
     print(f"export_digits.py: wrote {args.out_dir}/x.npy (float32 [{len(labels)}, {NUM_FEATURES}]) "
           f"and y.npy (int64 [{len(labels)}])")
