@@ -60,7 +60,7 @@ class Help:
         self.name = name
         self.flags = {}        # "--listen" -> {"value": bool, "repeatable": bool, "choices", "default"}
         self.subcommands = set()
-        self.env = set(re.findall(r"\$([A-Z][A-Z0-9_]+)", text))
+        self.env = set(re.findall(r"\b(GRADSERVE_[A-Z0-9_]+)\b", text))
         section = None
         for line in text.splitlines():
             if re.match(r"^\S.*:$", line):
@@ -470,8 +470,9 @@ class Checker:
             out.append((name, Container(where, binary, argv, env, ports, health, [], mounts,
                                         bool(svc.get("read_only")),
                                         seconds(grace) if grace is not None else 10.0, None)))
-            if svc.get("image") != "gradserve:latest" and "build" not in svc:
-                self.err(f"{where}: image {svc.get('image')} is not the one deploy/ builds")
+            image = re.sub(r"\$\{GRADSERVE_IMAGE:-([^}]*)\}", r"\1", str(svc.get("image")))
+            if image != "gradserve:latest" or "build" not in svc:
+                self.err(f"{where}: image {svc.get('image')} without the build of deploy/Dockerfile")
         return out
 
     def check_compose(self, path):
