@@ -130,6 +130,7 @@ class Image:
         self.env = {}
         self.expose = set()
         self.entrypoint = None
+        self.cmd = []
         self.healthcheck = None
         self.data_files = set()   # absolute paths of the data set files in the runtime image
         self._entrypoint_cache = {}
@@ -147,6 +148,8 @@ class Image:
                 self.expose.update(int(p.split("/")[0]) for p in rest.split())
             elif word == "ENTRYPOINT":
                 self.entrypoint = json.loads(rest)
+            elif word == "CMD":
+                self.cmd = json.loads(rest)
             elif word == "HEALTHCHECK":
                 self.healthcheck = shlex.split(rest.split(" CMD ", 1)[1].split("||")[0])
             elif word == "RUN" and "export_digits.py" in rest:
@@ -408,6 +411,24 @@ class Checker:
                 if path not in self.image.data_files:
                     self.err(f"{c.where}: the run's dataset.{field} is {path} (--data-dir "
                              f"{data_dir!r}), but the image holds {sorted(self.image.data_files)}")
+
+    # ---- the image on its own (docker run IMAGE) -----------------------------------------------
+
+    def check_image(self):
+        c = Container("Dockerfile", GRADSERVE, self.image.run_entrypoint(self.image.env,
+                                                                         self.image.cmd),
+                      dict(self.image.env), [],
+                      [[expand(a, self.image.env) for a in self.image.healthcheck]], [], {}, False,
+                      None, None)
+        grpc_port = self.check_container(c, {})
+        flags = parse_argv(c.argv, self.helps[GRADSERVE], c.where, [])
+        _, metrics = self.listen_ports(c, flags)
+        optimizer_default = self.helps[OPTIMIZER].flags.get("--listen", {}).get("default")
+        _, optimizer_port = host_port(optimizer_default, "gradserve-optimizer --listen default",
+                                      self.errors)
+        for port in sorted(self.image.expose - {grpc_port, metrics, optimizer_port}):
+            self.err(f"Dockerfile: EXPOSE {port} is no port gradserve or gradserve-optimizer "
+                     f"listens on by default")
 
     # ---- compose ------------------------------------------------------------------------------
 
@@ -751,6 +772,7 @@ def main():
 
         def run_checks(helps_now):
             c = Checker(helps_now, image, source, optimizer_pb2.RunSpec, json_format, health)
+            c.check_image()
             c.check_compose(os.path.join(source, "deploy/compose.yaml"))
             c.check_k8s(os.path.join(source, "deploy/k8s"))
             return c
