@@ -19,8 +19,9 @@
 #      shared/tools/fresh-debian-run, when that exists), since no registry can be pulled from;
 #   4. podman build --pull=never --format docker (the docker format keeps HEALTHCHECK) with host
 #      networking (so apt-get in RUN reaches the mirror), the OCI version and revision labels
-#      taken from CMakeLists.txt and git, then removes the image the tag pointed to before, if
-#      nothing else uses it.
+#      taken from CMakeLists.txt and git, and a compiler cache ($work/ccache, bind-mounted at
+#      /ccache) so that a rebuild after a commit compiles only the files it changed; then removes
+#      the image the tag pointed to before, if nothing else uses it.
 # Needs root. Work files live in $GRADSERVE_IMAGE_WORK (default /var/tmp/gradserve-image).
 set -euo pipefail
 
@@ -169,12 +170,16 @@ if [ "$revision" != unknown ] && [ -n "$(git -C "$top" status --porcelain 2>/dev
 fi
 old=$(podman image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
 say "building $tag ($cpu) from $top with deploy/Dockerfile ($jobs compile jobs)"
-podman build --pull=never --format docker --network host \
+mkdir -p "$work/ccache"
+podman build --pull=never --format docker --network host -v "$work/ccache:/ccache" \
   --build-arg BUILD_JOBS="$jobs" --build-arg GRADSERVE_CPU="$cpu" \
   --build-arg VERSION="${version:-0.0.0}" --build-arg REVISION="$revision" \
   -t "$tag" -f "$here/Dockerfile" "$top"
 new=$(podman image inspect --format '{{.Id}}' "$tag")
-if [ -n "$old" ] && [ "$old" != "$new" ]; then
-  podman rmi "$old" >/dev/null 2>&1 || true   # kept when another tag or a container uses it
+# Only an image no tag names any more: `podman rmi ID` would also untag and delete an image that
+# another tag (say gradserve:ci next to gradserve:latest) still points to.
+if [ -n "$old" ] && [ "$old" != "$new" ] &&
+   [ "$(podman image inspect --format '{{len .RepoTags}}' "$old" 2>/dev/null)" = 0 ]; then
+  podman rmi "$old" >/dev/null 2>&1 || true   # kept when a container uses it
 fi
 say "built $tag: image ${new:0:12}, $(podman image inspect --format '{{.Size}}' "$tag" | numfmt --to=iec-i --suffix=B)"
