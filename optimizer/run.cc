@@ -442,6 +442,13 @@ int64_t Run::checkpoint_every() const {
   return spec_.checkpoint_every() > 0 ? spec_.checkpoint_every() : environment_.checkpoint_every;
 }
 
+int64_t Run::MemoryBytes() const {
+  int64_t elements = 0;
+  for (const Parameter& parameter : parameters_) elements += ElementCount(parameter.shape);
+  const int kept = rule_.algorithm != Algorithm::kSgd ? 3 : (rule_.momentum != 0 ? 2 : 1);
+  return elements * kept * 8 + (dataset_ ? dataset_->bytes() : 0);
+}
+
 int64_t Run::step() const {
   std::lock_guard lock(state_mutex_);
   return step_;

@@ -544,6 +544,30 @@ TEST_F(RunTest, ServiceCreatesIdempotentlyAndChecksWhatCallersSend) {
   EXPECT_FALSE(std::filesystem::exists(options.state_dir + "/mlp.npz"));
 }
 
+TEST_F(RunTest, RunsBeyondTheMemoryBudgetAreRefused) {
+  OptimizerOptions options;
+  options.environment = Environment(1);
+  // The MLP's 59 parameters with Adam's two moments take 59 * 3 * 8 = 1416 bytes, its data set
+  // 96 * 6 * 8 + 96 * 8 = 5376: room for one run, not two.
+  options.max_memory_bytes = 8000;
+  OptimizerServiceImpl service(options);
+  ASSERT_TRUE(service.Start({}).ok());
+  grpc::ServerContext context;
+  v1::CreateRunRequest create;
+  *create.mutable_spec() = Spec(Config(v1::OptimizerConfig::ALGORITHM_ADAM, 0.01));
+  v1::RunStatus status;
+  ASSERT_TRUE(service.CreateRun(&context, &create, &status).ok());
+  create.mutable_spec()->set_run_id("second");
+  const grpc::Status refused = service.CreateRun(&context, &create, &status);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << refused.error_message();
+  // Deleting the first frees its share.
+  v1::DeleteRunRequest remove;
+  remove.set_run_id("mlp");
+  v1::DeleteRunResponse removed;
+  ASSERT_TRUE(service.DeleteRun(&context, &remove, &removed).ok());
+  EXPECT_TRUE(service.CreateRun(&context, &create, &status).ok());
+}
+
 TEST_F(RunTest, BackgroundTrainingResumesAfterARestartAndStopsAtMaxSteps) {
   OptimizerOptions options;
   options.environment = Environment(3);
