@@ -36,6 +36,11 @@ ahead, goes again to the next channel (part i starts on channel i mod channels) 
 twice. Any other error, or a part out of attempts, fails the call with that part's code and a
 message naming it ("shard 1 of 3 (rows 4..6): ..."); with several, the lowest-numbered part.
 
+Channels: the retries here move a part to another replica at once. A channel with a retry
+policy of its own (``gradserve_client.connect``'s default service config) first retries on the
+replica that failed, ~1.5 s against one that is down; for one channel per replica prefer
+``connect(target, options=[("grpc.enable_retries", 0)])``.
+
 Errors are raised as :class:`ShardedError`, a ``grpc.RpcError`` with ``code()`` and
 ``details()``, so a caller handles them as any other call's.
 
