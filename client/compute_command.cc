@@ -58,6 +58,8 @@ v1::DType WireDType(npy::DType dtype) {
       return v1::DTYPE_INT64;
     case npy::DType::kBool:
       return v1::DTYPE_BOOL;
+    case npy::DType::kUint8:
+      break;  // refused when read
   }
   return v1::DTYPE_UNSPECIFIED;
 }
@@ -327,6 +329,12 @@ bool BuildRequest(const ComputeOptions& options, v1::ComputeGradientsRequest* re
     for (NamedFile& file : *files) {
       std::optional<npy::Array> array = npy::Read(file.path, error);
       if (!array) return false;
+      if (array->dtype == npy::DType::kUint8) {
+        *error = file.path +
+                 ": uint8 is not a dtype gradserve computes with (float32, float64; "
+                 "int32, int64 for class targets and token ids; bool)";
+        return false;
+      }
       file.array = std::move(*array);
       if (options.dtype.empty() && IsFloating(file.array.dtype)) {
         if (first_floating != nullptr && first_floating->array.dtype != file.array.dtype) {

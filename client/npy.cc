@@ -258,11 +258,9 @@ class HeaderParser {
 };
 
 bool ParseDescr(const std::string& descr, DType* dtype, std::string* what) {
-  static constexpr std::pair<std::string_view, DType> kSupported[] = {{"<f4", DType::kFloat32},
-                                                                      {"<f8", DType::kFloat64},
-                                                                      {"<i4", DType::kInt32},
-                                                                      {"<i8", DType::kInt64},
-                                                                      {"|b1", DType::kBool}};
+  static constexpr std::pair<std::string_view, DType> kSupported[] = {
+      {"<f4", DType::kFloat32}, {"<f8", DType::kFloat64}, {"<i4", DType::kInt32},
+      {"<i8", DType::kInt64},   {"|b1", DType::kBool},    {"|u1", DType::kUint8}};
   for (const auto& [text, value] : kSupported) {
     if (descr == text) {
       *dtype = value;
@@ -274,7 +272,7 @@ bool ParseDescr(const std::string& descr, DType* dtype, std::string* what) {
             descr.substr(1) + "') instead)";
   } else {
     *what = "dtype " + Quote(descr) + " is not supported (supported: '<f4' float32, '<f8' " +
-            "float64, '<i4' int32, '<i8' int64, '|b1' bool)";
+            "float64, '<i4' int32, '<i8' int64, '|b1' bool, '|u1' uint8)";
   }
   return false;
 }
@@ -363,6 +361,8 @@ const char* DTypeName(DType dtype) {
       return "int64";
     case DType::kBool:
       return "bool";
+    case DType::kUint8:
+      return "uint8";
   }
   return "?";
 }
@@ -376,6 +376,7 @@ int64_t ItemSize(DType dtype) {
     case DType::kInt64:
       return 8;
     case DType::kBool:
+    case DType::kUint8:
       return 1;
   }
   return 1;
@@ -450,7 +451,7 @@ std::optional<Array> Read(const std::string& path, std::string* error) {
 }
 
 std::string Serialize(const Array& array) {
-  static constexpr const char* kDescr[] = {"<f4", "<f8", "<i4", "<i8", "|b1"};
+  static constexpr const char* kDescr[] = {"<f4", "<f8", "<i4", "<i8", "|b1", "|u1"};
   std::string header = std::string("{'descr': '") + kDescr[static_cast<int>(array.dtype)] +
                        "', 'fortran_order': False, 'shape': " + ShapeString(array.shape) + ", }";
   // numpy aligns the data to 64 bytes (so that it can be memory-mapped for any dtype) and ends

@@ -1,5 +1,5 @@
 // NumPy .npy files (numpy.save / numpy.load), for `gradclient compute`: arrays of float32,
-// float64, int32, int64 and bool, little-endian.
+// float64, int32, int64, bool and uint8 (raw bytes), little-endian.
 //
 // Reading accepts format versions 1.0, 2.0 and 3.0 and both C and Fortran order (a Fortran-order
 // file, e.g. np.save of a transposed array, is reordered to C order on reading). Big-endian
@@ -18,9 +18,9 @@
 
 namespace gradserve::client::npy {
 
-enum class DType { kFloat32, kFloat64, kInt32, kInt64, kBool };
+enum class DType { kFloat32, kFloat64, kInt32, kInt64, kBool, kUint8 };
 
-// "float32", "float64", "int32", "int64", "bool".
+// "float32", "float64", "int32", "int64", "bool", "uint8".
 const char* DTypeName(DType dtype);
 // Bytes per element.
 int64_t ItemSize(DType dtype);

@@ -18,6 +18,7 @@ packages=(
   nlohmann-json3-dev  # gradclient bench --json
   # ONNX import: ModelProto, the checker and shape inference (built on our protobuf 3.21).
   libonnx-dev
+  libzip-dev  # gradserve-optimizer's .npz checkpoints
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-grpcio python3-protobuf python3-numpy  # Python-client, compute .npy tests
   openssl  # security_test makes its certificates with the openssl CLI

@@ -3,8 +3,8 @@
 #
 #   client/python/generate.sh [OUT_DIR]      (default: client/python, next to this script)
 #
-# Writes OUT_DIR/gradserve/v1/gradserve_pb2.py and gradserve_pb2_grpc.py, and
-# OUT_DIR/gradserve/optimizer/v1/optimizer_pb2.py and optimizer_pb2_grpc.py. Uses protoc plus
+# Writes OUT_DIR/gradserve/v1/gradserve_pb2{,_grpc}.py and OUT_DIR/gradserve/optimizer/v1/
+# optimizer_pb2{,_grpc}.py. Uses protoc plus
 # Debian's /usr/bin/grpc_python_plugin rather than python3-grpc-tools, whose bundled protoc is
 # too old for the protobuf 4.x runtime (see /work/shared/notes/grpc-on-debian12.md).
 set -euo pipefail
@@ -31,7 +31,8 @@ protoc -I "${proto_root}" \
 # Regular packages (not namespace packages) so that another "gradserve" directory on sys.path
 # cannot shadow or merge with this one; created only when generating elsewhere.
 for pkg in "${out_dir}/gradserve" "${out_dir}/gradserve/v1" "${out_dir}/gradserve/optimizer" \
-  "${out_dir}/gradserve/optimizer/v1"; do
+           "${out_dir}/gradserve/optimizer/v1"; do
   [[ -f "${pkg}/__init__.py" ]] || : > "${pkg}/__init__.py"
 done
-echo "generated the gradserve.v1 and gradserve.optimizer.v1 stubs under ${out_dir}/gradserve"
+echo "generated ${out_dir}/gradserve/v1/gradserve_pb2.py, gradserve_pb2_grpc.py and" \
+     "${out_dir}/gradserve/optimizer/v1/optimizer_pb2.py, optimizer_pb2_grpc.py"

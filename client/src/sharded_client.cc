@@ -180,6 +180,7 @@ struct ShardedClient::Part {
   v1::ComputeGradientsRequest request;
   v1::ComputeGradientsResponse response;
   grpc::Status status;
+  ShardedCallStats stats;
 };
 
 ShardedClient::ShardedClient(std::vector<std::shared_ptr<grpc::Channel>> channels,
@@ -219,6 +220,9 @@ void ShardedClient::RunPart(Part* part, std::chrono::system_clock::time_point de
     }
     part->response.Clear();
     part->status = stub->ComputeGradients(&context, part->request, &part->response);
+    ++part->stats.attempts;
+    part->stats.bytes_sent += static_cast<int64_t>(part->request.ByteSizeLong());
+    part->stats.bytes_received += static_cast<int64_t>(part->response.ByteSizeLong());
     const auto now = std::chrono::system_clock::now();
     const bool retryable =
         part->status.error_code() == grpc::StatusCode::UNAVAILABLE ||
@@ -232,8 +236,10 @@ void ShardedClient::RunPart(Part* part, std::chrono::system_clock::time_point de
 }
 
 grpc::Status ShardedClient::ComputeGradients(const v1::ComputeGradientsRequest& request, int shards,
-                                             v1::ComputeGradientsResponse* response) {
+                                             v1::ComputeGradientsResponse* response,
+                                             ShardedCallStats* stats) {
   response->Clear();
+  if (stats != nullptr) *stats = {};
   if (stubs_.empty()) return Invalid("ShardedClient: no channels");
   if (shards < 1) return Invalid("ShardedClient: shards must be >= 1");
   const v1::ComputeOptions& compute = request.options();
@@ -331,6 +337,13 @@ grpc::Status ShardedClient::ComputeGradients(const v1::ComputeGradientsRequest& 
     }
     RunPart(&parts[0], deadline);
     for (std::thread& thread : threads) thread.join();
+  }
+  if (stats != nullptr) {
+    for (const Part& part : parts) {
+      stats->bytes_sent += part.stats.bytes_sent;
+      stats->bytes_received += part.stats.bytes_received;
+      stats->attempts += part.stats.attempts;
+    }
   }
   const auto part_name = [](const Part& part) {
     return "shard " + std::to_string(part.index) + " of " + std::to_string(part.count) + " (rows " +

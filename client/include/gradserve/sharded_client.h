@@ -15,6 +15,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <chrono>
+#include <cstdint>
 #include <memory>
 #include <vector>
 
@@ -68,6 +69,15 @@ struct ShardedClientOptions {
 // counted once: the first attempt to succeed. Any other error, or a part out of attempts,
 // fails the whole call with that part's status code and a message naming the part
 // ("shard 1 of 3 (rows 4..6): ..."); with several failed parts, the lowest-numbered one.
+// What one ComputeGradients call moved, every part and attempt counted: serialized message
+// bytes (without gRPC's and HTTP/2's framing).
+struct ShardedCallStats {
+  int64_t bytes_sent = 0;
+  int64_t bytes_received = 0;
+  // Calls made: the parts, plus one per retry.
+  int attempts = 0;
+};
+
 class ShardedClient {
  public:
   // One channel per replica.
@@ -83,8 +93,10 @@ class ShardedClient {
 
   // `request` split into `shards` parts (>= 1). INVALID_ARGUMENT, before anything is sent, if
   // the batch cannot be split (no batch, leading sizes that differ, data not matching a shape).
+  // `stats`, if not null, is filled in whatever the outcome.
   grpc::Status ComputeGradients(const v1::ComputeGradientsRequest& request, int shards,
-                                v1::ComputeGradientsResponse* response);
+                                v1::ComputeGradientsResponse* response,
+                                ShardedCallStats* stats = nullptr);
   // In default_shards parts: the channel count, or the number given with the one channel.
   grpc::Status ComputeGradients(const v1::ComputeGradientsRequest& request,
                                 v1::ComputeGradientsResponse* response);
