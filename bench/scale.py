@@ -105,7 +105,7 @@ def main():
             replicas = [cluster.gradserve(args.gradserve, "--threads", str(threads),
                                           name=f"gradserve{i}") for i in range(replica_count)]
             optimizer = cluster.add("optimizer", args.optimizer, "--data-dir", data_dir,
-                                    port_from_log=False)
+                                    )
             stub = opb_grpc.OptimizerServiceStub(optimizer.channel())
             stub.CreateRun(opb.CreateRunRequest(spec=spec(replicas)), timeout=60)
             for k in range(args.warmup):

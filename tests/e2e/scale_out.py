@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import numpy as np
 
@@ -114,12 +115,11 @@ def run(args, source, work):
         run_file = f"{work}/crash.json"
         with open(run_file, "w") as f:
             f.write(json_format.MessageToJson(spec("crash", replicas)))
-        # The port is reserved here rather than read from a log line, and the same one serves
-        # the restarts; the calls take milliseconds, so a short grace is plenty.
+        # The calls take milliseconds, so a short grace is plenty. Restarts reuse the port.
         optimizer = cluster.add(
             "optimizer", args.optimizer, "--state-dir", state_dir, "--data-dir", data_dir,
             "--run", run_file, "--checkpoint-every", "100", "--shutdown-grace", "5",
-            *[a for r in replicas for a in ("--gradserve", r.target)], port_from_log=False)
+            *[a for r in replicas for a in ("--gradserve", r.target)])
         stub = opb_grpc.OptimizerServiceStub(optimizer.channel())
 
         def create(s):
@@ -210,14 +210,18 @@ def run(args, source, work):
         progress = threading.Condition()
         done = threading.Event()
 
+        seconds = []
+
         def stepper():
             k = 0
             while not done.is_set():
+                start = time.monotonic()
                 try:
                     step("roll", k)
                 except grpc.RpcError as error:
                     errors.append(f"step {k}: {error.code().name}: {error.details()}")
                     return
+                seconds.append(time.monotonic() - start)
                 k += 1
                 with progress:
                     stepped[0] = k
@@ -232,21 +236,26 @@ def run(args, source, work):
         try:
             wait_for_steps(3)
             for i, replica in enumerate(replicas):
-                at_term = stepped[0]
+                at_term, t_term = stepped[0], time.monotonic()
                 rc = replica.stop(signal.SIGTERM)
-                at_exit = stepped[0]
+                at_exit, t_exit = stepped[0], time.monotonic()
                 # Steps taken while the replica is gone, whose parts must go elsewhere.
                 wait_for_steps(at_exit + 3)
+                t_start = time.monotonic()
                 replica.start()
-                at_back = stepped[0]
+                at_back, t_back = stepped[0], time.monotonic()
                 wait_for_steps(at_back + 3)
                 check(rc == 0 and not errors,
-                      f"replica {i}: exit {rc} after SIGTERM; steps {at_term} at SIGTERM, "
-                      f"{at_exit} at exit, {at_back} when back on port {replica.port}")
+                      f"replica {i}: exit {rc} {t_exit - t_term:.2f} s after SIGTERM, back on "
+                      f"port {replica.port} {t_back - t_exit:.2f} s later (start {t_back - t_start:.2f} s);"
+                      f" steps {at_term} at SIGTERM, {at_exit} at exit, {at_back} when back")
         finally:
             done.set()
             thread.join()
         check(not errors, f"no Step failed: {errors or 'none'}")
+        print(f"     step time: median {1000 * np.median(seconds):.1f} ms, "
+              f"max {1000 * max(seconds):.0f} ms (a part sent to a replica that is going away "
+              "waits for the channel's own retries before moving on)")
         total = stepped[0]
         create(spec("roll-ref", replicas, 3))
         steps("roll-ref", 0, total)
