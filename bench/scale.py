@@ -63,6 +63,10 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--max-other", type=float, default=0.25,
+                        help="a run during which other processes kept more than this many "
+                             "cores busy is run again")
+    parser.add_argument("--retries", type=int, default=2, help="runs again, at most")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "scale.md"))
     parser.add_argument("--json", default=os.path.join(HERE, "results", "scale.json"))
     args = parser.parse_args()
@@ -138,12 +142,18 @@ def main():
         order = configs[r % len(configs):] + configs[:r % len(configs)]
         results = []
         for replica_count, threads in order:
-            round_dir = f"{work}/round{r}-{replica_count}x{threads}"
-            os.makedirs(round_dir)
-            result = measure(replica_count, threads, round_dir)
-            print(f"round {r + 1}: {replica_count} replica(s) x {threads} thread(s): "
-                  f"{result['steps_per_second']:.2f} steps/s, other CPU "
-                  f"{100 * result['cpu_other']:.0f}%", file=sys.stderr, flush=True)
+            # The machine is shared: a run that other work competed with is run again (the
+            # last attempt is kept whatever happened; the report shows its "other" CPU).
+            for attempt in range(args.retries + 1):
+                round_dir = f"{work}/round{r}-{replica_count}x{threads}-{attempt}"
+                os.makedirs(round_dir)
+                result = measure(replica_count, threads, round_dir)
+                result["attempts"] = attempt + 1
+                print(f"round {r + 1}: {replica_count} replica(s) x {threads} thread(s): "
+                      f"{result['steps_per_second']:.2f} steps/s, other CPU "
+                      f"{100 * result['cpu_other']:.0f}%", file=sys.stderr, flush=True)
+                if result["cpu_other"] <= args.max_other:
+                    break
             results.append(result)
         rounds.append(results)
 
@@ -187,7 +197,10 @@ def report(rounds, configs, started, commit, args):
         f"against {configs[0][0]} replica x {configs[0][1]} thread(s), then the median taken.",
         "- CPU columns: cores busy during the timed steps (1.0 = one core), from /proc: the "
         "replicas together, the optimizer, the Python driver, and everything else on the "
-        "machine (\"other\": more than ~0.25 means someone else's work was competing).",
+        f"machine (\"other\"; a run with more than {args.max_other} was run again, up to "
+        f"{args.retries} times: {sum(x['attempts'] > 1 for r in rounds for x in r)} were, and "
+        f"{sum(x['cpu_other'] > args.max_other for r in rounds for x in r)} of the runs kept "
+        "still had other work competing).",
         "",
         "| replicas x threads | steps/s | ms/step | vs first | bytes sent/step | "
         "bytes received/step | CPU replicas | CPU optimizer | CPU driver | CPU other | "

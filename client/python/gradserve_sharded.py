@@ -62,7 +62,7 @@ import numpy as np
 
 from gradserve_client import pb, pb_grpc
 
-__all__ = ["ShardedClient", "ShardedError", "split_rows"]
+__all__ = ["ShardedClient", "ShardedCallStats", "ShardedError", "split_rows"]
 
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _ELEMENT_BYTES = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_INT32: 4, pb.DTYPE_FLOAT64: 8,
@@ -83,6 +83,21 @@ class ShardedError(grpc.RpcError):
 
     def details(self) -> str:
         return self._details
+
+
+class ShardedCallStats:
+    """What one compute_gradients call moved, every part and attempt counted (as the C++
+    ShardedCallStats): serialized message bytes, without gRPC's and HTTP/2's framing, and the
+    calls made (the parts, plus one per retry)."""
+
+    def __init__(self):
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.attempts = 0
+
+    def __repr__(self):
+        return (f"ShardedCallStats(bytes_sent={self.bytes_sent}, "
+                f"bytes_received={self.bytes_received}, attempts={self.attempts})")
 
 
 def _invalid(message: str) -> ShardedError:
@@ -159,6 +174,7 @@ class _Part:
         self.request = request
         self.response: Optional["pb.ComputeGradientsResponse"] = None
         self.error: Optional[grpc.RpcError] = None
+        self.stats = ShardedCallStats()
 
     def name(self) -> str:
         return (f"shard {self.index} of {self.count} "
@@ -230,10 +246,13 @@ class ShardedClient:
             # The first attempt, then each retry on another replica than the one that failed.
             stub = self._stubs[(part.index + attempt) % len(self._stubs)]
             timeout = min(deadline - time.monotonic(), self._attempt_timeout)
+            part.stats.attempts += 1
+            part.stats.bytes_sent += part.request.ByteSize()
             try:
                 part.response = stub.ComputeGradients(part.request, timeout=max(timeout, 0.0),
                                                       metadata=self._metadata)
                 part.error = None
+                part.stats.bytes_received += part.response.ByteSize()
                 return
             except grpc.RpcError as error:
                 part.response, part.error = None, error
@@ -247,10 +266,15 @@ class ShardedClient:
             backoff *= self._backoff_multiplier
 
     def compute_gradients(self, request: "pb.ComputeGradientsRequest",
-                          shards: Optional[int] = None) -> "pb.ComputeGradientsResponse":
+                          shards: Optional[int] = None,
+                          stats: Optional[ShardedCallStats] = None
+                          ) -> "pb.ComputeGradientsResponse":
         """``request`` split into ``shards`` parts (default: see the constructor). Raises
         ShardedError: INVALID_ARGUMENT before anything is sent if the batch cannot be split,
-        else the failing part's status."""
+        else the failing part's status. ``stats``, if given, is filled in whatever the
+        outcome."""
+        if stats is not None:
+            stats.__init__()
         shards = self._default_shards if shards is None else shards
         if not self._stubs:
             raise _invalid("ShardedClient: no channels")
@@ -310,6 +334,11 @@ class ShardedClient:
             futures = [pool.submit(self._run_part, part, deadline) for part in parts]
             for future in futures:
                 future.result()
+        if stats is not None:
+            for part in parts:
+                stats.bytes_sent += part.stats.bytes_sent
+                stats.bytes_received += part.stats.bytes_received
+                stats.attempts += part.stats.attempts
         for part in parts:
             if part.error is not None:
                 raise ShardedError(part.error.code(), f"{part.name()}: {part.error.details()}")

@@ -17,7 +17,7 @@ import numpy as np
 
 import gradserve_client as gc
 from gradserve_client import pb
-from gradserve_sharded import ShardedClient, ShardedError, split_rows
+from gradserve_sharded import ShardedCallStats, ShardedClient, ShardedError, split_rows
 
 
 class FakeRpcError(grpc.RpcError):
@@ -227,11 +227,22 @@ class RetryTest(unittest.TestCase):
         reps = replicas(3, log)
         reps[1].fail = [grpc.StatusCode.UNAVAILABLE]
         request, _ = chain_request(batch=9)
-        response = self.client(reps).compute_gradients(request)
+        stats = ShardedCallStats()
+        response = self.client(reps).compute_gradients(request, stats=stats)
         self.assertEqual(sorted((n, r) for n, r, _ in log),
                          [("r0", 0.0), ("r1", 3.0), ("r2", 3.0), ("r2", 6.0)])
         expected = self.client(replicas(3, [])).compute_gradients(request)
         self.assertEqual(response.SerializeToString(), expected.SerializeToString())
+        # Every attempt's request counted, only answers received: 3 parts of 3 rows, one
+        # sent twice.
+        part = pb.ComputeGradientsRequest()
+        part.CopyFrom(request)
+        part.inputs.CopyFrom(gc.to_tensor(gc.from_tensor(request.inputs)[3:6]))
+        part.targets.CopyFrom(gc.to_tensor(gc.from_tensor(request.targets)[3:6]))
+        self.assertEqual(stats.attempts, 4)
+        self.assertEqual(stats.bytes_sent, 4 * part.ByteSize())
+        self.assertEqual(stats.bytes_received,
+                         sum(fake_answer(p).ByteSize() for p in [part] * 3))
 
     def test_deadline_exceeded_is_retried(self):
         log = []
@@ -246,8 +257,10 @@ class RetryTest(unittest.TestCase):
         log = []
         reps = replicas(2, log, fail=[grpc.StatusCode.UNAVAILABLE] * 10)
         request, _ = chain_request(batch=7)
+        stats = ShardedCallStats()
         with self.assertRaises(ShardedError) as raised:
-            self.client(reps, max_attempts=3).compute_gradients(request)
+            self.client(reps, max_attempts=3).compute_gradients(request, stats=stats)
+        self.assertEqual((stats.attempts, stats.bytes_received), (6, 0))
         self.assertEqual(raised.exception.code(), grpc.StatusCode.UNAVAILABLE)
         self.assertTrue(raised.exception.details().startswith("shard 0 of 2 (rows 0..3): "),
                         raised.exception.details())
