@@ -234,21 +234,22 @@ def run(args, source, work):
         thread = threading.Thread(target=stepper)
         thread.start()
         try:
-            wait_for_steps(3)
+            moving = wait_for_steps(3)
             for i, replica in enumerate(replicas):
                 at_term, t_term = stepped[0], time.monotonic()
                 rc = replica.stop(signal.SIGTERM)
                 at_exit, t_exit = stepped[0], time.monotonic()
                 # Steps taken while the replica is gone, whose parts must go elsewhere.
-                wait_for_steps(at_exit + 3)
+                moving = wait_for_steps(at_exit + 3) and moving
                 t_start = time.monotonic()
                 replica.start()
                 at_back, t_back = stepped[0], time.monotonic()
-                wait_for_steps(at_back + 3)
-                check(rc == 0 and not errors,
+                moving = wait_for_steps(at_back + 3) and moving
+                check(rc == 0 and moving and not errors,
                       f"replica {i}: exit {rc} {t_exit - t_term:.2f} s after SIGTERM, back on "
-                      f"port {replica.port} {t_back - t_exit:.2f} s later (start {t_back - t_start:.2f} s);"
-                      f" steps {at_term} at SIGTERM, {at_exit} at exit, {at_back} when back")
+                      f"port {replica.port} {t_back - t_exit:.2f} s later (start "
+                      f"{t_back - t_start:.2f} s); steps {at_term} at SIGTERM, {at_exit} at "
+                      f"exit, {at_back} when back")
         finally:
             done.set()
             thread.join()
