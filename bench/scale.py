@@ -73,6 +73,13 @@ def main():
     configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
 
     work = tempfile.mkdtemp(prefix="gradserve-scale-")
+    try:
+        run(args, configs, work)
+    finally:
+        subprocess.run(["rm", "-rf", work], check=False)
+
+
+def run(args, configs, work):
     subprocess.run([f"{REPO}/client/python/generate.sh", f"{work}/stubs"], check=True,
                    stdout=subprocess.DEVNULL)
     sys.path[:0] = [f"{work}/stubs", f"{REPO}/client/python", f"{REPO}/tests/e2e"]
@@ -165,7 +172,6 @@ def main():
     with open(args.out, "w") as f:
         f.write(report(rounds, configs, started, commit, args))
     print(open(args.out).read())
-    subprocess.run(["rm", "-rf", work], check=False)
 
 
 def report(rounds, configs, started, commit, args):

@@ -11,8 +11,10 @@
 # optimizer splitting each batch into R parts. The default compares 1, 2 and 3 one-thread
 # replicas against one, plus one replica with both cores (1x2): on this 2-core machine the
 # ceiling is CPU, not replicas, so 2x1 is the most the machine can give and 3x1 shows what
-# oversubscription costs. Writes bench/results/scale.md (medians over rounds; ratios taken
-# within a round) and bench/results/scale.json (every run). Driver: bench/scale.py.
+# oversubscription costs. A run during which other work kept more than --max-other (0.25) cores
+# busy is run again, up to --retries (2) times. Writes bench/results/scale.md (medians over
+# rounds; ratios taken within a round) and bench/results/scale.json (every run). Driver:
+# bench/scale.py.
 #
 # Environment: BUILD_DIR [build/release], GRADSERVE [BUILD_DIR/server/gradserve],
 #   GRADSERVE_OPTIMIZER [BUILD_DIR/optimizer/gradserve-optimizer], PYTHON [/usr/bin/python3].
