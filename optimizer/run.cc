@@ -269,8 +269,13 @@ absl::Status Run::Prepare(const v1::RunSpec& spec, const RunEnvironment& environ
   // A hung replica's part moves on to another replica while half the step's time is left.
   options.attempt_timeout = environment.step_timeout / 2;
   std::vector<std::shared_ptr<grpc::Channel>> channels;
+  client::ClientOptions channel_options = options.client;
+  // One channel per replica: a part refused by one moves on to the next at once (the
+  // ShardedClient's retry) rather than waiting out the channel's own retries there. One
+  // channel over many replicas keeps them: they go to another replica.
+  channel_options.retry_unavailable = targets.size() == 1;
   for (const std::string& target : targets) {
-    channels.push_back(client::CreateChannel(target, options.client));
+    channels.push_back(client::CreateChannel(target, channel_options));
   }
   shards_ = spec.shards() > 0 ? spec.shards() : environment.default_shards;
   if (shards_ <= 0) shards_ = static_cast<int>(channels.size());
