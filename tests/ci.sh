@@ -11,14 +11,15 @@
 #              test preset lists them and says why the others are left out)
 #     fuzz     each libFuzzer target for --fuzz-time seconds (fuzz/run.sh), then ctest --preset
 #              fuzz replays the committed corpus, crash inputs included
-#   --fuzz-time S      seconds per fuzz target (default 60)
+#   --fuzz-time S      seconds per fuzz target (default 20: CI's whole run must stay under 40
+#                      minutes on 2 cores; fuzz/run.sh alone defaults to 600)
 #
 # Prints each stage's wall time at the end; stops at the first stage that fails.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 stages="release,asan,tsan,fuzz"
-fuzz_time=60
+fuzz_time=20
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --stages) stages="$2"; shift 2 ;;
