@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets (the fuzz preset) and fuzzes each for a while, starting from the
-# committed seed corpus. CI runs `fuzz/run.sh --time 60`; run it longer by hand.
+# committed seed corpus. CI runs `fuzz/run.sh --time 20`; run it longer by hand.
 #
 #   fuzz/run.sh [--time SECONDS] [--build-dir DIR] [--merge] [TARGET...]
 #

@@ -27,6 +27,8 @@ class Dataset {
   // Examples and steps per epoch.
   int64_t size() const { return size_; }
   int64_t steps_per_epoch() const { return size_ / batch_size_; }
+  // Memory the examples take.
+  int64_t bytes() const { return static_cast<int64_t>(inputs_.data.size() + targets_.data.size()); }
 
   // The batch of step `step` (0 for a run's first): rows of epoch step / steps_per_epoch's
   // permutation. The inputs in the run's floating dtype; integer targets as INT64, floating

@@ -93,6 +93,11 @@ int main(int argc, char** argv) {
   app.add_option("--max-runs", options.max_runs, "runs this server holds at most")
       ->capture_default_str()
       ->check(CLI::Range(1, 1 << 16));
+  app.add_option("--max-memory-bytes", options.max_memory_bytes,
+                 "parameters and optimizer state (float64) and data sets of all runs together; "
+                 "a run that would exceed it is refused with RESOURCE_EXHAUSTED")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1} << 20, int64_t{1} << 50));
   app.add_option("--max-message-bytes", options.environment.max_message_bytes,
                  "largest message this server takes or sends, and sends to gradserve (a run's "
                  "parameters must fit one)")

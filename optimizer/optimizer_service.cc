@@ -86,7 +86,7 @@ absl::Status OptimizerServiceImpl::Start(const std::vector<v1::RunSpec>& runs) {
       auto given = specs.find(run_id);
       absl::StatusOr<std::unique_ptr<Run>> run =
           Run::Restore(*arrays, path.string(), given == specs.end() ? nullptr : given->second,
-                       options_.environment);
+                       EnvironmentForNewRun());
       if (!run.ok()) return run.status();
       if ((*run)->spec().run_id() != run_id) {
         return absl::FailedPreconditionError(path.string() + " holds run \"" +
@@ -113,7 +113,7 @@ absl::Status OptimizerServiceImpl::Start(const std::vector<v1::RunSpec>& runs) {
   }
   for (const v1::RunSpec& spec : runs) {
     if (std::find(restored.begin(), restored.end(), spec.run_id()) != restored.end()) continue;
-    absl::StatusOr<std::unique_ptr<Run>> run = Run::Create(spec, options_.environment);
+    absl::StatusOr<std::unique_ptr<Run>> run = Run::Create(spec, EnvironmentForNewRun());
     if (!run.ok()) return run.status();
     if (absl::Status status = AddRun(*std::move(run), true, nullptr); !status.ok()) return status;
     spdlog::info("run {}: created", spec.run_id());
@@ -137,6 +137,15 @@ absl::Status OptimizerServiceImpl::AddRun(std::unique_ptr<Run> run, bool write_c
                                           std::to_string(options_.max_runs) +
                                           " runs already; delete one first");
     }
+    const int64_t bytes = entry->run->MemoryBytes();
+    if (bytes > options_.max_memory_bytes - memory_bytes_) {
+      return absl::ResourceExhaustedError(
+          "run \"" + run_id + "\" needs " + std::to_string(bytes) +
+          " bytes for its parameters, optimizer state and data set; --max-memory-bytes " +
+          std::to_string(options_.max_memory_bytes) + " leaves " +
+          std::to_string(options_.max_memory_bytes - memory_bytes_));
+    }
+    memory_bytes_ += bytes;
     runs_[run_id] = entry;
   }
   if (write_checkpoint && !options_.state_dir.empty()) {
@@ -144,12 +153,21 @@ absl::Status OptimizerServiceImpl::AddRun(std::unique_ptr<Run> run, bool write_c
     if (absl::Status written = WriteCheckpoint(*entry, &step); !written.ok()) {
       std::lock_guard lock(mutex_);
       runs_.erase(run_id);
+      memory_bytes_ -= entry->run->MemoryBytes();
       return written;
     }
   }
   StartTrainer(entry);
   if (status != nullptr) *status = StatusOf(*entry);
   return absl::OkStatus();
+}
+
+RunEnvironment OptimizerServiceImpl::EnvironmentForNewRun() const {
+  RunEnvironment environment = options_.environment;
+  std::lock_guard lock(mutex_);
+  environment.max_dataset_bytes = std::max<int64_t>(
+      0, std::min(environment.max_dataset_bytes, options_.max_memory_bytes - memory_bytes_));
+  return environment;
 }
 
 std::shared_ptr<OptimizerServiceImpl::Entry> OptimizerServiceImpl::Find(const std::string& run_id,
@@ -330,7 +348,7 @@ grpc::Status OptimizerServiceImpl::CreateRun(grpc::ServerContext*,
                               " runs already; delete one first");
     }
   }
-  absl::StatusOr<std::unique_ptr<Run>> run = Run::Create(spec, options_.environment);
+  absl::StatusOr<std::unique_ptr<Run>> run = Run::Create(spec, EnvironmentForNewRun());
   if (!run.ok()) return ToGrpc(run.status());
   if (absl::Status status = AddRun(*std::move(run), true, response); !status.ok()) {
     return ToGrpc(status);
@@ -415,6 +433,7 @@ grpc::Status OptimizerServiceImpl::DeleteRun(grpc::ServerContext*,
     }
     entry = found->second;
     runs_.erase(found);
+    memory_bytes_ -= entry->run->MemoryBytes();
   }
   StopTrainer(*entry, options_.environment.step_timeout);
   if (!options_.state_dir.empty()) {

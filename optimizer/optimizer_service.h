@@ -24,6 +24,8 @@ struct OptimizerOptions {
   // Checkpoints go here as <run_id>.npz; empty: none are written or restored.
   std::string state_dir;
   int max_runs = 64;
+  // Parameters, optimizer state and data sets of all runs together (Run::MemoryBytes).
+  int64_t max_memory_bytes = int64_t{4} << 30;
   // Background training logs a run's loss every this many steps.
   int64_t log_every = 10;
 };
@@ -64,6 +66,8 @@ class OptimizerServiceImpl final : public v1::OptimizerService::Service {
   struct Entry;
 
   absl::Status AddRun(std::unique_ptr<Run> run, bool write_checkpoint, v1::RunStatus* status);
+  // The environment for a new run: its data set may take what the memory budget has left.
+  RunEnvironment EnvironmentForNewRun() const;
   std::shared_ptr<Entry> Find(const std::string& run_id, grpc::Status* error) const;
   // A step, then the checkpoint if the step count calls for one.
   absl::Status StepAndCheckpoint(Entry& entry, const v1::StepRequest& request,
@@ -78,6 +82,7 @@ class OptimizerServiceImpl final : public v1::OptimizerService::Service {
   const OptimizerOptions options_;
   mutable std::mutex mutex_;  // guards runs_ and stopped_
   std::map<std::string, std::shared_ptr<Entry>> runs_;
+  int64_t memory_bytes_ = 0;  // of the runs in runs_
   bool stopped_ = false;
 };
 

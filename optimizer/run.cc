@@ -269,8 +269,13 @@ absl::Status Run::Prepare(const v1::RunSpec& spec, const RunEnvironment& environ
   // A hung replica's part moves on to another replica while half the step's time is left.
   options.attempt_timeout = environment.step_timeout / 2;
   std::vector<std::shared_ptr<grpc::Channel>> channels;
+  client::ClientOptions channel_options = options.client;
+  // One channel per replica: a part refused by one moves on to the next at once (the
+  // ShardedClient's retry) rather than waiting out the channel's own retries there. One
+  // channel over many replicas keeps them: they go to another replica.
+  channel_options.retry_unavailable = targets.size() == 1;
   for (const std::string& target : targets) {
-    channels.push_back(client::CreateChannel(target, options.client));
+    channels.push_back(client::CreateChannel(target, channel_options));
   }
   shards_ = spec.shards() > 0 ? spec.shards() : environment.default_shards;
   if (shards_ <= 0) shards_ = static_cast<int>(channels.size());
@@ -440,6 +445,13 @@ bool Run::SameTrajectory(const v1::RunSpec& spec) const {
 
 int64_t Run::checkpoint_every() const {
   return spec_.checkpoint_every() > 0 ? spec_.checkpoint_every() : environment_.checkpoint_every;
+}
+
+int64_t Run::MemoryBytes() const {
+  int64_t elements = 0;
+  for (const Parameter& parameter : parameters_) elements += ElementCount(parameter.shape);
+  const int kept = rule_.algorithm != Algorithm::kSgd ? 3 : (rule_.momentum != 0 ? 2 : 1);
+  return elements * kept * 8 + (dataset_ ? dataset_->bytes() : 0);
 }
 
 int64_t Run::step() const {

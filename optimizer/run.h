@@ -28,6 +28,7 @@ namespace gradserve::optimizer {
 struct RunEnvironment {
   // Data sets are read from under here; empty: runs may not name one.
   std::string data_dir;
+  // The files of one data set together; the service lowers it to its memory budget's rest.
   int64_t max_dataset_bytes = int64_t{4} << 30;
   // Targets and parts for a spec that names none.
   std::vector<std::string> default_targets;
@@ -73,6 +74,8 @@ class Run {
   bool has_dataset() const { return dataset_.has_value(); }
   const v1::RunSpec& spec() const { return spec_; }
   int64_t checkpoint_every() const;
+  // What the run holds in memory: parameters and optimizer state in float64, and its data set.
+  int64_t MemoryBytes() const;
 
   v1::GetParametersResponse Parameters() const;
   // The checkpoint's members (see optimizer.proto) at the current step.

@@ -120,8 +120,9 @@ void ApplyUpdate(const UpdateRule& rule, int64_t step, std::span<const double> g
     double& v = state->exp_avg_sq[i];
     // exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
     m = std::fma(g, 1 - rule.beta1, m * rule.beta1);
-    // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    v = v * rule.beta2 + (1 - rule.beta2) * g * g;
+    // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2): ATen's kernel computes
+    // self + value * t1 * t2, which GCC contracts to fma(value * t1, t2, self) in torch's build.
+    v = std::fma((1 - rule.beta2) * g, g, v * rule.beta2);
     // denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
     const double denom = std::sqrt(v) / bias_correction2_sqrt + rule.eps;
     // param.addcdiv_(exp_avg, denom, value=-step_size)

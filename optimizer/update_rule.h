@@ -1,8 +1,8 @@
 // The optimizers' update rules, in float64, with torch.optim's formulas (PyTorch 1.13, the
-// single-tensor implementation CPU tensors use). Where PyTorch's vectorised kernels fuse a
-// multiply and an add (Tensor.add_ with alpha, on x86 with FMA), std::fma does the same, so a
-// trajectory can be compared with torch.optim's bit for bit (bench/pytorch_crosscheck.py
-// --only optimizer). No gRPC here: the rules are plain functions of spans.
+// single-tensor implementation CPU tensors use). Where PyTorch's x86 kernels fuse a multiply
+// and an add (Tensor.add_ with alpha, addcmul_), std::fma does the same, so the parameters
+// match torch.optim's bit for bit given the same gradients (bench/optimizer_crosscheck.py).
+// No gRPC here: the rules are plain functions of spans.
 #ifndef GRADSERVE_OPTIMIZER_UPDATE_RULE_H_
 #define GRADSERVE_OPTIMIZER_UPDATE_RULE_H_
 

@@ -148,6 +148,7 @@ std::shared_ptr<grpc::Channel> CreateChannel(
   // round_robin over every address the target resolves to, and calls refused with UNAVAILABLE
   // (a replica shutting down) retried on another one: client/service_config.json.
   args.SetServiceConfigJSON(internal::kServiceConfigJson);
+  if (!options.retry_unavailable) args.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);
   if (!options.tls.server_name_override.empty()) {
     args.SetSslTargetNameOverride(options.tls.server_name_override);
   }

@@ -544,6 +544,44 @@ TEST_F(RunTest, ServiceCreatesIdempotentlyAndChecksWhatCallersSend) {
   EXPECT_FALSE(std::filesystem::exists(options.state_dir + "/mlp.npz"));
 }
 
+TEST_F(RunTest, RunsBeyondTheMemoryBudgetAreRefused) {
+  OptimizerOptions options;
+  options.environment = Environment(1);
+  // The MLP's 59 parameters with Adam's two moments take 59 * 3 * 8 = 1416 bytes, its data set
+  // 96 * 6 * 8 + 96 * 8 = 5376: room for one run, not two.
+  options.max_memory_bytes = 8000;
+  OptimizerServiceImpl service(options);
+  ASSERT_TRUE(service.Start({}).ok());
+  grpc::ServerContext context;
+  v1::CreateRunRequest create;
+  *create.mutable_spec() = Spec(Config(v1::OptimizerConfig::ALGORITHM_ADAM, 0.01));
+  v1::RunStatus status;
+  ASSERT_TRUE(service.CreateRun(&context, &create, &status).ok());
+  create.mutable_spec()->set_run_id("second");
+  const grpc::Status refused = service.CreateRun(&context, &create, &status);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << refused.error_message();
+  // Deleting the first frees its share.
+  v1::DeleteRunRequest remove;
+  remove.set_run_id("mlp");
+  v1::DeleteRunResponse removed;
+  ASSERT_TRUE(service.DeleteRun(&context, &remove, &removed).ok());
+  EXPECT_TRUE(service.CreateRun(&context, &create, &status).ok());
+}
+
+// The run's status once its background training has stopped (or after 10 s).
+v1::RunStatus StatusOnceTrained(OptimizerServiceImpl& service, const std::string& run_id) {
+  grpc::ServerContext context;
+  v1::GetRunRequest get;
+  get.set_run_id(run_id);
+  v1::RunStatus status;
+  for (int i = 0; i < 2000; ++i) {
+    EXPECT_TRUE(service.GetRun(&context, &get, &status).ok());
+    if (status.state() != v1::RunStatus::STATE_TRAINING) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return status;
+}
+
 TEST_F(RunTest, BackgroundTrainingResumesAfterARestartAndStopsAtMaxSteps) {
   OptimizerOptions options;
   options.environment = Environment(3);
@@ -554,15 +592,7 @@ TEST_F(RunTest, BackgroundTrainingResumesAfterARestartAndStopsAtMaxSteps) {
   {
     OptimizerServiceImpl service(options);
     ASSERT_TRUE(service.Start({spec}).ok());
-    grpc::ServerContext context;
-    v1::GetRunRequest get;
-    get.set_run_id("mlp");
-    v1::RunStatus status;
-    for (int i = 0; i < 2000; ++i) {
-      ASSERT_TRUE(service.GetRun(&context, &get, &status).ok());
-      if (status.state() != v1::RunStatus::STATE_TRAINING) break;
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
+    const v1::RunStatus status = StatusOnceTrained(service, "mlp");
     EXPECT_EQ(status.state(), v1::RunStatus::STATE_IDLE) << status.error();
     EXPECT_EQ(status.step(), 10);
     EXPECT_EQ(status.checkpoint_step(), 8);
@@ -572,15 +602,7 @@ TEST_F(RunTest, BackgroundTrainingResumesAfterARestartAndStopsAtMaxSteps) {
   spec.set_max_steps(12);
   OptimizerServiceImpl service(options);
   ASSERT_TRUE(service.Start({spec}).ok());
-  grpc::ServerContext context;
-  v1::GetRunRequest get;
-  get.set_run_id("mlp");
-  v1::RunStatus status;
-  for (int i = 0; i < 2000; ++i) {
-    ASSERT_TRUE(service.GetRun(&context, &get, &status).ok());
-    if (status.state() != v1::RunStatus::STATE_TRAINING) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
+  const v1::RunStatus status = StatusOnceTrained(service, "mlp");
   EXPECT_EQ(status.step(), 12);
   EXPECT_EQ(status.recent_losses_size(), 12);
   // A different trajectory under the same id is refused at start-up.

@@ -149,6 +149,11 @@ struct ClientOptions {
   // Deadline of every call.
   std::chrono::milliseconds timeout{60000};
   TlsOptions tls;
+  // Retry a call refused with UNAVAILABLE on this channel, as client/service_config.json says
+  // (up to 4 more times, ~1.5 s in all). Off for a channel to one replica of several that a
+  // ShardedClient drives: it moves a failed part to the next replica at once, which a channel
+  // still retrying the replica that is down would delay.
+  bool retry_unavailable = true;
   // Sent as "authorization: Bearer <token>" metadata with every call (health checks too, which
   // the server does not require it for); empty: none. Per-call metadata rather than gRPC call
   // credentials, which gRPC refuses to send over a plaintext channel.

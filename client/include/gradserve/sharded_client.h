@@ -1,8 +1,12 @@
 // Data-parallel gradients: one ComputeGradientsRequest's batch split across replicas, the
 // answers combined as if one server had computed the whole batch.
 //
+//   ClientOptions per_replica;
+//   per_replica.retry_unavailable = false;  // the ShardedClient moves a failed part itself
 //   std::vector<std::shared_ptr<grpc::Channel>> replicas;
-//   for (const std::string& address : addresses) replicas.push_back(CreateChannel(address));
+//   for (const std::string& address : addresses) {
+//     replicas.push_back(CreateChannel(address, per_replica));
+//   }
 //   gradserve::client::ShardedClient sharded(replicas);
 //   grpc::Status status = sharded.ComputeGradients(request, /*shards=*/3, &response);
 //
