@@ -18,7 +18,7 @@
 #              with GRADSERVE_CPU=native, the release preset's flags, so that the comparison can
 #              be bit for bit (a portable build differs in the last bits). podman's layer cache
 #              keeps the package layer, and build-image.sh's compiler cache means a commit
-#              recompiles only what it changed: ~25 s unchanged, ~70 s after a commit, ~6 min cold
+#              recompiles only what it changed: ~25 s unchanged, 1-2 min after a commit, ~6 min cold
 #   --fuzz-time S      seconds per fuzz target (default 20: CI's whole run must stay under 40
 #                      minutes on 2 cores; fuzz/run.sh alone defaults to 600)
 #
