@@ -31,8 +31,9 @@ grpc::Status ToGrpc(const absl::Status& status) {
 
 // Failures a later attempt of the same step may not meet: a replica restarting or overloaded.
 bool Retryable(const absl::Status& status) {
-  return absl::IsUnavailable(status) || absl::IsDeadlineExceeded(status) ||
-         absl::IsResourceExhausted(status) || absl::IsAborted(status);
+  return absl::IsUnavailable(status) || absl::IsCancelled(status) ||
+         absl::IsDeadlineExceeded(status) || absl::IsResourceExhausted(status) ||
+         absl::IsAborted(status);
 }
 
 }  // namespace

@@ -29,7 +29,8 @@ else. ``options.return_output``, ``return_input_gradient`` and ``input_gradient_
 refused (INVALID_ARGUMENT): per-row results are not combined. With one part the response is
 that call's, unchanged.
 
-Retries: a part failing with UNAVAILABLE, or DEADLINE_EXCEEDED while the call's deadline is
+Retries: a part failing with UNAVAILABLE or CANCELLED (from a replica shutting down: this
+client never cancels a part itself), or DEADLINE_EXCEEDED while the call's deadline is
 ahead, goes again to the next channel (part i starts on channel i mod channels) after
 ``initial_backoff`` seconds, then ``backoff_multiplier`` times longer each time, up to
 ``max_attempts`` attempts. The first attempt to succeed is the part's answer; nothing is counted
@@ -64,7 +65,6 @@ from gradserve_client import pb, pb_grpc
 
 __all__ = ["ShardedClient", "ShardedCallStats", "ShardedError", "split_rows"]
 
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _ELEMENT_BYTES = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_INT32: 4, pb.DTYPE_FLOAT64: 8,
                   pb.DTYPE_INT64: 8, pb.DTYPE_BOOL: 1}
 _FLOAT_DTYPES = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_FLOAT64: np.dtype("<f8")}
@@ -258,7 +258,7 @@ class ShardedClient:
                 part.response, part.error = None, error
                 code = error.code()
             now = time.monotonic()
-            retryable = code == grpc.StatusCode.UNAVAILABLE or (
+            retryable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) or (
                 code == grpc.StatusCode.DEADLINE_EXCEEDED and now < deadline)
             if not retryable or attempt + 1 == self._max_attempts or now + backoff >= deadline:
                 return

@@ -222,6 +222,17 @@ class RetryTest(unittest.TestCase):
     def client(self, reps, **kwargs):
         return ShardedClient(reps, initial_backoff=0.001, **kwargs)
 
+    def test_cancelled_by_a_replica_shutting_down_moves_to_the_next(self):
+        log = []
+        reps = replicas(3, log)
+        reps[1].fail = [grpc.StatusCode.CANCELLED]
+        request, _ = chain_request(batch=9)
+        response = self.client(reps).compute_gradients(request)
+        self.assertEqual(sorted((n, r) for n, r, _ in log),
+                         [("r0", 0.0), ("r1", 3.0), ("r2", 3.0), ("r2", 6.0)])
+        expected = self.client(replicas(3, [])).compute_gradients(request)
+        self.assertEqual(response.SerializeToString(), expected.SerializeToString())
+
     def test_unavailable_moves_to_the_next_replica_counted_once(self):
         log = []
         reps = replicas(3, log)

@@ -226,6 +226,7 @@ void ShardedClient::RunPart(Part* part, std::chrono::system_clock::time_point de
     const auto now = std::chrono::system_clock::now();
     const bool retryable =
         part->status.error_code() == grpc::StatusCode::UNAVAILABLE ||
+        part->status.error_code() == grpc::StatusCode::CANCELLED ||
         (part->status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED && now < deadline);
     if (!retryable || attempt + 1 == attempts) return;
     const auto wait = std::chrono::duration_cast<std::chrono::system_clock::duration>(backoff);

@@ -273,11 +273,12 @@ TEST_F(ShardedClientTest, PartForAReplicaThatIsDownIsRetriedOnTheNext) {
   ExpectSameAnswer(Sharded(client, request, 3), Reference(request));
 }
 
-// Replicas that answer UNAVAILABLE or DEADLINE_EXCEEDED (an attempt deadline shorter than the
-// call's): the part moves to the next one, and each part's answer is counted once.
+// Replicas that answer UNAVAILABLE, CANCELLED (one shutting down as the call reaches it) or
+// DEADLINE_EXCEEDED (an attempt deadline shorter than the call's): the part moves to the next
+// one, and each part's answer is counted once.
 TEST(ShardedClientRetry, MovesToTheNextReplicaAndCountsEachPartOnce) {
-  for (const grpc::StatusCode code :
-       {grpc::StatusCode::UNAVAILABLE, grpc::StatusCode::DEADLINE_EXCEEDED}) {
+  for (const grpc::StatusCode code : {grpc::StatusCode::UNAVAILABLE, grpc::StatusCode::CANCELLED,
+                                      grpc::StatusCode::DEADLINE_EXCEEDED}) {
     SCOPED_TRACE(::testing::Message() << "code " << code);
     auto failing = std::make_unique<v1::MockGradientServiceStub>();
     auto serving = std::make_unique<v1::MockGradientServiceStub>();

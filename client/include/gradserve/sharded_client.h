@@ -37,7 +37,7 @@ struct ShardedClientOptions {
   // Deadline of each attempt of one part, capped by client.timeout. Shorter than it, a part
   // that hits it (a stuck replica) is retried on the next channel while time remains.
   std::chrono::milliseconds attempt_timeout{60000};
-  // Attempts per part (the first included) for UNAVAILABLE and DEADLINE_EXCEEDED.
+  // Attempts per part (the first included) for UNAVAILABLE, CANCELLED and DEADLINE_EXCEEDED.
   int max_attempts = 4;
   // Wait before the second attempt; each later wait is `backoff_multiplier` times longer.
   std::chrono::milliseconds initial_backoff{50};
@@ -67,12 +67,15 @@ struct ShardedClientOptions {
 // return_input_gradient and input_gradient_names are refused with INVALID_ARGUMENT). With one
 // part (shards = 1, or a batch of one row) the response is that call's, whole and unchanged.
 //
-// Retries: a part that fails with UNAVAILABLE, or DEADLINE_EXCEEDED while the call's deadline
-// is still ahead, is sent again to the next channel (part i starts on channel i mod channels),
-// after initial_backoff, then twice as long, ..., up to max_attempts. Each part's answer is
-// counted once: the first attempt to succeed. Any other error, or a part out of attempts,
-// fails the whole call with that part's status code and a message naming the part
+// Retries: a part that fails with UNAVAILABLE or CANCELLED, or DEADLINE_EXCEEDED while the
+// call's deadline is still ahead, is sent again to the next channel (part i starts on channel i mod
+// channels), after initial_backoff, then twice as long, ..., up to max_attempts. Each part's answer
+// is counted once: the first attempt to succeed. Any other error, or a part out of attempts, fails
+// the whole call with that part's status code and a message naming the part
 // ("shard 1 of 3 (rows 4..6): ..."); with several failed parts, the lowest-numbered one.
+// CANCELLED is retried because the client never cancels a part itself: it comes from a replica
+// that is shutting down (gRPC cancels a call that reaches the server as it stops), and a
+// gradient call is a pure function of its request, safe to send again.
 // What one ComputeGradients call moved, every part and attempt counted: serialized message
 // bytes (without gRPC's and HTTP/2's framing).
 struct ShardedCallStats {
