@@ -47,8 +47,8 @@ build_packages=(
   # ONNX import: ModelProto, the checker and shape inference (built on our protobuf 3.21).
   libonnx-dev
   libzip-dev          # gradserve-optimizer writes and reads its checkpoints as .npz
-  # The image build compiles through it when build-image.sh mounts its cache (/ccache), so a
-  # rebuild after a commit recompiles only what the commit changed.
+  # Builds compile through it (GRADSERVE_CCACHE; the image build when build-image.sh mounts its
+  # cache at /ccache), so a rebuild after a commit recompiles only what the commit changed.
   ccache
 )
 test_packages=(
