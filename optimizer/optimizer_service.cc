@@ -42,7 +42,7 @@ struct OptimizerServiceImpl::Entry {
   std::unique_ptr<Run> run;
   std::mutex checkpoint_mutex;  // one write of this run's file at a time
 
-  std::mutex mutex;  // guards what follows
+  mutable std::mutex mutex;  // guards what follows (StatusOf reads it through a const Entry)
   std::condition_variable wake;
   v1::RunStatus::State state = v1::RunStatus::STATE_IDLE;
   std::string error;
@@ -184,7 +184,7 @@ std::shared_ptr<OptimizerServiceImpl::Entry> OptimizerServiceImpl::Find(const st
 
 v1::RunStatus OptimizerServiceImpl::StatusOf(const Entry& entry) const {
   v1::RunStatus status = entry.run->Status();
-  std::lock_guard lock(const_cast<std::mutex&>(entry.mutex));
+  std::lock_guard lock(entry.mutex);
   status.set_state(entry.state);
   status.set_error(entry.error);
   status.set_checkpoint_step(entry.checkpoint_step);

@@ -9,7 +9,6 @@
 #include "absl/status/status.h"
 #include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/io/zero_copy_stream_impl_lite.h"
-#include "google/protobuf/util/message_differencer.h"
 #include "gradserve/client.h"
 #include "server/service/onnx_import.h"
 
