@@ -40,7 +40,7 @@ sys.path.append(os.path.join(REPO, "client", "python"))  # after the stubs on PY
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
-import gradserve_client as gc  # noqa: E402
+from gradserve import client as gc  # noqa: E402
 
 pb, pb_grpc = gc.pb, gc.pb_grpc
 SERVICE = "/gradserve.v1.GradientService/"

@@ -22,7 +22,7 @@ import uuid
 import numpy as np
 import torch
 
-import gradserve_client as gc
+from gradserve import client as gc
 from gradserve.optimizer.v1 import optimizer_pb2 as opb
 from gradserve.optimizer.v1 import optimizer_pb2_grpc as opb_grpc
 

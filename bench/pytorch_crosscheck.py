@@ -25,18 +25,18 @@ the reference.
 Graph models (--only graph runs just these): a pre-norm residual LayerNorm MLP (MSE and
 cross-entropy, with dL/dx) and a GPT-2-style decoder (2 blocks, 4 heads, tied LM head,
 cross-entropy over [B, T, V] with ignored positions, T equal to and below the block size),
-defined as ordinary torch.nn modules in client/python/torch_models.py and turned into requests
-by client/python/gradserve_graph.py (torch.fx). Compared tensor by tensor: the loss, the
+defined as ordinary torch.nn modules in client/python/examples/torch_models.py and turned into requests
+by client/python/gradserve/graph.py (torch.fx). Compared tensor by tensor: the loss, the
 output, every gradient by state_dict key, dL/dx. There the per-tensor error has a floor:
 max|server - torch| / max(max|torch|, 1e-6 * G), G the largest |torch gradient| entry of the
 case (see GRAPH_FLOOR), and the thresholds are the same. Also: the traced graph run forward in
-numpy (client/python/graph_numpy.py) against torch, every checkpoint mode bit-identical on the
+numpy (client/python/tests/graph_numpy.py) against torch, every checkpoint mode bit-identical on the
 GPT, and the tracer's refusals (unsupported module, mask computed on the server, training-mode
 Dropout without a seed).
 
 ONNX models (--only onnx runs just these): the modules of tests/data/onnx/export_models.py
 (every activation, residual LayerNorm MLP at opsets 17 and 13, a decoder on
-nn.MultiheadAttention, nanoGPT with a tied head) exported afresh by gradserve_onnx.from_torch
+nn.MultiheadAttention, nanoGPT with a tied head) exported afresh by gradserve.onnx.from_torch
 with new random batches (several batch sizes, and sequence lengths below the export's), in
 float64 and float32, compared with autograd tensor by tensor (same metric and floor as the graph
 models). Exit status 1 if anything fails.
@@ -57,21 +57,16 @@ import torch
 import torch.nn as nn
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "client" / "python"))
-try:
-    import gradserve_client as gc
-except ImportError:
-    # Stubs are generated, not checked in; make a private copy rather than failing.
-    _stub_dir = tempfile.mkdtemp(prefix="gradserve-pystubs-")
-    subprocess.run([str(REPO / "client" / "python" / "generate.sh"), _stub_dir], check=True,
-                   stdout=subprocess.DEVNULL)
-    sys.path.insert(0, _stub_dir)
-    # The failed import left client/python's stub-less "gradserve" package cached.
-    for _name in [n for n in sys.modules if n == "gradserve" or n.startswith("gradserve.")]:
-        del sys.modules[_name]
-    import gradserve_client as gc
-import gradserve_graph as gg  # noqa: E402  (after the stubs are on sys.path)
-import gradserve_onnx  # noqa: E402
+# A private, complete copy of the package with freshly generated stubs: whatever is installed
+# or left in the checkout, this checks the tree's own client.
+_package_dir = tempfile.mkdtemp(prefix="gradserve-py-")
+subprocess.run([str(REPO / "client" / "python" / "generate.sh"), _package_dir], check=True,
+               stdout=subprocess.DEVNULL)
+sys.path[:0] = [_package_dir, str(REPO / "client" / "python" / "tests"),
+                str(REPO / "client" / "python" / "examples")]
+from gradserve import client as gc  # noqa: E402
+from gradserve import graph as gg  # noqa: E402  (after the stubs are on sys.path)
+from gradserve import onnx as gradserve_onnx  # noqa: E402
 import graph_numpy  # noqa: E402
 import torch_models  # noqa: E402
 pb = gc.pb
@@ -415,8 +410,8 @@ def checkpoint_cases(seed: int) -> List[Case]:
 
 # --- Graph models ------------------------------------------------------------------------------
 #
-# A residual LayerNorm MLP and a GPT-2-style decoder (client/python/torch_models.py), turned
-# into requests by gradserve_graph.from_module (torch.fx), compared tensor by tensor with
+# A residual LayerNorm MLP and a GPT-2-style decoder (client/python/examples/torch_models.py), turned
+# into requests by gradserve.graph.from_module (torch.fx), compared tensor by tensor with
 # torch autograd: the loss, the output, every gradient by state_dict key (the tied LM head and
 # token embedding under both keys) and dL/dx where the input is floating.
 #
@@ -552,17 +547,17 @@ def tracing_checks(failures: List[str]) -> None:
         if not ok:
             failures.append(f"tracing check '{label}': {outcome}")
         results.append(f"  {'ok  ' if ok else 'FAIL'} {label}: {outcome}")
-    print("\ntracer refusals (gradserve_graph.UnsupportedError):")
+    print("\ntracer refusals (gradserve.graph.UnsupportedError):")
     print("\n".join(results))
 
 
 def run_onnx_cases(stub, args, failures: List[str], worst: dict) -> int:
-    """Exports the ONNX test modules afresh (gradserve_onnx.from_torch) and compares each
+    """Exports the ONNX test modules afresh (gradserve.onnx.from_torch) and compares each
     answer with autograd on new batches; returns the number of cases."""
     sys.path.insert(0, str(REPO / "tests" / "data" / "onnx"))
     import export_models as em  # The test models' definitions.
 
-    print("\nONNX models (gradserve_onnx.from_torch, torch.onnx.export opset 17 / 13): "
+    print("\nONNX models (gradserve.onnx.from_torch, torch.onnx.export opset 17 / 13): "
           "per-tensor error as for graph models; worst tensor per case")
     torch.manual_seed(args.seed)
     cases = [
@@ -590,7 +585,7 @@ def run_onnx_cases(stub, args, failures: List[str], worst: dict) -> int:
             if example.is_floating_point():
                 example = example.to(dtype)
             try:
-                model = gradserve_onnx.from_torch(module, (example,), loss=loss, opset=opset)
+                model = gradserve.onnx.from_torch(module, (example,), loss=loss, opset=opset)
             except Exception as error:  # noqa: BLE001 - an export failure is a failed case
                 failures.append(f"onnx {name}: export failed: {error}")
                 continue
@@ -639,7 +634,7 @@ def run_onnx_cases(stub, args, failures: List[str], worst: dict) -> int:
 def run_graph_cases(stub, args, failures: List[str], worst: dict) -> int:
     """Runs every graph case; returns the number of cases."""
     tracing_checks(failures)
-    print("\ngraph models (client/python/gradserve_graph.py from torch.nn modules): "
+    print("\ngraph models (client/python/gradserve/graph.py from torch.nn modules): "
           "per-tensor error = max|server - torch| / max(max|torch|, "
           f"{GRAPH_FLOOR:g} * largest |torch grad| of the case)")
     header = f"{'case':<13} {'dtype':<7} {'tensor':<40} {'shape':<12} {'max|torch|':>10} " \

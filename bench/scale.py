@@ -83,10 +83,10 @@ def run(args, configs, work):
     subprocess.run([f"{REPO}/client/python/generate.sh", f"{work}/stubs"], check=True,
                    stdout=subprocess.DEVNULL)
     sys.path[:0] = [f"{work}/stubs", f"{REPO}/client/python", f"{REPO}/tests/e2e"]
-    import gradserve_client as gc
+    from gradserve import client as gc
     from gradserve.optimizer.v1 import optimizer_pb2 as opb
     from gradserve.optimizer.v1 import optimizer_pb2_grpc as opb_grpc
-    from gradserve_client import pb
+    from gradserve.client import pb
     from local_cluster import Cluster
 
     data_dir = f"{work}/data"

@@ -12,7 +12,7 @@
 #                                   README's commands and .ci/run get all that the tests need
 #   deploy/install-deps.sh bench    test + the benchmark peers (PyTorch, matplotlib), python3-h2
 #                                   (bench/abuse.sh) and python3-onnx (exporting the ONNX test
-#                                   models, gradserve_onnx.from_torch)
+#                                   models, gradserve.onnx.from_torch)
 #   deploy/install-deps.sh --bench  the same as `bench` (the option this script had first)
 # Idempotent: packages already present are skipped, so the README commands can call it every
 # time. Needs root (or sudo) only when something is missing.
@@ -67,7 +67,7 @@ test_packages=(
 )
 # libopenblas0-pthread: without it Debian's numpy and torch use the reference BLAS.
 # python3-h2: bench/abuse.sh speaks raw HTTP/2 for its slow-reader attack.
-# python3-onnx: tests/data/onnx/export_models.py and gradserve_onnx.from_torch.
+# python3-onnx: tests/data/onnx/export_models.py and gradserve.onnx.from_torch.
 bench_packages=(
   python3-torch python3-matplotlib python3-threadpoolctl libopenblas0-pthread python3-h2
   python3-onnx

@@ -13,7 +13,7 @@ never collide; a restart reuses that port, which is how a replica comes back beh
 address. A process that reports no port is given one reserved here (bound, then released just
 before its start): a small window another process could take, never seen so far.
 
-Needs the generated stubs and client/python on sys.path (gradserve_client).
+Needs the generated stubs and client/python on sys.path (the gradserve package).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import List, Optional
 
 import grpc
 
-import gradserve_client as gc
+from gradserve import client as gc
 
 _PORT_LINE = re.compile(r" listening on .*\(port (\d+)\)")
 

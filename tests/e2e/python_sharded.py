@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""End to end: client/python/gradserve_sharded.py against 3 real gradserve replicas.
+"""End to end: client/python/gradserve/sharded.py against 3 real gradserve replicas.
 
     tests/e2e/python_sharded.py --gradserve SERVER_BINARY --source-dir SOURCE_DIR
 
@@ -44,10 +44,10 @@ def main():
         subprocess.run([f"{source}/client/python/generate.sh", f"{work}/stubs"], check=True,
                        stdout=subprocess.DEVNULL)
         sys.path[:0] = [f"{work}/stubs", f"{source}/client/python", f"{source}/tests/e2e"]
-        import gradserve_client as gc
-        import gradserve_graph as gg
-        from gradserve_client import pb
-        from gradserve_sharded import ShardedClient, split_rows
+        from gradserve import client as gc
+        from gradserve import graph as gg
+        from gradserve.client import pb
+        from gradserve.sharded import ShardedClient, split_rows
         from local_cluster import Cluster
 
         def chain_case(dtype, loss, batch=64):

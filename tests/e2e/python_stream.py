@@ -1,4 +1,4 @@
-"""Checks gradserve_client.TrainingStream (StreamGradients from Python) against a real server.
+"""Checks gradserve.client.TrainingStream (StreamGradients from Python) against a real server.
 
     python_stream.py --target 127.0.0.1:PORT --stubs DIR --client-dir client/python
 
@@ -26,7 +26,7 @@ def main() -> int:
     import grpc
     import numpy as np
 
-    import gradserve_client as gc
+    from gradserve import client as gc
     from gradserve.v1 import gradserve_pb2 as pb
 
     channel = gc.connect(args.target)

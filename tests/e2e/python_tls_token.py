@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Checks gradserve_client's TLS, mutual TLS and bearer-token options against a real server.
+"""Checks gradserve.client's TLS, mutual TLS and bearer-token options against a real server.
 
     python_tls_token.py --target 127.0.0.1:PORT --pki DIR --stubs DIR --client-dir client/python
 
@@ -34,7 +34,7 @@ def main() -> int:
     import grpc
     import numpy as np
 
-    import gradserve_client as gc
+    from gradserve import client as gc
 
     pki = args.pki
     pem = lambda name: str(pki / name)  # noqa: E731

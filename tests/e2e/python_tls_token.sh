@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# End-to-end: the Python client library (client/python/gradserve_client.py) against the real
+# End-to-end: the Python client library (client/python/gradserve/client.py) against the real
 # gradserve binary with mutual TLS and a bearer token, using certificates made here with openssl.
 # The checks themselves are in python_tls_token.py.
 #

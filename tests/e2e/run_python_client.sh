@@ -25,10 +25,9 @@ start_server "$1" --threads 2
 check_rc=0
 "${python}" "${here}/python_generated_client.py" --proto "$2" --target "127.0.0.1:${port}" ||
   check_rc=$?
-# The README's example (a chain call, then a hand-written graph model). -P: the script's own
-# directory holds a stub-less gradserve package (generate.sh's default target), so it must not
-# come first on sys.path.
-PYTHONPATH="${stubs}:${client}" "${python}" -P "${client}/example.py" --target "127.0.0.1:${port}" ||
+# The README's example (a chain call, then a hand-written graph model), on the package copy
+# generate.sh made (-P: nothing from the current directory).
+PYTHONPATH="${stubs}" "${python}" -P "${client}/examples/example.py" --target "127.0.0.1:${port}" ||
   check_rc=$?
 server_rc=0
 stop_server || server_rc=$?

@@ -9,7 +9,7 @@ data set, steps driven by the test (Step with expected_step).
      to rounding (losses and parameters, rtol 1e-12), and a run with the same split over the
      replicas in another order is bit-identical. One SGD step with lr = 1 from float32 values
      exposes the optimizer's gradient exactly (p1 = p0 - g, one rounding): it equals the Python
-     ShardedClient's (client/python/gradserve_sharded.py) on the same split, bit for bit.
+     ShardedClient's (client/python/gradserve/sharded.py) on the same split, bit for bit.
   b. Rolling restart: while a thread steps a run continuously, each replica in turn gets
      SIGTERM (exit 0 expected) and is restarted on its port, with steps taken while it is
      down; no Step fails, and the parameters equal, bit for bit, those of a run never
@@ -74,11 +74,11 @@ def run(args, source, work):
     import grpc
     from google.protobuf import json_format
 
-    import gradserve_client as gc
+    from gradserve import client as gc
     from gradserve.optimizer.v1 import optimizer_pb2 as opb
     from gradserve.optimizer.v1 import optimizer_pb2_grpc as opb_grpc
-    from gradserve_client import pb
-    from gradserve_sharded import ShardedClient
+    from gradserve.client import pb
+    from gradserve.sharded import ShardedClient
     from local_cluster import Cluster
 
     # The data set: 512 examples of 16 features, 4 classes from a random linear teacher, so

@@ -52,7 +52,7 @@ def main() -> int:
     import grpc
     import numpy as np
 
-    import gradserve_client as gc
+    from gradserve import client as gc
 
     drain, grace = args.drain_delay, args.shutdown_grace
     failures = []

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..",
-                                "client", "python"))
+                                "client", "python", "examples"))
 from torch_models import GPT, ResidualMLP  # noqa: E402
 
 

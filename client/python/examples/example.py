@@ -2,14 +2,14 @@
 """Minimal gradserve client: server info, then one gradient step's worth of gradients.
 
     client/python/generate.sh
-    /usr/bin/python3 client/python/example.py --target 127.0.0.1:50051
-    /usr/bin/python3 client/python/example.py --target localhost:50051 --tls-ca ca.pem \
+    /usr/bin/python3 client/python/examples/example.py --target 127.0.0.1:50051
+    /usr/bin/python3 client/python/examples/example.py --target localhost:50051 --tls-ca ca.pem \
         --tls-cert client.pem --tls-key client.key --auth-token-file token
 
 Needs only numpy and grpcio; the models are written out as protobuf messages rather than built
 from torch, to show the API itself: a chain of layers, then the same kind of network as a graph
-model with a residual connection and LayerNorm (gradserve_graph.GraphBuilder; from a torch
-module, gradserve_graph.from_module writes such graphs itself). The connection flags are gradclient's; without
+model with a residual connection and LayerNorm (gradserve.graph.GraphBuilder; from a torch
+module, gradserve.graph.from_module writes such graphs itself). The connection flags are gradclient's; without
 --auth-token-file the token comes from $GRADSERVE_AUTH_TOKEN, if set.
 """
 
@@ -19,9 +19,9 @@ import sys
 import grpc
 import numpy as np
 
-import gradserve_client as gc
-import gradserve_graph as gg
-from gradserve_client import pb
+from gradserve import client as gc
+from gradserve import graph as gg
+from gradserve.client import pb
 
 
 def tiny_mlp_request(dtype=np.float32) -> "pb.ComputeGradientsRequest":

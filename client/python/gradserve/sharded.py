@@ -5,8 +5,8 @@ The same behaviour as the C++ ``gradserve::client::ShardedClient``
 (``client/include/gradserve/sharded_client.h``), so a Python trainer and the optimizer service
 get the same numbers from the same split::
 
-    import gradserve_client as gc
-    from gradserve_sharded import ShardedClient
+    from gradserve import client as gc
+    from gradserve.sharded import ShardedClient
 
     sharded = ShardedClient([gc.connect(a) for a in addresses])   # one channel per replica
     response = sharded.compute_gradients(request, shards=3)
@@ -38,7 +38,7 @@ twice. Any other error, or a part out of attempts, fails the call with that part
 message naming it ("shard 1 of 3 (rows 4..6): ..."); with several, the lowest-numbered part.
 
 Channels: the retries here move a part to another replica at once. A channel with a retry
-policy of its own (``gradserve_client.connect``'s default service config) first retries on the
+policy of its own (``gradserve.client.connect``'s default service config) first retries on the
 replica that failed, ~1.5 s against one that is down; for one channel per replica prefer
 ``connect(target, options=[("grpc.enable_retries", 0)])``.
 
@@ -61,7 +61,7 @@ from typing import Any, List, Optional, Sequence, Union
 import grpc
 import numpy as np
 
-from gradserve_client import pb, pb_grpc
+from gradserve.client import pb, pb_grpc
 
 __all__ = ["ShardedClient", "ShardedCallStats", "ShardedError", "split_rows"]
 
@@ -192,7 +192,7 @@ class ShardedClient:
     ``timeout``: deadline of a whole compute_gradients call in seconds, retries and backoff
     included. ``attempt_timeout``: deadline of each attempt of a part, capped by the call's; a
     part that hits it (a stuck replica) is retried on the next channel while time remains.
-    ``token``: a bearer token sent with every part (a channel from ``gradserve_client.connect``
+    ``token``: a bearer token sent with every part (a channel from ``gradserve.client.connect``
     with a token already sends one).
     """
 

@@ -1,4 +1,4 @@
-"""Unit tests of gradserve_onnx's torch-free half (OnnxFile), on a committed test model.
+"""Unit tests of gradserve.onnx's torch-free half (OnnxFile), on a committed test model.
 
     client/python/generate.sh
     /usr/bin/python3 -m unittest discover -s client/python -p 'test_*.py' -v
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-import gradserve_onnx as go
-from gradserve_client import pb
+from gradserve import onnx as go
+from gradserve.client import pb
 
-MLP = Path(__file__).resolve().parents[2] / "tests" / "data" / "onnx" / "mlp.onnx"
+MLP = Path(__file__).resolve().parents[3] / "tests" / "data" / "onnx" / "mlp.onnx"
 
 
 class OnnxFileTest(unittest.TestCase):

@@ -2,13 +2,13 @@
 """Trains a character-level GPT on a text file through StreamGradients, with Adam on the client.
 
     client/python/generate.sh
-    /usr/bin/python3 client/python/train_chargpt.py --target 127.0.0.1:50051
+    /usr/bin/python3 client/python/examples/train_chargpt.py --target 127.0.0.1:50051
 
 The text defaults to /usr/share/common-licenses/GPL-3 (Debian's base-files ships it; 35 kB, 76
 distinct characters), split 90/10 into training and held-out text. The model is
 client/python/torch_models.GPT (nanoGPT's layout: token + position embeddings, pre-norm blocks
 of causal self-attention and a GELU MLP, LM head tied to the token embedding), 2 blocks,
-4 heads, d = 64, context 64; gradserve_graph traces it once into a graph model (torch.fx), and
+4 heads, d = 64, context 64; gradserve.graph traces it once into a graph model (torch.fx), and
 from then on torch is not used: each step sends a batch of [32, 64] token ids with its targets
 and the previous step's Adam update on one stream, and the server answers with the loss and
 the gradients by state_dict name. Adam (with global gradient-norm clipping at 1.0) runs here in
@@ -35,8 +35,8 @@ import time
 
 import numpy as np
 
-import gradserve_client as gc
-from gradserve_client import pb
+from gradserve import client as gc
+from gradserve.client import pb
 
 
 def load_text(path: str):
@@ -53,7 +53,7 @@ def build(vocab_size: int, args):
     the module)."""
     import torch
 
-    import gradserve_graph as gg
+    from gradserve import graph as gg
     import torch_models
 
     torch.manual_seed(args.seed)

@@ -16,10 +16,10 @@ import unittest
 
 import numpy as np
 
-import gradserve_client as gc
-import gradserve_graph as gg
+from gradserve import client as gc
+from gradserve import graph as gg
 import graph_numpy
-from gradserve_client import pb
+from gradserve.client import pb
 
 
 def residual_mlp(d=4, hidden=8, out=3, blocks=2):

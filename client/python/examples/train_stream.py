@@ -3,19 +3,19 @@
 batch and the SGD update, and the server keeps the parameters in step with ours.
 
     client/python/generate.sh
-    /usr/bin/python3 client/python/train_stream.py --target 127.0.0.1:50051
+    /usr/bin/python3 client/python/examples/train_stream.py --target 127.0.0.1:50051
 
 Learns to classify points of two interleaved spiral arms with a 2-32-32-2 tanh network, printing the
 loss and the per-layer gradient norms (the diagnostics) every 50 steps. Needs numpy and grpcio.
-The connection flags of example.py (TLS, token) apply through gradserve_client.connect.
+The connection flags of example.py (TLS, token) apply through gradserve.client.connect.
 """
 
 import argparse
 
 import numpy as np
 
-import gradserve_client as gc
-from gradserve_client import pb
+from gradserve import client as gc
+from gradserve.client import pb
 
 
 def spirals(n: int, rng: np.random.Generator):

@@ -26,8 +26,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-import gradserve_client as gc
-from gradserve_client import pb
+from gradserve import client as gc
+from gradserve.client import pb
 
 __all__ = ["OnnxFile", "export", "from_torch"]
 

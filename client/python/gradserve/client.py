@@ -11,11 +11,12 @@
   then a batch with parameters or an update per step; micro-batching; automatic chunking),
   for chain and graph models.
 * ``named_tensors`` / ``named_arrays``: ``{name: array}`` <-> ``NamedTensor`` messages, the
-  graph models' parameters, inputs and gradients (``gradserve_graph`` builds graph models, by
+  graph models' parameters, inputs and gradients (``gradserve.graph`` builds graph models, by
   hand or from a torch.nn module, and maps ``state_dict`` names both ways).
 
-The stubs are generated, not checked in: run ``client/python/generate.sh`` first. numpy and grpc
-are the only hard dependencies; torch is imported only by ``request_from_sequential``.
+The stubs are generated when the package is built (``pip install ./client/python``), or in a
+checkout by ``client/python/generate.sh``. numpy and grpc are the only hard dependencies; torch
+is imported only by ``request_from_sequential``.
 
 Security (the server's ``--tls-cert``/``--tls-key``, ``--tls-client-ca`` and
 ``--auth-token-file``; the same options as the C++ ``ClientOptions`` and ``gradclient``)::
@@ -46,16 +47,17 @@ import numpy as np
 try:
     from gradserve.v1 import gradserve_pb2 as pb
     from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
-except ImportError as error:  # pragma: no cover - only hit before generate.sh has run
+except ImportError as error:  # pragma: no cover - only in a checkout before generating
     raise ImportError(
-        "gradserve.v1 stubs not found: run client/python/generate.sh and put client/python "
-        "on sys.path") from error
+        "gradserve.v1 stubs not found: install the package (pip install ./client/python) or "
+        "generate them in the checkout (client/python/generate.sh)") from error
 
 __all__ = [
     "pb", "pb_grpc", "connect", "read_token_file", "health", "stub", "to_tensor", "from_tensor",
     "gradients", "service_config", "SERVICE_CONFIG_FILE",
     "checkpointing", "loss", "request_from_sequential",
     "graph_tensor", "from_graph_tensor", "named_tensors", "named_arrays", "TrainingStream",
+    "linear_prefixes", "parameters_from_state_dict", "state_dict_gradients",
 ]
 
 # The wire format is always little-endian, whatever the host: these are the numpy dtype strings
@@ -117,10 +119,10 @@ def from_tensor(tensor: "pb.Tensor") -> np.ndarray:
     return np.frombuffer(tensor.data, dtype=wire).reshape(shape).astype(wire.newbyteorder("="))
 
 
-# --- Graph models (see gradserve_graph for building them) ---------------------------------------
+# --- Graph models (see gradserve.graph for building them) ---------------------------------------
 
 def graph_tensor(array: Any, dtype: Any = None) -> "pb.Tensor":
-    """A Tensor for graph fields: like ``gradserve_client.to_tensor``, but rank 0 (scalars) and
+    """A Tensor for graph fields: like ``gradserve.client.to_tensor``, but rank 0 (scalars) and
     bool (DTYPE_BOOL, one byte per element) are allowed, as graph constants and parameters
     may be."""
     array = _as_numpy(array)
@@ -164,6 +166,71 @@ def gradients(response: "pb.ComputeGradientsResponse") -> list:
     """[(dW, db or None)] per Linear layer, as numpy arrays."""
     return [(from_tensor(g.weight), from_tensor(g.bias) if g.HasField("bias") else None)
             for g in response.gradients]
+
+
+# --- state_dict <-> chain parameters -------------------------------------------------------------
+# A chain model's Linear layers are named as a torch.nn.Sequential's state_dict names them: by
+# the layer's `name` when it has one (request_from_sequential sets the module's dotted path,
+# "0", "block.2", ...), else by its index in model.layers, which is the Sequential's index when
+# the chain mirrors a flat Sequential. Keys are "<prefix>.weight" and "<prefix>.bias".
+
+
+def linear_prefixes(model: "pb.Model") -> List[str]:
+    """The state_dict prefix of each Linear layer of a chain model, in model order."""
+    return [layer.name or str(index) for index, layer in enumerate(model.layers)
+            if layer.WhichOneof("kind") == "linear"]
+
+
+def parameters_from_state_dict(model: "pb.Model", state_dict: Mapping[str, Any],
+                               dtype: Any = None) -> List["pb.LinearParameters"]:
+    """``LinearParameters`` for every Linear layer of a chain model, from a PyTorch
+    ``state_dict`` (torch tensors or numpy arrays), in ``dtype`` (default: each array's own).
+
+    Raises KeyError naming the missing key, and ValueError for a shape that does not match the
+    layer or a bias given to a layer declared without one; unused keys are ignored.
+    """
+    out = []
+    linears = [layer for layer in model.layers if layer.WhichOneof("kind") == "linear"]
+    for prefix, layer in zip(linear_prefixes(model), linears):
+        weight = _as_numpy(_state_entry(state_dict, f"{prefix}.weight"))
+        expected = (layer.linear.out_features, layer.linear.in_features)
+        if weight.shape != expected:
+            raise ValueError(f"{prefix}.weight has shape {list(weight.shape)}; the layer needs "
+                             f"{list(expected)} ([out_features, in_features])")
+        entry = pb.LinearParameters(weight=to_tensor(weight, dtype))
+        has_bias = not layer.linear.HasField("bias") or layer.linear.bias
+        bias_key = f"{prefix}.bias"
+        if has_bias:
+            bias = _as_numpy(_state_entry(state_dict, bias_key))
+            if bias.shape != (layer.linear.out_features,):
+                raise ValueError(f"{bias_key} has shape {list(bias.shape)}; the layer needs "
+                                 f"[{layer.linear.out_features}]")
+            entry.bias.CopyFrom(to_tensor(bias, dtype))
+        elif bias_key in state_dict and state_dict[bias_key] is not None:
+            raise ValueError(f"{bias_key} is given but layer {prefix} has bias = false")
+        out.append(entry)
+    return out
+
+
+def _state_entry(state_dict: Mapping[str, Any], key: str) -> Any:
+    if key not in state_dict or state_dict[key] is None:
+        raise KeyError(f"state_dict has no {key!r} (keys: {sorted(state_dict)[:8]}...)")
+    return state_dict[key]
+
+
+def state_dict_gradients(model: "pb.Model",
+                         response: "pb.ComputeGradientsResponse") -> Dict[str, np.ndarray]:
+    """A response's gradients as ``{state_dict key: array}``: chain models by
+    ``linear_prefixes`` ("0.weight", "0.bias", ...), graph and ONNX models by parameter name
+    (``named_gradients``; ``gradserve.graph.GraphModel.gradients`` also maps tied weights)."""
+    if not model.layers:
+        return named_arrays(response.named_gradients)
+    out: Dict[str, np.ndarray] = {}
+    for prefix, grads in zip(linear_prefixes(model), response.gradients):
+        out[f"{prefix}.weight"] = from_tensor(grads.weight)
+        if grads.HasField("bias"):
+            out[f"{prefix}.bias"] = from_tensor(grads.bias)
+    return out
 
 
 def _read_file(path: str, what: str) -> bytes:
@@ -302,9 +369,10 @@ def connect(target: str, max_message_bytes: int = 256 << 20,
 # The client-side service config every gradserve client should use against several replicas:
 # round_robin over every address the target resolves to, and up to 5 attempts (0.1 s, 0.2 s, ...
 # backoff, at most 1 s) for calls that fail UNAVAILABLE, e.g. on a replica that is shutting down.
-# ONE file, client/service_config.json, so the C++ client can read or embed the same text.
-SERVICE_CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
-                                   "service_config.json")
+# ONE file, client/service_config.json, so the C++ client can embed the same text; the package
+# build copies it next to this module.
+SERVICE_CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                   "service_config.json")  # Copied there at build time.
 
 
 def service_config(path: Optional[str] = None) -> str:
@@ -434,13 +502,15 @@ def loss(name: str, reduction: Optional[str] = "mean", delta: Optional[float] = 
     return message
 
 
-def _layers_of(module) -> list:
-    """Flattens nested Sequentials so a model built from blocks still maps layer by layer."""
+def _layers_of(module, prefix: str = "") -> list:
+    """Flattens nested Sequentials so a model built from blocks still maps layer by layer:
+    [(state_dict prefix, module)], e.g. ("1.0", Linear) for Sequential(..., Sequential(Linear))."""
     import torch.nn as nn
 
     if isinstance(module, nn.Sequential):
-        return [leaf for child in module for leaf in _layers_of(child)]
-    return [module]
+        return [leaf for name, child in module.named_children()
+                for leaf in _layers_of(child, f"{prefix}{name}.")]
+    return [(prefix[:-1], module)]
 
 
 def request_from_sequential(model, loss_name: str, inputs: Any, targets: Any = None, *,
@@ -471,8 +541,10 @@ def request_from_sequential(model, loss_name: str, inputs: Any, targets: Any = N
         raise ValueError(f"request dtype must be float32 or float64, not {float_dtype}")
 
     request = pb.ComputeGradientsRequest()
-    for index, module in enumerate(layers):
+    for index, (name, module) in enumerate(layers):
         layer = request.model.layers.add()
+        # The state_dict prefix, so that diagnostics and state_dict_gradients use torch's names.
+        layer.name = name
         if isinstance(module, nn.Linear):
             has_bias = module.bias is not None
             layer.linear.in_features = module.in_features
@@ -557,7 +629,7 @@ class TrainingStream:
     may name only some parameters), and the batch is ``graph_inputs``, a mapping
     ``{graph input name: array}`` with the loss target among them (floats are sent in the
     stream's dtype, token ids and class targets as they are); ``inputs``, ``targets`` and
-    ``output_gradient`` stay unset. ``gradserve_graph.GraphModel.gradients(answer)`` maps
+    ``output_gradient`` stay unset. ``gradserve.graph.GraphModel.gradients(answer)`` maps
     the answer's ``named_gradients`` back to ``state_dict`` keys.
 
     ``step`` returns the ``StreamGradientsResponse`` (``.result`` is a

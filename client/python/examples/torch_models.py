@@ -1,4 +1,4 @@
-"""Two torch.nn models written the usual way, for gradserve_graph.from_module: a pre-norm
+"""Two torch.nn models written the usual way, for gradserve.graph.from_module: a pre-norm
 residual LayerNorm MLP and a GPT-2-style decoder (nanoGPT's layout and state_dict names, LM
 head tied to the token embedding). Used by bench/pytorch_crosscheck.py and train_chargpt.py.
 

@@ -3,7 +3,7 @@
     values = run(model.graph, {"x": x, "targets": t, **params})   # every value by name
     loss = loss_value(model, values)
 
-Covers the ops gradserve_graph writes (Gemm, MatMul, the arithmetic with broadcasting, the
+Covers the ops gradserve.graph writes (Gemm, MatMul, the arithmetic with broadcasting, the
 activations, LayerNormalization, Softmax, Where, Gather, Transpose, Reshape, Split, Slice,
 Squeeze, Unsqueeze, Concat, ReduceMean/ReduceSum, Identity, Dropout when not training) with
 ONNX semantics, in float64 whatever the inputs' dtype, and the losses on the graph's output. It
@@ -15,8 +15,8 @@ from typing import Dict
 
 import numpy as np
 
-import gradserve_graph as gg
-from gradserve_client import pb
+from gradserve import graph as gg
+from gradserve.client import pb
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 

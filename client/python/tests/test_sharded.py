@@ -1,4 +1,4 @@
-"""Unit tests of gradserve_sharded.ShardedClient against fake replicas (no server, no torch).
+"""Unit tests of gradserve.sharded.ShardedClient against fake replicas (no server, no torch).
 
     client/python/generate.sh
     /usr/bin/python3 -m unittest discover -s client/python -p 'test_*.py' -v
@@ -15,9 +15,9 @@ import unittest
 import grpc
 import numpy as np
 
-import gradserve_client as gc
-from gradserve_client import pb
-from gradserve_sharded import ShardedCallStats, ShardedClient, ShardedError, split_rows
+from gradserve import client as gc
+from gradserve.client import pb
+from gradserve.sharded import ShardedCallStats, ShardedClient, ShardedError, split_rows
 
 
 class FakeRpcError(grpc.RpcError):

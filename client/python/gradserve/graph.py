@@ -39,8 +39,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-import gradserve_client as gc
-from gradserve_client import pb
+from gradserve import client as gc
+from gradserve.client import pb
 
 __all__ = ["GraphBuilder", "GraphModel", "UnsupportedError", "from_module", "graph_tensor",
            "named_tensors", "named_arrays"]
@@ -1099,7 +1099,7 @@ def from_module(module, example_inputs: Any, loss: str = "cross_entropy", *,
     ``example_inputs``: one tensor, a tuple in forward-argument order, or a mapping by argument
     name; the graph is built for their shapes, the batch size excepted where possible (Note
     [Batch size]). ``loss``: a Loss kind or PyTorch
-    loss class name (``gradserve_client.loss``); cross-entropy reads logits with the classes on
+    loss class name (``gradserve.client.loss``); cross-entropy reads logits with the classes on
     the last axis and integer targets of the logits' shape without it (``target_dtype``,
     int64 by default), ``ignore_index`` as PyTorch's. ``dtype``: the floating dtype of float
     graph inputs (default: the module's parameters'). ``output_index`` picks one output of a

@@ -1,0 +1,1 @@
+"""gradserve.optimizer: the training service's API (stubs generated at build time)."""
