@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Driver of bench/abuse.sh: the security issue's attacks against a live gradserve.
 
     abuse.py run --server BIN --out DIR [--quick] [--attack-seconds S] [--rss-budget-mib M]

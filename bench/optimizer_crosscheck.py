@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Acceptance check: gradserve-optimizer's update rules are torch.optim's, bit for bit.
 
     /usr/bin/python3 bench/optimizer_crosscheck.py --gradserve 127.0.0.1:PORT \

@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """The engine's peers for bench/run.sh, one thread count per process.
 
     /usr/bin/python3 bench/peers.py --threads T [--min-time S] [--cases a,b,c,d,e] [--json OUT]

@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Acceptance check: gradserve's gradients agree with PyTorch autograd.
 
     /usr/bin/python3 bench/pytorch_crosscheck.py --target 127.0.0.1:PORT [--rounds 3] [--seed 0]

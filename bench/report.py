@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Turns bench/run.sh's raw folder into bench/results/bench.{md,png,json}.
 
     /usr/bin/python3 bench/report.py WORK_DIR --out-dir bench/results [--rounds N] [...]

@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Acceptance check: a Python client generated from the .proto alone calls gradserve.
 
     python_generated_client.py --proto proto/gradserve/v1/gradserve.proto --target HOST:PORT

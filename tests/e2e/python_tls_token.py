@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Checks gradserve.client's TLS, mutual TLS and bearer-token options against a real server.
 
     python_tls_token.py --target 127.0.0.1:PORT --pki DIR --stubs DIR --client-dir client/python

@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Drives sigterm_in_flight.sh: SIGTERM to a real gradserve with long calls in flight.
 
     sigterm_in_flight.py --target 127.0.0.1:PORT --server-pid PID --drain-delay D

@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Soak driver: many concurrent clients with a mix of calls against one running gradserve.
 
     soak_driver.py --target HOST:PORT --server-pid PID --proto PATH [--duration S] ...

@@ -1,9 +1,9 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Minimal gradserve client: server info, then one gradient step's worth of gradients.
 
-    client/python/generate.sh
-    /usr/bin/python3 client/python/examples/example.py --target 127.0.0.1:50051
-    /usr/bin/python3 client/python/examples/example.py --target localhost:50051 --tls-ca ca.pem \
+    client/python/generate.sh      # or use a venv with the package installed (README)
+    PYTHONPATH=client/python /usr/bin/python3 client/python/examples/example.py --target 127.0.0.1:50051
+    PYTHONPATH=client/python /usr/bin/python3 client/python/examples/example.py --target localhost:50051 --tls-ca ca.pem \
         --tls-cert client.pem --tls-key client.key --auth-token-file token
 
 Needs only numpy and grpcio; the models are written out as protobuf messages rather than built

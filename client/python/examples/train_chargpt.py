@@ -1,8 +1,8 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Trains a character-level GPT on a text file through StreamGradients, with Adam on the client.
 
-    client/python/generate.sh
-    /usr/bin/python3 client/python/examples/train_chargpt.py --target 127.0.0.1:50051
+    client/python/generate.sh      # or use a venv with the package installed (README)
+    PYTHONPATH=client/python /usr/bin/python3 client/python/examples/train_chargpt.py --target 127.0.0.1:50051
 
 The text defaults to /usr/share/common-licenses/GPL-3 (Debian's base-files ships it; 35 kB, 76
 distinct characters), split 90/10 into training and held-out text. The model is

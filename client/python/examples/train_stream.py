@@ -1,9 +1,9 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """A training loop on one StreamGradients stream: the model is sent once, then each step sends a
 batch and the SGD update, and the server keeps the parameters in step with ours.
 
-    client/python/generate.sh
-    /usr/bin/python3 client/python/examples/train_stream.py --target 127.0.0.1:50051
+    client/python/generate.sh      # or use a venv with the package installed (README)
+    PYTHONPATH=client/python /usr/bin/python3 client/python/examples/train_stream.py --target 127.0.0.1:50051
 
 Learns to classify points of two interleaved spiral arms with a 2-32-32-2 tanh network, printing the
 loss and the per-layer gradient norms (the diagnostics) every 50 steps. Needs numpy and grpcio.

@@ -1,7 +1,7 @@
 """Unit tests of the graph-model client helpers that need neither torch nor a server.
 
     client/python/generate.sh
-    /usr/bin/python3 -m unittest discover -s client/python -p 'test_*.py' -v
+    PYTHONPATH=client/python /usr/bin/python3 -m unittest discover -s client/python/tests -v
 
 Covers GraphBuilder's messages (attribute kinds, constants sent once, scalar and bool tensors),
 named tensors both ways, GraphModel's state_dict mapping (tied parameters under every key),

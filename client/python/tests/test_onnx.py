@@ -1,7 +1,7 @@
 """Unit tests of gradserve.onnx's torch-free half (OnnxFile), on a committed test model.
 
     client/python/generate.sh
-    /usr/bin/python3 -m unittest discover -s client/python -p 'test_*.py' -v
+    PYTHONPATH=client/python /usr/bin/python3 -m unittest discover -s client/python/tests -v
 
 The export (from_torch) and the gradients themselves are checked against autograd by
 bench/pytorch_crosscheck.py --only onnx, and the files sent as-is by tests/e2e/python_onnx.py.

@@ -1,7 +1,7 @@
 """Unit tests of gradserve.sharded.ShardedClient against fake replicas (no server, no torch).
 
     client/python/generate.sh
-    /usr/bin/python3 -m unittest discover -s client/python -p 'test_*.py' -v
+    PYTHONPATH=client/python /usr/bin/python3 -m unittest discover -s client/python/tests -v
 
 The fake replica answers like gradserve for a model whose "gradient" is a per-row statistic of
 the batch (the mean, or the sum, of the inputs' rows), so a combination that weighs, orders or
