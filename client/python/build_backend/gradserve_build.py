@@ -92,11 +92,12 @@ def generate(package_dir: Path) -> List[Path]:
         # -I proto_root keeps the package path in the generated imports ("from gradserve.v1
         # import gradserve_pb2"), which is why the stubs live inside the gradserve package.
         subprocess.run([protoc, f"-I{proto_root}", f"--python_out={scratch}",
+                        f"--pyi_out={scratch}",  # typed messages for IDEs and mypy
                         f"--plugin=protoc-gen-grpc_python={plugin}",
                         f"--grpc_python_out={scratch}",
                         *(str(proto_root / p) for p in PROTOS)], check=True)
         generated_root = Path(scratch) / PACKAGE
-        for source in sorted(generated_root.rglob("*.py")):
+        for source in sorted([*generated_root.rglob("*.py"), *generated_root.rglob("*.pyi")]):
             target = package_dir / source.relative_to(generated_root)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
