@@ -48,16 +48,24 @@ function startServer(extraArgs = []) {
 
 let server;
 let client;
+let started = null;
 
-test.before(async () => {
-  server = await startServer();
-  client = gs.connect(server.target, {tokenEnv: null});
-});
+// One server for the file, started by the first test that needs it. Not test.before: Node 18's
+// runner (Debian 12 ships 18.13) does not run hooks registered at the top level of a file.
+function ready() {
+  if (!started) {
+    started = startServer().then((s) => {
+      server = s;
+      client = gs.connect(server.target, {tokenEnv: null});
+    });
+  }
+  return started;
+}
 
-test.after(() => {
-  if (client) client.close();
+// Only reached with a live server after a failure: the last test stops it cleanly.
+process.on('exit', () => {
   if (server && server.proc.exitCode === null && server.proc.signalCode === null) {
-    server.proc.kill('SIGKILL');  // only after a failure: the last test stops it cleanly
+    server.proc.kill('SIGKILL');
   }
 });
 
@@ -136,6 +144,7 @@ function assertClose(actual, expected, what, rtol = 1e-12) {
 }
 
 test('float64 gradients match an independent computation to 1e-12', async () => {
+  await ready();
   const request = hex.crossLanguageRequest('float64');
   const response = await client.computeGradients(request, {timeoutMs: 10000});
   const ref = referenceGradients(request);
@@ -159,6 +168,7 @@ test('float64 gradients match an independent computation to 1e-12', async () => 
 });
 
 test('CheckGradients agrees with finite differences (float64, below 1e-6)', async () => {
+  await ready();
   const answer = await client.checkGradients(
       {request: hex.crossLanguageRequest('float64'), samples_per_tensor: 8, seed: 2n ** 63n + 1n});
   assert.equal(answer.analytic_dtype, 'DTYPE_FLOAT64');
@@ -167,6 +177,7 @@ test('CheckGradients agrees with finite differences (float64, below 1e-6)', asyn
 });
 
 test('a bad request is rejected INVALID_ARGUMENT, by name, naming the field', async () => {
+  await ready();
   const request = hex.crossLanguageRequest('float64');
   request.inputs = gs.toTensor(new Float64Array(15), [5, 3]);  // the first layer takes 4
   await assert.rejects(client.computeGradients(request), (error) => {
@@ -179,11 +190,13 @@ test('a bad request is rejected INVALID_ARGUMENT, by name, naming the field', as
 });
 
 test('a deadline that has passed fails DEADLINE_EXCEEDED by name', async () => {
+  await ready();
   await assert.rejects(client.getServerInfo({deadline: Date.now() - 1}),
                        {codeName: 'DEADLINE_EXCEEDED'});
 });
 
 test('server info, stats and health', async () => {
+  await ready();
   const info = await client.getServerInfo();
   assert.equal(info.api, 'gradserve.v1');
   assert.equal(info.limits.max_message_bytes, String(gs.DEFAULT_MAX_MESSAGE_BYTES));
@@ -199,6 +212,7 @@ test('server info, stats and health', async () => {
 });
 
 test('answers above gRPC\'s 4 MiB default arrive; a 4 MiB client limit refuses them', async () => {
+  await ready();
   // Linear(1024, 1) then Linear(1, 1024) on a [1024, 1024] float64 batch: 8 MiB of inputs
   // out, 8 MiB of output back (return_output).
   const n = 1024;
@@ -232,6 +246,7 @@ function run(file, args, env = {}) {
 }
 
 test('examples/compute.js runs against the server', async () => {
+  await ready();
   const {code, stdout, stderr} = await run(path.join(PACKAGE_DIR, 'examples', 'compute.js'),
                                            ['--target', server.target]);
   assert.equal(code, 0, stderr);
@@ -241,6 +256,7 @@ test('examples/compute.js runs against the server', async () => {
 });
 
 test('bin/gradients-hex.js prints the same bytes every time, and the loss computed above', async () => {
+  await ready();
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'gradserve-node-'));
   try {
     const out = path.join(tmp, 'node.txt');
@@ -315,6 +331,7 @@ test('the bearer token: refused without it, sent from the option and from the en
 
 // Last: node:test runs the tests of a file in order.
 test('the server exits 0 on SIGTERM', async () => {
+  await ready();
   client.close();
   client = null;
   server.proc.kill('SIGTERM');
