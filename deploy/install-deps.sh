@@ -7,9 +7,10 @@
 #                                   compiler, CMake and the -dev packages (the image's build stage)
 #   deploy/install-deps.sh test     build + everything tests/ci.sh needs: GoogleTest, the Python
 #                                   client's packages, openssl, clang-14/libomp/LLVM (TSan, fuzz),
-#                                   podman/runc/debootstrap/uidmap/podman-compose (the image stage)
-#                                   and python3-yaml (the manifest check). The default, so that the
-#                                   README's commands and .ci/run get all that the tests need
+#                                   podman/runc/debootstrap/uidmap/podman-compose (the image stage),
+#                                   python3-yaml (the manifest check) and nodejs + npm (the Node
+#                                   client's test). The default, so that the README's commands and
+#                                   .ci/run get all that the tests need
 #   deploy/install-deps.sh bench    test + the benchmark peers (PyTorch, matplotlib), python3-h2
 #                                   (bench/abuse.sh) and python3-onnx (exporting the ONNX test
 #                                   models, gradserve.onnx.from_torch)
@@ -65,6 +66,7 @@ test_packages=(
   # aardvark-dns + iptables the compose network on which the services find each other by name.
   podman runc catatonit netavark aardvark-dns iptables debootstrap uidmap podman-compose
   python3-yaml  # deploy_manifests_test parses compose.yaml and deploy/k8s/
+  nodejs npm  # the node_client test: npm ci of client/node's lockfile, node --test (Node >= 18)
 )
 # libopenblas0-pthread: without it Debian's numpy and torch use the reference BLAS.
 # python3-h2: bench/abuse.sh speaks raw HTTP/2 for its slow-reader attack.
@@ -83,6 +85,9 @@ esac
 
 missing=()
 for p in "${packages[@]}"; do
+  # NodeSource's nodejs package carries its own npm and conflicts with Debian's: an npm already
+  # on PATH counts as installed, or apt would try to replace that nodejs.
+  if [[ "$p" == npm ]] && command -v npm >/dev/null; then continue; fi
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
