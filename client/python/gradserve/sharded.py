@@ -65,9 +65,11 @@ from gradserve.client import pb, pb_grpc
 
 __all__ = ["ShardedClient", "ShardedCallStats", "ShardedError", "split_rows"]
 
-_ELEMENT_BYTES: Dict["pb.DType", int] = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_INT32: 4, pb.DTYPE_FLOAT64: 8,
-                  pb.DTYPE_INT64: 8, pb.DTYPE_BOOL: 1}
-_FLOAT_DTYPES: Dict["pb.DType", np.dtype] = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_FLOAT64: np.dtype("<f8")}
+_ELEMENT_BYTES: Dict["pb.DType", int] = {
+    pb.DTYPE_FLOAT32: 4, pb.DTYPE_INT32: 4, pb.DTYPE_FLOAT64: 8, pb.DTYPE_INT64: 8,
+    pb.DTYPE_BOOL: 1}
+_FLOAT_DTYPES: Dict["pb.DType", np.dtype] = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_FLOAT64: np.dtype("<f8")}
 
 
 class ShardedError(grpc.RpcError):
