@@ -56,6 +56,7 @@ test_packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-grpcio python3-protobuf python3-numpy  # Python-client, compute .npy tests
   python3-venv  # python_package: pip install ./client/python into a fresh venv, as the README does
+  mypy  # python_typecheck: the package ships py.typed, so its annotations must type-check
   openssl  # security_test makes its certificates with the openssl CLI
   clang-14 libomp-14-dev libclang-rt-14-dev  # tests/ci.sh: TSan with libomp + Archer, libFuzzer
   # llvm-symbolizer: tsan.supp matches function names, so TSan must symbolise its reports.

@@ -39,7 +39,7 @@ import collections
 import math
 import os
 import queue
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import grpc
 import numpy as np
@@ -62,13 +62,13 @@ __all__ = [
 
 # The wire format is always little-endian, whatever the host: these are the numpy dtype strings
 # for each wire dtype, and the reverse map for numpy arrays we are given.
-_WIRE_DTYPES = {
+_WIRE_DTYPES: Dict["pb.DType", np.dtype] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
     pb.DTYPE_FLOAT64: np.dtype("<f8"),
     pb.DTYPE_INT32: np.dtype("<i4"),
     pb.DTYPE_INT64: np.dtype("<i8"),
 }
-_FROM_NUMPY = {np.dtype(d).newbyteorder("="): k for k, d in _WIRE_DTYPES.items()}
+_FROM_NUMPY: Dict[np.dtype, "pb.DType"] = {d.newbyteorder("="): k for k, d in _WIRE_DTYPES.items()}
 
 
 def _as_numpy(value: Any) -> np.ndarray:
@@ -78,10 +78,14 @@ def _as_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _wire_dtype(dtype: Any) -> int:
+def _wire_dtype(dtype: Any) -> "pb.DType":
     """A DType enum value from a DType value or anything numpy accepts as a dtype."""
-    if isinstance(dtype, int) and dtype in _WIRE_DTYPES:
-        return dtype
+    if isinstance(dtype, int):
+        # The key itself rather than ``dtype``: an enum value is a plain int at run time, but
+        # only the key has the stubs' DType type.
+        for wire in _WIRE_DTYPES:
+            if wire == dtype:
+                return wire
     key = np.dtype(dtype).newbyteorder("=")
     if key not in _FROM_NUMPY:
         raise ValueError(f"gradserve has no dtype for numpy {np.dtype(dtype)}; "
@@ -162,7 +166,8 @@ def from_graph_tensor(tensor: "pb.Tensor") -> np.ndarray:
     return from_tensor(tensor)
 
 
-def gradients(response: "pb.ComputeGradientsResponse") -> list:
+def gradients(response: "pb.ComputeGradientsResponse"
+              ) -> List[Tuple[np.ndarray, Optional[np.ndarray]]]:
     """[(dW, db or None)] per Linear layer, as numpy arrays."""
     return [(from_tensor(g.weight), from_tensor(g.bias) if g.HasField("bias") else None)
             for g in response.gradients]
@@ -297,7 +302,7 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
 
 
 def connect(target: str, max_message_bytes: int = 256 << 20,
-            options: Iterable[tuple] = (), *,
+            options: Iterable[Tuple[str, Any]] = (), *,
             tls: bool = False,
             root_ca_file: Optional[str] = None,
             cert_file: Optional[str] = None,
@@ -324,7 +329,7 @@ def connect(target: str, max_message_bytes: int = 256 << 20,
     Files are read now: ValueError if one cannot be read, a key comes without its certificate
     (or the reverse), or the token is not visible ASCII.
     """
-    channel_options = [
+    channel_options: List[Tuple[str, Any]] = [
         ("grpc.max_send_message_length", int(max_message_bytes)),
         ("grpc.max_receive_message_length", int(max_message_bytes)),
     ]
@@ -401,7 +406,7 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _read_varint(data: bytes, pos: int) -> tuple:
+def _read_varint(data: bytes, pos: int) -> Tuple[int, int]:
     value = shift = 0
     while True:
         if pos >= len(data):
@@ -513,7 +518,7 @@ def _layers_of(module, prefix: str = "") -> list:
     return [(prefix[:-1], module)]
 
 
-def request_from_sequential(model, loss_name: str, inputs: Any, targets: Any = None, *,
+def request_from_sequential(model: Any, loss_name: str, inputs: Any, targets: Any = None, *,
                             reduction: Optional[str] = "mean",
                             huber_delta: Optional[float] = None,
                             output_gradient: Any = None,
@@ -644,7 +649,7 @@ class TrainingStream:
 
     def __init__(self, channel: grpc.Channel, model: "pb.Model", dtype: Any = np.float32,
                  options: Optional["pb.ComputeOptions"] = None, *,
-                 timeout: Optional[float] = None, chunk_bytes: int = 4 << 20):
+                 timeout: Optional[float] = None, chunk_bytes: int = 4 << 20) -> None:
         self._dtype = np.dtype(dtype)
         self._chunk_bytes = max(1, int(chunk_bytes))
         self._outbox: "queue.Queue" = queue.Queue()
@@ -741,7 +746,7 @@ class TrainingStream:
     def __enter__(self) -> "TrainingStream":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: Any) -> None:
         if exc[0] is None:
             self.close()
         else:

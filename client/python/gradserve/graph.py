@@ -35,7 +35,8 @@ torch.where with a constant mask (-> Where with a bool constant), mean and sum o
 from __future__ import annotations
 
 import operator
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (Any, Callable, Dict, List, Mapping, NoReturn, Optional, Sequence, Set,
+                    Tuple, Union)
 
 import numpy as np
 
@@ -105,7 +106,7 @@ class GraphBuilder:
 
     def __init__(self) -> None:
         self.graph = pb.Graph()
-        self._names: set = set()
+        self._names: Set[str] = set()
         self._constants: Dict[tuple, str] = {}
         self._counter = 0
 
@@ -205,8 +206,10 @@ class GraphModel:
 
     batch_flexible = False
 
-    def __init__(self, model, dtype, parameter_names, aliases, unused, input_names,
-                 target_name, output_name, parameter_shapes):
+    def __init__(self, model: "pb.Model", dtype: Any, parameter_names: Sequence[str],
+                 aliases: Mapping[str, str], unused: Sequence[str], input_names: Sequence[str],
+                 target_name: str, output_name: str,
+                 parameter_shapes: Mapping[str, Tuple[int, ...]]) -> None:
         self.model = model
         self.dtype = np.dtype(dtype)
         self.parameter_names = list(parameter_names)
@@ -340,7 +343,7 @@ class GraphModel:
 class _Value:
     __slots__ = ("name", "example", "const")
 
-    def __init__(self, name: Optional[str], example, const: bool = False):
+    def __init__(self, name: Optional[str], example: Any, const: bool = False) -> None:
         self.name = name          # graph value name (None: a constant not sent yet)
         self.example = example    # torch tensor: the data itself for constants
         self.const = const
@@ -414,9 +417,19 @@ def _norm_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
 
+def _unary_op(onnx: str) -> Callable[..., Any]:
+    """A _Tracer handler writing one ``onnx`` node (a module-level function: defined in the
+    class body, mypy would take ``onnx`` for ``self``)."""
+    def handler(self: "_Tracer", example: Any, x: Any, *args: Any, **kwargs: Any) -> "_Value":
+        if args or kwargs:
+            self.fail(f"{onnx} with extra arguments {args} {kwargs}")
+        return self.emit(onnx, [x], example)
+    return handler
+
+
 class _Tracer:
-    def __init__(self, module, example_inputs: Dict[str, Any], float_dtype, dropout_seed,
-                 builder: GraphBuilder):
+    def __init__(self, module: Any, example_inputs: Dict[str, Any], float_dtype: Any,
+                 dropout_seed: Optional[int], builder: GraphBuilder) -> None:
         import torch
         self.torch = torch
         self.module = module
@@ -429,7 +442,7 @@ class _Tracer:
         # First name of each trainable parameter (named_parameters drops tied duplicates).
         self.param_name = {id(p): n for n, p in module.named_parameters() if p.requires_grad}
         self.used_params: Dict[str, Tuple[int, ...]] = {}
-        self.node = None  # the fx node being converted (for messages)
+        self.node: Any = None  # the torch.fx.Node being converted (for messages)
         # Reshape nodes written: (index in graph.nodes, target shape, input shape).
         self.reshapes: List[Tuple[int, List[int], List[int]]] = []
 
@@ -447,7 +460,7 @@ class _Tracer:
                 text += f" at {lines[0]}: {lines[1]}"
         return text
 
-    def fail(self, message: str):
+    def fail(self, message: str) -> NoReturn:
         raise UnsupportedError(f"{self.where()}: {message}")
 
     def name_of(self, v: "_Value") -> str:
@@ -506,10 +519,11 @@ class _Tracer:
 
     # -- the walk ------------------------------------------------------------------------
 
-    def run(self, graph) -> "_Value":
+    def run(self, graph: Any) -> Any:
+        """The forward's result: a _Value, or what holds them (a tuple for output_index)."""
         torch = self.torch
         env: Dict[Any, Any] = {}
-        result = None
+        result: Any = None
         with torch.no_grad():
             for node in graph.nodes:
                 self.node = node
@@ -720,20 +734,12 @@ class _Tracer:
 
     op_bmm = op_matmul
 
-    def _unary(onnx):
-        def handler(self, example, x, *args, **kwargs):
-            if args or kwargs:
-                self.fail(f"{onnx} with extra arguments {args} {kwargs}")
-            return self.emit(onnx, [x], example)
-        return handler
-
-    op_exp = _unary("Exp")
-    op_sqrt = _unary("Sqrt")
-    op_erf = _unary("Erf")
-    op_tanh = _unary("Tanh")
-    op_sigmoid = _unary("Sigmoid")
-    op_relu = _unary("Relu")
-    del _unary
+    op_exp = _unary_op("Exp")
+    op_sqrt = _unary_op("Sqrt")
+    op_erf = _unary_op("Erf")
+    op_tanh = _unary_op("Tanh")
+    op_sigmoid = _unary_op("Sigmoid")
+    op_relu = _unary_op("Relu")
 
     def op_rsqrt(self, example, x):
         root = self.emit("Sqrt", [x], example, suffix="sqrt")
@@ -922,7 +928,7 @@ class _Tracer:
             return self.emit("Transpose", [x], example, perm=[1, 0])
         self.fail(f"tensor attribute {attribute!r}")
 
-    def op_getitem(self, example, x, index):
+    def op_getitem(self, example: Any, x: Any, index: Any) -> Any:
         if isinstance(x, (tuple, list)):
             return x[index]
         if not isinstance(x, _Value):
@@ -1087,7 +1093,7 @@ def _recording(function):
 _CLASS_LOSSES = ("cross_entropy", "CrossEntropyLoss")
 
 
-def from_module(module, example_inputs: Any, loss: str = "cross_entropy", *,
+def from_module(module: Any, example_inputs: Any, loss: str = "cross_entropy", *,
                 reduction: Optional[str] = "mean", ignore_index: Optional[int] = None,
                 huber_delta: Optional[float] = None, target_name: str = "targets",
                 target_dtype: Any = np.int64, dtype: Any = None,
@@ -1185,7 +1191,7 @@ def from_module(module, example_inputs: Any, loss: str = "cross_entropy", *,
     return graph_model
 
 
-def batch_flexible_hint(examples) -> bool:
+def batch_flexible_hint(examples: Mapping[str, Any]) -> bool:
     """Can the inputs grow by a row? (All of rank >= 1 with one leading size.)"""
     sizes = {tuple(v.shape[:1]) for v in examples.values()}
     return len(sizes) == 1 and all(v.dim() >= 1 for v in examples.values())

@@ -32,7 +32,7 @@ from gradserve.client import pb
 __all__ = ["OnnxFile", "export", "from_torch"]
 
 
-def _input_names(module, count: int) -> List[str]:
+def _input_names(module: Any, count: int) -> List[str]:
     """The forward's own argument names, so the request names its batch as the code does."""
     try:
         params = [p for p in inspect.signature(module.forward).parameters.values()
@@ -45,7 +45,7 @@ def _input_names(module, count: int) -> List[str]:
     return names
 
 
-def export(module, example_inputs: Sequence[Any], *, opset: int = 17,
+def export(module: Any, example_inputs: Sequence[Any], *, opset: int = 17,
            input_names: Optional[Sequence[str]] = None,
            output_names: Optional[Sequence[str]] = None) -> bytes:
     """``torch.onnx.export`` of ``module`` to bytes, for training: TrainingMode.TRAINING,
@@ -85,7 +85,7 @@ class OnnxFile:
                  input_names: Optional[Sequence[str]] = None, frozen: Sequence[str] = (),
                  aliases: Optional[Mapping[str, Sequence[str]]] = None,
                  loss_output: str = "", loss_target: str = "target",
-                 disable_dropout: bool = False, dtype: Any = None):
+                 disable_dropout: bool = False, dtype: Any = None) -> None:
         self.data = bytes(source) if isinstance(source, (bytes, bytearray)) else \
             Path(source).read_bytes()
         self.loss = gc.loss(loss) if isinstance(loss, str) else loss
@@ -165,7 +165,7 @@ class OnnxFile:
                 out[key] = array
         return out
 
-    def compute(self, stub, inputs: Any, target: Any, *, parameters: Any = None,
+    def compute(self, stub: Any, inputs: Any, target: Any, *, parameters: Any = None,
                 dtype: Any = None, options: Optional["pb.ComputeOptions"] = None,
                 timeout: float = 60.0, as_torch: bool = False) -> Tuple[float, Dict[str, Any]]:
         """One ComputeGradients call: (loss, {state_dict key: gradient})."""
@@ -175,7 +175,7 @@ class OnnxFile:
         return response.loss, self.gradients(response, as_torch=as_torch)
 
 
-def from_torch(module, example_inputs: Union[Any, Sequence[Any]],
+def from_torch(module: Any, example_inputs: Union[Any, Sequence[Any]],
                loss: Union[str, "pb.Loss"] = "mse", *, opset: int = 17,
                input_names: Optional[Sequence[str]] = None,
                disable_dropout: bool = False) -> OnnxFile:

@@ -56,7 +56,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import grpc
 import numpy as np
@@ -65,15 +65,17 @@ from gradserve.client import pb, pb_grpc
 
 __all__ = ["ShardedClient", "ShardedCallStats", "ShardedError", "split_rows"]
 
-_ELEMENT_BYTES = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_INT32: 4, pb.DTYPE_FLOAT64: 8,
-                  pb.DTYPE_INT64: 8, pb.DTYPE_BOOL: 1}
-_FLOAT_DTYPES = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_FLOAT64: np.dtype("<f8")}
+_ELEMENT_BYTES: Dict["pb.DType", int] = {
+    pb.DTYPE_FLOAT32: 4, pb.DTYPE_INT32: 4, pb.DTYPE_FLOAT64: 8, pb.DTYPE_INT64: 8,
+    pb.DTYPE_BOOL: 1}
+_FLOAT_DTYPES: Dict["pb.DType", np.dtype] = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_FLOAT64: np.dtype("<f8")}
 
 
 class ShardedError(grpc.RpcError):
     """A failed sharded call: a status code and a message, as a failed gRPC call has."""
 
-    def __init__(self, code: grpc.StatusCode, details: str):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(f"{code.name}: {details}")
         self._code = code
         self._details = details
@@ -90,12 +92,15 @@ class ShardedCallStats:
     ShardedCallStats): serialized message bytes, without gRPC's and HTTP/2's framing, and the
     calls made (the parts, plus one per retry)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.attempts = 0
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"ShardedCallStats(bytes_sent={self.bytes_sent}, "
                 f"bytes_received={self.bytes_received}, attempts={self.attempts})")
 
@@ -104,10 +109,11 @@ def _invalid(message: str) -> ShardedError:
     return ShardedError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
-def split_rows(batch: int, shards: int) -> List[tuple]:
+def split_rows(batch: int, shards: int) -> List[Tuple[int, int]]:
     """[(begin, rows)] of each part: contiguous, the first batch % k parts one row larger."""
     count = min(shards, batch)
-    parts, begin = [], 0
+    parts: List[Tuple[int, int]] = []
+    begin = 0
     for i in range(count):
         rows = batch // count + (1 if i < batch % count else 0)
         parts.append((begin, rows))
@@ -169,7 +175,7 @@ def _counted_positions(part: "pb.ComputeGradientsRequest") -> Optional[int]:
 
 class _Part:
     def __init__(self, index: int, count: int, begin: int, rows: int,
-                 request: "pb.ComputeGradientsRequest"):
+                 request: "pb.ComputeGradientsRequest") -> None:
         self.index, self.count, self.begin, self.rows = index, count, begin, rows
         self.request = request
         self.response: Optional["pb.ComputeGradientsResponse"] = None
@@ -179,6 +185,14 @@ class _Part:
     def name(self) -> str:
         return (f"shard {self.index} of {self.count} "
                 f"(rows {self.begin}..{self.begin + self.rows - 1})")
+
+    def result(self) -> "pb.ComputeGradientsResponse":
+        """The part's answer once it has run, or its error as a ShardedError."""
+        if self.error is not None:
+            raise ShardedError(self.error.code(), f"{self.name()}: {self.error.details()}")
+        # _run_part makes at least one attempt, and each leaves a response or an error.
+        assert self.response is not None, f"{self.name()} has not run"
+        return self.response
 
 
 class ShardedClient:
@@ -199,7 +213,7 @@ class ShardedClient:
     def __init__(self, replicas: Union[Any, Sequence[Any]], *, shards: Optional[int] = None,
                  timeout: float = 60.0, attempt_timeout: float = 60.0, max_attempts: int = 4,
                  initial_backoff: float = 0.05, backoff_multiplier: float = 2.0,
-                 token: Optional[str] = None):
+                 token: Optional[str] = None) -> None:
         if not isinstance(replicas, (list, tuple)):
             replicas = [replicas]
         self._stubs = [r if hasattr(r, "ComputeGradients") else pb_grpc.GradientServiceStub(r)
@@ -222,10 +236,10 @@ class ShardedClient:
                 self._pool.shutdown(wait=True)
                 self._pool, self._pool_threads = None, 0
 
-    def __enter__(self):
+    def __enter__(self) -> "ShardedClient":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> None:
         self.close()
 
     def _executor(self, parts: int) -> concurrent.futures.ThreadPoolExecutor:
@@ -249,10 +263,10 @@ class ShardedClient:
             part.stats.attempts += 1
             part.stats.bytes_sent += part.request.ByteSize()
             try:
-                part.response = stub.ComputeGradients(part.request, timeout=max(timeout, 0.0),
-                                                      metadata=self._metadata)
-                part.error = None
-                part.stats.bytes_received += part.response.ByteSize()
+                response: "pb.ComputeGradientsResponse" = stub.ComputeGradients(
+                    part.request, timeout=max(timeout, 0.0), metadata=self._metadata)
+                part.response, part.error = response, None
+                part.stats.bytes_received += response.ByteSize()
                 return
             except grpc.RpcError as error:
                 part.response, part.error = None, error
@@ -274,7 +288,7 @@ class ShardedClient:
         else the failing part's status. ``stats``, if given, is filled in whatever the
         outcome."""
         if stats is not None:
-            stats.__init__()
+            stats._reset()
         shards = self._default_shards if shards is None else shards
         if not self._stubs:
             raise _invalid("ShardedClient: no channels")
@@ -339,30 +353,28 @@ class ShardedClient:
                 stats.bytes_sent += part.stats.bytes_sent
                 stats.bytes_received += part.stats.bytes_received
                 stats.attempts += part.stats.attempts
-        for part in parts:
-            if part.error is not None:
-                raise ShardedError(part.error.code(), f"{part.name()}: {part.error.details()}")
+        responses = [part.result() for part in parts]  # Raises the first part's error.
 
         # One part is the plain call: its answer unchanged (weighing by n and dividing by n
         # again could change the last bit).
         if len(parts) == 1:
-            return parts[0].response
-        return _combine(request, parts)
+            return responses[0]
+        return _combine(request, parts, responses)
 
 
-def _combine(request: "pb.ComputeGradientsRequest",
-             parts: List[_Part]) -> "pb.ComputeGradientsResponse":
+def _combine(request: "pb.ComputeGradientsRequest", parts: List[_Part],
+             responses: List["pb.ComputeGradientsResponse"]) -> "pb.ComputeGradientsResponse":
     loss = request.model.loss
     mean = not loss.HasField("external") and loss.reduction != pb.REDUCTION_SUM
     weights = [1.0] * len(parts)
     total = 0.0 if mean else 1.0
     num_examples = 0
     for i, part in enumerate(parts):
-        num_examples += part.response.stats.num_examples
+        num_examples += responses[i].stats.num_examples
         if mean:
             counted = _counted_positions(part.request)
             weights[i] = float(counted if counted is not None
-                               else part.response.stats.num_examples)
+                               else responses[i].stats.num_examples)
             total += weights[i]
     # A part whose every position is ignored has a NaN loss and zero gradients: left out, it
     # adds nothing, as in one call over the whole batch.
@@ -395,27 +407,27 @@ def _combine(request: "pb.ComputeGradientsRequest",
 
     response = pb.ComputeGradientsResponse()
     loss_sum = 0.0
-    for i, part in enumerate(parts):
+    for i, answer in enumerate(responses):
         if counts[i]:
-            loss_sum += weights[i] * part.response.loss
+            loss_sum += weights[i] * answer.loss
     response.loss = loss_sum / total if total > 0 else float("nan")
 
-    first = parts[0].response
+    first = responses[0]
     for layer in range(len(first.gradients)):
-        for i, part in enumerate(parts):
-            if len(part.response.gradients) != len(first.gradients):
+        for i, answer in enumerate(responses):
+            if len(answer.gradients) != len(first.gradients):
                 raise disagree("gradients", i, "a different number of layer gradients")
         out = response.gradients.add()
         what = f"gradients[{layer}]"
-        out.weight.CopyFrom(combine([p.response.gradients[layer].weight for p in parts],
+        out.weight.CopyFrom(combine([r.gradients[layer].weight for r in responses],
                                     what + ".weight"))
         if first.gradients[layer].HasField("bias"):
-            out.bias.CopyFrom(combine([p.response.gradients[layer].bias for p in parts],
+            out.bias.CopyFrom(combine([r.gradients[layer].bias for r in responses],
                                       what + ".bias"))
 
     by_name = []
-    for i, part in enumerate(parts):
-        named = part.response.named_gradients
+    for i, answer in enumerate(responses):
+        named = answer.named_gradients
         if len(named) != len(first.named_gradients):
             raise disagree("named_gradients", i, "a different number of named gradients")
         by_name.append({g.name: g.tensor for g in named})
