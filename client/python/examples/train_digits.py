@@ -147,11 +147,13 @@ def plot_loss(path, curves, title):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, losses in curves.items():
+    for i, (label, losses) in enumerate(curves.items()):
         line, = ax.plot(losses, alpha=0.25, linewidth=0.8)
         window = min(20, len(losses))
         smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-        ax.plot(np.arange(window - 1, len(losses)), smooth, color=line.get_color(), label=label)
+        # Dashes keep curves that sit on top of each other (two stuck models) both visible.
+        ax.plot(np.arange(window - 1, len(losses)), smooth, color=line.get_color(), label=label,
+                linestyle=("-", "--", "-.")[i % 3])
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (cross-entropy, log scale)")
