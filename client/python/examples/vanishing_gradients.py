@@ -31,7 +31,7 @@ Examples) for the figures. At the start the sigmoid chain's first layer gets 5e-
 layer's gradient norm, the ReLU chain's 4e-6, the residual stack's 0.58; after 300 steps the
 two chains' losses have not left ln(10) = 2.30 while the residual stack's is 0.04.
 
---check (for CI) asserts the lesson at a small size (depth 10, a handful of steps) with wide
+--check (for CI) asserts the lesson at a small size (depth 10, 20 steps, about 1 s) with wide
 margins; the computation is deterministic (the server's results are bit-identical run to run),
 so the margins cover only changes to the defaults or the server's rounding.
 """
