@@ -6,12 +6,13 @@
 #   deploy/install-deps.sh build    compile gradserve, gradserve-optimizer and gradclient: the
 #                                   compiler, CMake and the -dev packages (the image's build stage)
 #   deploy/install-deps.sh test     build + everything tests/ci.sh needs: GoogleTest, the Python
-#                                   client's packages, openssl, clang-14/libomp/LLVM (TSan, fuzz),
+#                                   client's packages (scikit-learn and matplotlib for its
+#                                   examples), openssl, clang-14/libomp/LLVM (TSan, fuzz),
 #                                   podman/runc/debootstrap/uidmap/podman-compose (the image stage),
-#                                   python3-yaml (the manifest check) and nodejs + npm (the Node
-#                                   client's test). The default, so that the README's commands and
-#                                   .ci/run get all that the tests need
-#   deploy/install-deps.sh bench    test + the benchmark peers (PyTorch, matplotlib), python3-h2
+#                                   python3-yaml (the manifest check), nodejs + npm (the Node
+#                                   client's test) and mypy. The default, so that the README's
+#                                   commands and .ci/run get all that the tests need
+#   deploy/install-deps.sh bench    test + the benchmark peer (PyTorch), python3-h2
 #                                   (bench/abuse.sh) and python3-onnx (exporting the ONNX test
 #                                   models, gradserve.onnx.from_torch)
 #   deploy/install-deps.sh --bench  the same as `bench` (the option this script had first)
@@ -68,12 +69,15 @@ test_packages=(
   podman runc catatonit netavark aardvark-dns iptables debootstrap uidmap podman-compose
   python3-yaml  # deploy_manifests_test parses compose.yaml and deploy/k8s/
   nodejs npm  # the node_client test: npm ci of client/node's lockfile, node --test (Node >= 18)
+  # python_examples runs client/python/examples/train_digits.py (scikit-learn's digits, shipped
+  # in the package: no download) and vanishing_gradients.py, which write PNGs with matplotlib.
+  python3-sklearn python3-matplotlib
 )
 # libopenblas0-pthread: without it Debian's numpy and torch use the reference BLAS.
 # python3-h2: bench/abuse.sh speaks raw HTTP/2 for its slow-reader attack.
 # python3-onnx: tests/data/onnx/export_models.py and gradserve.onnx.from_torch.
 bench_packages=(
-  python3-torch python3-matplotlib python3-threadpoolctl libopenblas0-pthread python3-h2
+  python3-torch python3-threadpoolctl libopenblas0-pthread python3-h2
   python3-onnx
 )
 
