@@ -342,15 +342,15 @@ CLI::App* AddComputeCommand(CLI::App& app, ComputeOptions* options) {
       "torch.nn.Linear does (--init-seed) if none are given.\n"
       "Graph model or ONNX: --input NAME=FILE.npy per input, --loss-target FILE.npy sent under "
       "the graph's loss_target; parameters by their names.\n"
-      "Example: gradclient compute --model client/examples/mlp.json --input x.npy "
-      "--loss-target y.npy --out grads/");
+      "Example: gradclient compute --model client/examples/models/mlp.json --input x.npy "
+      "--loss-target y.npy --out grads/\n"
+      "The connection options (--target HOST:PORT, --tls*, ...) may follow the subcommand too.");
   CLI::Option* model =
       compute
           ->add_option("--model", options->model_path,
                        "a gradserve.v1.Model: protobuf JSON (.json) or text format (.txtpb, "
                        ".textproto, .pbtxt, .prototxt; other names: JSON if it starts with '{')")
-          ->check(CLI::ExistingFile)
-          ->type_name("FILE");
+          ->check(CLI::ExistingFile);
   CLI::Option* onnx =
       compute
           ->add_option("--onnx", options->onnx_path, "an ONNX model, as torch.onnx.export wrote it")

@@ -1,11 +1,15 @@
 // gradclient: talk to a gradserve server from the command line.
-//   gradclient [--target HOST:PORT] health | info | demo [--dtype float32|float64] | check
-//                                          | stats
-//   connection flags: --tls, --tls-ca, --tls-cert, --tls-key, --tls-server-name,
-//   --auth-token-file (or $GRADSERVE_AUTH_TOKEN)
-//   gradclient [--target HOST:PORT] bench [--concurrency N] [--duration S] [--shape SPEC] ...
-//   gradclient [--target HOST:PORT] compute --onnx FILE --input NAME=FILE.npy
-//                                           --loss-target FILE.npy [--out DIR] ...
+//   gradclient health [--service NAME] | info [--json] | stats [--json] | check
+//             | demo [--dtype float32|float64]
+//   gradclient compute --model mlp.json --input x.npy --loss-target y.npy [--params DIR] --out DIR
+//   gradclient compute --model graph.txtpb --input x=x.npy --loss-target y.npy --params DIR
+//   gradclient compute --onnx model.onnx --input NAME=FILE.npy --loss-target y.npy --out DIR
+//   gradclient bench [--concurrency N] [--duration S] [--shape SPEC] ...
+// Connection options, before or after the subcommand: --target HOST:PORT (127.0.0.1:50051),
+// --timeout-ms, --tls, --tls-ca, --tls-cert, --tls-key, --tls-server-name, --auth-token-file
+// (or $GRADSERVE_AUTH_TOKEN). A failed call is reported with its status code by name
+// ("ComputeGradients failed: INVALID_ARGUMENT: ...") and exit status 1; a model or .npy file
+// that cannot be used exits 2 with the file named.
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <cstdlib>
