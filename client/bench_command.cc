@@ -20,8 +20,6 @@
 #include <span>
 #include <thread>
 
-#include "absl/status/status.h"
-
 namespace gradserve::client::bench {
 namespace {
 
@@ -72,8 +70,7 @@ std::vector<std::string_view> Split(std::string_view text, char separator) {
 }
 
 std::string StatusCodeName(int code) {
-  // absl::StatusCode and grpc::StatusCode share the canonical numbering and names.
-  return absl::StatusCodeToString(static_cast<absl::StatusCode>(code));
+  return gradserve::client::StatusCodeName(static_cast<grpc::StatusCode>(code));
 }
 
 void AddActivation(std::string_view name, ModelBuilder& builder) {
@@ -409,7 +406,7 @@ class Runner {
     if (!status.ok()) {
       error_calls_.fetch_add(1, std::memory_order_relaxed);
       std::call_once(first_error_once_, [&] {
-        std::fprintf(stderr, "\nbench: first error: %s %s\n", StatusCodeName(code).c_str(),
+        std::fprintf(stderr, "\nbench: first error: %s: %s\n", StatusCodeName(code).c_str(),
                      status.error_message().c_str());
       });
       return;
@@ -685,8 +682,7 @@ int RunBench(const std::string& target, const ClientOptions& client_options,
     const grpc::Status status = stubs[0]->ComputeGradients(&context, request, &reference);
     if (!status.ok()) {
       std::cerr << "bench: first call to " << target
-                << " failed: " << StatusCodeName(status.error_code()) << " "
-                << status.error_message() << "\n";
+                << " failed: " << gradserve::client::FormatStatus(status) << "\n";
       return 1;
     }
   }

@@ -1,11 +1,15 @@
 // gradclient: talk to a gradserve server from the command line.
-//   gradclient [--target HOST:PORT] health | info | demo [--dtype float32|float64] | check
-//                                          | stats
-//   connection flags: --tls, --tls-ca, --tls-cert, --tls-key, --tls-server-name,
-//   --auth-token-file (or $GRADSERVE_AUTH_TOKEN)
-//   gradclient [--target HOST:PORT] bench [--concurrency N] [--duration S] [--shape SPEC] ...
-//   gradclient [--target HOST:PORT] compute --onnx FILE --input NAME=FILE.npy
-//                                           --loss-target FILE.npy [--out DIR] ...
+//   gradclient health [--service NAME] | info [--json] | stats [--json] | check
+//             | demo [--dtype float32|float64]
+//   gradclient compute --model mlp.json --input x.npy --loss-target y.npy [--params DIR] --out DIR
+//   gradclient compute --model graph.txtpb --input x=x.npy --loss-target y.npy --params DIR
+//   gradclient compute --onnx model.onnx --input NAME=FILE.npy --loss-target y.npy --out DIR
+//   gradclient bench [--concurrency N] [--duration S] [--shape SPEC] ...
+// Connection options, before or after the subcommand: --target HOST:PORT (127.0.0.1:50051),
+// --timeout-ms, --tls, --tls-ca, --tls-cert, --tls-key, --tls-server-name, --auth-token-file
+// (or $GRADSERVE_AUTH_TOKEN). A failed call is reported with its status code by name
+// ("ComputeGradients failed: INVALID_ARGUMENT: ...") and exit status 1; a model or .npy file
+// that cannot be used exits 2 with the file named.
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <cstdlib>
@@ -24,7 +28,8 @@ using gradserve::client::GradientClient;
 using gradserve::client::RowMajorMatrix;
 
 int Fail(const char* what, const grpc::Status& status) {
-  std::cerr << what << " failed: " << status.error_code() << " " << status.error_message() << "\n";
+  std::cerr << "gradclient: " << what << " failed: " << gradserve::client::FormatStatus(status)
+            << "\n";
   return 1;
 }
 
@@ -95,6 +100,13 @@ int main(int argc, char** argv) {
   std::string dtype = "float32";
   int timeout_ms = 30000;
   CLI::App app{"gradclient: command-line client for gradserve"};
+  app.footer(
+      "The connection options (--target, --timeout-ms, --tls*, --auth-token-file) may also "
+      "follow the subcommand: gradclient info --target HOST:PORT. Run gradclient SUBCOMMAND "
+      "--help for a subcommand's options.");
+  // Inherited by every subcommand added below: an option a subcommand does not know is offered
+  // to the app, so the connection options work after the subcommand as well as before it.
+  app.fallthrough();
   app.add_option("--target", target, "server address (host:port, dns:///host:port, ...)")
       ->capture_default_str();
   app.add_option("--timeout-ms", timeout_ms, "deadline of each call")->capture_default_str();
@@ -111,8 +123,20 @@ int main(int argc, char** argv) {
   app.add_option("--auth-token-file", auth_token_file,
                  "file holding the bearer token to send (default: $GRADSERVE_AUTH_TOKEN if set)");
   app.require_subcommand(1);
-  CLI::App* health = app.add_subcommand("health", "exit 0 if the server reports SERVING");
+  CLI::App* health = app.add_subcommand(
+      "health",
+      "print the grpc.health.v1 status (SERVING, NOT_SERVING, SERVICE_UNKNOWN); exit 0 only if "
+      "SERVING");
+  std::string health_service;
+  health
+      ->add_option("--service", health_service,
+                   "service name to check: \"\" is the whole server, "
+                   "gradserve.v1.GradientService the gradient service")
+      ->capture_default_str();
   CLI::App* info = app.add_subcommand("info", "print version, supported layers, limits");
+  bool info_json = false;
+  info->add_flag("--json", info_json,
+                 "print GetServerInfo as one protobuf JSON object (the .proto's field names)");
   CLI::App* demo = app.add_subcommand(
       "demo", "send batch 8, Linear(4->2) -> ReLU -> MSE and print the loss and gradients");
   demo->add_option("--dtype", dtype)
@@ -122,12 +146,22 @@ int main(int argc, char** argv) {
       "check", "verify the server's gradients on the demo network by finite differences");
   CLI::App* stats = app.add_subcommand(
       "stats", "print GetStats: calls by status code, latency percentiles per phase");
+  bool stats_json = false;
+  stats->add_flag("--json", stats_json,
+                  "print GetStats as one protobuf JSON object (the .proto's field names)");
   gradserve::client::bench::BenchOptions bench_options;
   CLI::App* bench = gradserve::client::bench::AddBenchCommand(app, &bench_options);
   gradserve::client::compute::ComputeOptions compute_options;
   CLI::App* compute = gradserve::client::compute::AddComputeCommand(app, &compute_options);
   CLI11_PARSE(app, argc, argv);
 
+  // With the connection options accepted after the subcommand, `compute --target y.npy` (the
+  // loss target is --loss-target) would otherwise fail later as an unreachable server "y.npy".
+  if (target.size() > 4 && target.compare(target.size() - 4, 4, ".npy") == 0) {
+    std::cerr << "gradclient: --target " << target
+              << ": --target is the server's address; the loss target file is --loss-target\n";
+    return 2;
+  }
   options.timeout = std::chrono::milliseconds(timeout_ms);
   tls.enabled = tls.enabled || !tls.root_ca_file.empty() || !tls.cert_file.empty() ||
                 !tls.key_file.empty() || !tls.server_name_override.empty();
@@ -155,22 +189,26 @@ int main(int argc, char** argv) {
   GradientClient client(client_channel, options);
 
   if (health->parsed()) {
-    bool serving = false;
-    grpc::Status status = client.Health("", &serving);
+    gradserve::client::ServingStatus serving = gradserve::client::ServingStatus::kUnknown;
+    grpc::Status status = client.CheckHealth(health_service, &serving);
     if (!status.ok()) return Fail("health", status);
-    std::cout << (serving ? "SERVING" : "NOT_SERVING") << "\n";
-    return serving ? 0 : 1;
+    std::cout << gradserve::client::ServingStatusName(serving) << "\n";
+    return serving == gradserve::client::ServingStatus::kServing ? 0 : 1;
   }
   if (info->parsed()) {
     v1::GetServerInfoResponse response;
     if (grpc::Status status = client.GetServerInfo(&response); !status.ok()) {
       return Fail("GetServerInfo", status);
     }
-    std::cout << response.DebugString();
+    if (info_json) {
+      gradserve::client::PrintJson(response, std::cout);
+    } else {
+      std::cout << response.DebugString();
+    }
     return 0;
   }
   if (stats->parsed()) {
-    return gradserve::client::RunStatsCommand(client_channel, options);
+    return gradserve::client::RunStatsCommand(client_channel, options, stats_json);
   }
   if (demo->parsed()) {
     return dtype == "float64" ? RunDemo<double>(client) : RunDemo<float>(client);

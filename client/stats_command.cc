@@ -1,5 +1,7 @@
 #include "client/stats_command.h"
 
+#include <google/protobuf/util/json_util.h>
+
 #include <cstdio>
 #include <iostream>
 #include <string>
@@ -37,18 +39,33 @@ void PrintStats(const v1::GetStatsResponse& stats, std::ostream& out) {
   }
 }
 
-int RunStatsCommand(const std::shared_ptr<grpc::Channel>& channel, const ClientOptions& options) {
+void PrintJson(const google::protobuf::Message& message, std::ostream& out) {
+  google::protobuf::util::JsonPrintOptions json_options;
+  json_options.preserve_proto_field_names = true;
+  json_options.always_print_primitive_fields = true;
+  std::string json;
+  // Printing a message the stub parsed cannot fail (no Any fields to resolve); should it ever,
+  // an empty object keeps stdout valid JSON.
+  if (!google::protobuf::util::MessageToJsonString(message, &json, json_options).ok()) json = "{}";
+  out << json << "\n";
+}
+
+int RunStatsCommand(const std::shared_ptr<grpc::Channel>& channel, const ClientOptions& options,
+                    bool json) {
   std::unique_ptr<v1::GradientService::Stub> stub = v1::GradientService::NewStub(channel);
   grpc::ClientContext context;
   PrepareContext(options, &context);
   v1::GetStatsResponse stats;
   const grpc::Status status = stub->GetStats(&context, v1::GetStatsRequest(), &stats);
   if (!status.ok()) {
-    std::cerr << "gradclient: GetStats failed: " << status.error_code() << " "
-              << status.error_message() << "\n";
+    std::cerr << "gradclient: GetStats failed: " << FormatStatus(status) << "\n";
     return 1;
   }
-  PrintStats(stats, std::cout);
+  if (json) {
+    PrintJson(stats, std::cout);
+  } else {
+    PrintStats(stats, std::cout);
+  }
   return 0;
 }
 

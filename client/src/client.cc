@@ -167,6 +167,52 @@ GradientClient::GradientClient(std::unique_ptr<v1::GradientService::StubInterfac
                                ClientOptions options)
     : stub_(std::move(stub)), options_(options) {}
 
+const char* StatusCodeName(grpc::StatusCode code) {
+  // Spelled out rather than borrowed from absl so that the installed package needs no absl.
+  static constexpr const char* kNames[] = {"OK",
+                                           "CANCELLED",
+                                           "UNKNOWN",
+                                           "INVALID_ARGUMENT",
+                                           "DEADLINE_EXCEEDED",
+                                           "NOT_FOUND",
+                                           "ALREADY_EXISTS",
+                                           "PERMISSION_DENIED",
+                                           "RESOURCE_EXHAUSTED",
+                                           "FAILED_PRECONDITION",
+                                           "ABORTED",
+                                           "OUT_OF_RANGE",
+                                           "UNIMPLEMENTED",
+                                           "INTERNAL",
+                                           "UNAVAILABLE",
+                                           "DATA_LOSS",
+                                           "UNAUTHENTICATED"};
+  const int index = static_cast<int>(code);
+  if (index >= 0 && index < static_cast<int>(std::size(kNames))) return kNames[index];
+  thread_local std::string other;
+  other = "CODE_" + std::to_string(index);
+  return other.c_str();
+}
+
+std::string FormatStatus(const grpc::Status& status) {
+  std::string text = StatusCodeName(status.error_code());
+  if (!status.error_message().empty()) text += ": " + status.error_message();
+  return text;
+}
+
+const char* ServingStatusName(ServingStatus status) {
+  switch (status) {
+    case ServingStatus::kServing:
+      return "SERVING";
+    case ServingStatus::kNotServing:
+      return "NOT_SERVING";
+    case ServingStatus::kServiceUnknown:
+      return "SERVICE_UNKNOWN";
+    case ServingStatus::kUnknown:
+      break;
+  }
+  return "UNKNOWN";
+}
+
 void PrepareContext(const ClientOptions& options, grpc::ClientContext* context) {
   context->set_deadline(std::chrono::system_clock::now() + options.timeout);
   if (!options.bearer_token.empty()) {
@@ -195,7 +241,18 @@ grpc::Status GradientClient::GetServerInfo(v1::GetServerInfoResponse* response) 
 }
 
 grpc::Status GradientClient::Health(const std::string& service, bool* serving) {
-  *serving = false;
+  ServingStatus status = ServingStatus::kUnknown;
+  grpc::Status result = CheckHealth(service, &status);
+  *serving = status == ServingStatus::kServing;
+  // Callers of this older form saw an unknown name as the call's NOT_FOUND; keep that.
+  if (result.ok() && status == ServingStatus::kServiceUnknown) {
+    return grpc::Status(grpc::StatusCode::NOT_FOUND, "unknown service");
+  }
+  return result;
+}
+
+grpc::Status GradientClient::CheckHealth(const std::string& service, ServingStatus* status) {
+  *status = ServingStatus::kUnknown;
   if (channel_ == nullptr) {
     return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
                         "no channel (client built from a stub)");
@@ -205,10 +262,27 @@ grpc::Status GradientClient::Health(const std::string& service, bool* serving) {
   ::grpc::health::v1::HealthCheckRequest request;
   request.set_service(service);
   ::grpc::health::v1::HealthCheckResponse response;
-  grpc::Status status =
+  grpc::Status result =
       ::grpc::health::v1::Health::NewStub(channel_)->Check(&context, request, &response);
-  *serving = status.ok() && response.status() == ::grpc::health::v1::HealthCheckResponse::SERVING;
-  return status;
+  if (result.error_code() == grpc::StatusCode::NOT_FOUND) {
+    *status = ServingStatus::kServiceUnknown;
+    return grpc::Status::OK;
+  }
+  if (!result.ok()) return result;
+  switch (response.status()) {
+    case ::grpc::health::v1::HealthCheckResponse::SERVING:
+      *status = ServingStatus::kServing;
+      break;
+    case ::grpc::health::v1::HealthCheckResponse::NOT_SERVING:
+      *status = ServingStatus::kNotServing;
+      break;
+    case ::grpc::health::v1::HealthCheckResponse::SERVICE_UNKNOWN:
+      *status = ServingStatus::kServiceUnknown;
+      break;
+    default:
+      break;
+  }
+  return result;
 }
 
 std::unique_ptr<GradientStream> GradientClient::OpenStream(const v1::StreamSetup& setup,

@@ -68,6 +68,19 @@ TEST(ClientModelBuilder, BuildsLayersLossAndNames) {
   EXPECT_EQ(model.loss().reduction(), v1::REDUCTION_SUM);
 }
 
+TEST(ClientStatus, CodesAreNamedAsGrpcNamesThem) {
+  EXPECT_STREQ(StatusCodeName(grpc::StatusCode::OK), "OK");
+  EXPECT_STREQ(StatusCodeName(grpc::StatusCode::INVALID_ARGUMENT), "INVALID_ARGUMENT");
+  EXPECT_STREQ(StatusCodeName(grpc::StatusCode::RESOURCE_EXHAUSTED), "RESOURCE_EXHAUSTED");
+  EXPECT_STREQ(StatusCodeName(grpc::StatusCode::UNAUTHENTICATED), "UNAUTHENTICATED");
+  EXPECT_STREQ(StatusCodeName(static_cast<grpc::StatusCode>(42)), "CODE_42");
+  EXPECT_EQ(FormatStatus(grpc::Status(grpc::StatusCode::UNAVAILABLE, "draining")),
+            "UNAVAILABLE: draining");
+  EXPECT_EQ(FormatStatus(grpc::Status(grpc::StatusCode::CANCELLED, "")), "CANCELLED");
+  EXPECT_STREQ(ServingStatusName(ServingStatus::kServiceUnknown), "SERVICE_UNKNOWN");
+  EXPECT_STREQ(ServingStatusName(ServingStatus::kNotServing), "NOT_SERVING");
+}
+
 TEST(ClientCalls, PassRequestThroughWithADeadlineAndReturnTheStatus) {
   auto stub = std::make_unique<v1::MockGradientServiceStub>();
   v1::ComputeGradientsResponse canned;

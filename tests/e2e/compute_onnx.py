@@ -1,4 +1,4 @@
-"""The numpy side of compute_onnx.sh: writes a committed ONNX test model's batch as .npy files,
+"""The numpy side of gradclient.sh: writes a committed ONNX test model's batch as .npy files,
 and checks the .npy gradients `gradclient compute` wrote against PyTorch's (export_models.py's
 JSON), with numpy only.
 

@@ -174,6 +174,17 @@ bool ReadBearerTokenFile(const std::string& path, std::string* token, std::strin
 // stub of their own.
 void PrepareContext(const ClientOptions& options, grpc::ClientContext* context);
 
+// The canonical name of a gRPC status code ("INVALID_ARGUMENT"; "CODE_<n>" for a number outside
+// the canonical 17): error messages read by people and scripts name the code, not its number.
+const char* StatusCodeName(grpc::StatusCode code);
+// "CODE_NAME: message" (just the name if the message is empty).
+std::string FormatStatus(const grpc::Status& status);
+
+// What a grpc.health.v1 Check answered for one service name.
+enum class ServingStatus { kUnknown, kServing, kNotServing, kServiceUnknown };
+// "UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN": the names grpc.health.v1 uses.
+const char* ServingStatusName(ServingStatus status);
+
 // One channel per process is the usual choice; "dns:///host:port" with
 // ClientOptions works behind Kubernetes headless services: the channel balances calls
 // round_robin over every address and retries a call refused with UNAVAILABLE (a replica
@@ -233,6 +244,10 @@ class GradientClient {
   grpc::Status GetServerInfo(v1::GetServerInfoResponse* response);
   // grpc.health.v1 Check for `service` ("" for the whole server); *serving is true iff SERVING.
   grpc::Status Health(const std::string& service, bool* serving);
+  // grpc.health.v1 Check for `service`, with the answer in *status. A name the server does not
+  // report is kServiceUnknown with an OK status (gRPC's health service answers it NOT_FOUND);
+  // other failures are returned with *status = kUnknown.
+  grpc::Status CheckHealth(const std::string& service, ServingStatus* status);
 
   // Opens a StreamGradients stream and sends `setup`. The stream's deadline is `timeout` from
   // now (a stream has one deadline for its whole life, not one per step; a training loop may
