@@ -122,6 +122,21 @@ inline void CheckComputeResponse(const v1::Model& model, const v1::ComputeOption
   }
   Check(response.gradients_size() == linear, "more gradients than Linear layers");
   Check(response.diagnostics_size() == model.layers_size(), "one diagnostics entry per layer");
+  // Note [Diagnostics rule] in the .proto: a norm is present iff its gradient was computed.
+  bool output_gradient_computed = options.return_input_gradient() || linear == 0;
+  for (int i = 0; i < model.layers_size() && i < response.diagnostics_size(); ++i) {
+    const v1::Layer& layer = model.layers(i);
+    const v1::LayerDiagnostics& d = response.diagnostics(i);
+    const std::string name = "diagnostics[" + std::to_string(i) + "]";
+    output_gradient_computed = output_gradient_computed || layer.has_linear();
+    Check(d.has_output_grad_norm() == (output_gradient_computed || i + 1 == model.layers_size()),
+          name + ".output_grad_norm: present iff computed");
+    Check(d.has_weight_grad_norm() == layer.has_linear(),
+          name + ".weight_grad_norm: present iff a Linear layer");
+    Check(d.has_bias_grad_norm() ==
+              (layer.has_linear() && (!layer.linear().has_bias() || layer.linear().bias())),
+          name + ".bias_grad_norm: present iff a Linear layer with bias");
+  }
   Check(response.has_input_gradient() == options.return_input_gradient(),
         "input_gradient present iff asked for");
   if (response.has_input_gradient()) {

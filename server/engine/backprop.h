@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -40,11 +41,14 @@ struct RunOptions {
   std::function<bool()> should_stop;
 };
 
+// A norm is set iff the executor computed that gradient, so a caller can tell "not computed"
+// from "computed, and 0": dL/d(output of layer i) for every i >= plan.lowest_backward_layer
+// (always the last layer's, the loss gradient); dW and db for a Linear layer with them.
 struct LayerDiagnostics {
-  double weight_grad_norm = 0;
-  double bias_grad_norm = 0;
-  double output_grad_norm = 0;  // ||dL/d(layer output)||; 0 where no backward pass ran.
-  double activation_norm = 0;   // ||layer output||.
+  std::optional<double> weight_grad_norm;
+  std::optional<double> bias_grad_norm;
+  std::optional<double> output_grad_norm;  // ||dL/d(layer output)||
+  double activation_norm = 0;              // ||layer output||
   int64_t non_finite_count = 0;
 };
 

@@ -111,9 +111,11 @@ absl::Status Run(const PreparedRequest& prepared, const ComputeContext& context,
     out->set_layer_index(i);
     out->set_kind(std::string(engine::LayerKindName(model.layer(i).kind)));
     out->set_name(model.layer(i).name);
-    out->set_weight_grad_norm(d.weight_grad_norm);
-    out->set_bias_grad_norm(d.bias_grad_norm);
-    out->set_output_grad_norm(d.output_grad_norm);
+    // Absent, not 0, where the engine computed no such gradient (Note [Diagnostics rule] in
+    // the .proto): a 0 would read as a vanished gradient.
+    if (d.weight_grad_norm) out->set_weight_grad_norm(*d.weight_grad_norm);
+    if (d.bias_grad_norm) out->set_bias_grad_norm(*d.bias_grad_norm);
+    if (d.output_grad_norm) out->set_output_grad_norm(*d.output_grad_norm);
     out->set_activation_norm(d.activation_norm);
     out->set_non_finite_count(d.non_finite_count);
   }

@@ -975,7 +975,7 @@ absl::Status RunGraphRequest(const GraphViews& views, const eg::GraphRunOptions&
       d->set_node_name(node.name);
       d->set_op_type(node.op_type);
       d->set_value(node.outputs[o]);
-      d->set_grad_norm(vd.grad_norm);
+      if (vd.grad_norm) d->set_grad_norm(*vd.grad_norm);  // Absent where not computed.
       d->set_value_norm(vd.value_norm);
       d->set_non_finite_count(vd.non_finite_count);
     }

@@ -831,6 +831,9 @@ absl::Status StreamSession::Accumulate(v1::ComputeGradientsResponse* result, dou
       acc.sums.Add<double>(static_cast<int>(t), gradients[t]->data(), weight);
     }
   }
+  // A norm absent from a micro-batch's answer (not computed) adds nothing; whether the combined
+  // answer has it is the last micro-batch's say (every micro-batch of a stream computes the
+  // same gradients).
   for (int i = 0; i < num_diagnostics; ++i) {
     double grad_norm, value_norm;
     int64_t non_finite;
@@ -941,7 +944,7 @@ void StreamSession::FinishAccumulation(v1::ComputeGradientsResponse* out) {
   if (graph) {
     for (int i = 0; i < out->value_diagnostics_size(); ++i) {
       v1::ValueDiagnostics* d = out->mutable_value_diagnostics(i);
-      d->set_grad_norm(std::sqrt(acc.output_grad_sq[i]) / divisor);
+      if (d->has_grad_norm()) d->set_grad_norm(std::sqrt(acc.output_grad_sq[i]) / divisor);
       d->set_value_norm(std::sqrt(acc.activation_sq[i]));
       d->set_non_finite_count(acc.non_finite[i]);
     }
@@ -954,7 +957,9 @@ void StreamSession::FinishAccumulation(v1::ComputeGradientsResponse* out) {
   }
   for (int i = 0; i < out->diagnostics_size(); ++i) {
     v1::LayerDiagnostics* d = out->mutable_diagnostics(i);
-    d->set_output_grad_norm(std::sqrt(acc.output_grad_sq[i]) / divisor);
+    if (d->has_output_grad_norm()) {
+      d->set_output_grad_norm(std::sqrt(acc.output_grad_sq[i]) / divisor);
+    }
     d->set_activation_norm(std::sqrt(acc.activation_sq[i]));
     d->set_non_finite_count(acc.non_finite[i]);
   }
@@ -963,7 +968,7 @@ void StreamSession::FinishAccumulation(v1::ComputeGradientsResponse* out) {
     v1::LayerDiagnostics* d = out->mutable_diagnostics(i);
     if (d->kind() != "linear") continue;
     d->set_weight_grad_norm(std::sqrt(squared_norms[2 * l]));
-    d->set_bias_grad_norm(std::sqrt(squared_norms[2 * l + 1]));
+    if (d->has_bias_grad_norm()) d->set_bias_grad_norm(std::sqrt(squared_norms[2 * l + 1]));
     ++l;
   }
 }

@@ -243,9 +243,13 @@ TEST(WorkedExample, DiagnosticsAndMemoryMatchTheExample) {
   // Layer 0 (Linear) outputs z and receives dL/dz; layer 1 (ReLU) outputs a.
   EXPECT_NEAR(r.diagnostics[0].activation_norm, Norm(ref.z), kTol * Norm(ref.z));
   EXPECT_NEAR(r.diagnostics[1].activation_norm, Norm(ref.a), kTol * Norm(ref.a));
-  EXPECT_NEAR(r.diagnostics[0].output_grad_norm, Norm(ref.delta), kTol * Norm(ref.delta));
-  EXPECT_NEAR(r.diagnostics[0].weight_grad_norm, Norm(ref.dw), kTol * Norm(ref.dw));
-  EXPECT_NEAR(r.diagnostics[0].bias_grad_norm, Norm(ref.db), kTol * Norm(ref.db));
+  EXPECT_NEAR(r.diagnostics[0].output_grad_norm.value(), Norm(ref.delta), kTol * Norm(ref.delta));
+  EXPECT_NEAR(r.diagnostics[0].weight_grad_norm.value(), Norm(ref.dw), kTol * Norm(ref.dw));
+  EXPECT_NEAR(r.diagnostics[0].bias_grad_norm.value(), Norm(ref.db), kTol * Norm(ref.db));
+  // The ReLU has no parameters; its output gradient is the loss's.
+  EXPECT_FALSE(r.diagnostics[1].weight_grad_norm.has_value());
+  EXPECT_FALSE(r.diagnostics[1].bias_grad_norm.has_value());
+  EXPECT_TRUE(r.diagnostics[1].output_grad_norm.has_value());
   EXPECT_EQ(r.diagnostics[0].non_finite_count, 0);
   EXPECT_EQ(r.diagnostics[1].non_finite_count, 0);
   // Only a = relu(z) is cached (ReLU reads its output; the input x is read in place).

@@ -372,6 +372,49 @@ TEST(GraphService, ConstantOfShapeTakesItsValueAsATensorAttribute) {
                         "one-element tensor"));
 }
 
+const v1::ValueDiagnostics& ValueNamed(const v1::ComputeGradientsResponse& response,
+                                       const std::string& value) {
+  for (const v1::ValueDiagnostics& d : response.value_diagnostics()) {
+    if (d.value() == value) return d;
+  }
+  ADD_FAILURE() << "no diagnostics for " << value;
+  static const v1::ValueDiagnostics kEmpty;
+  return kEmpty;
+}
+
+// Issue 14, as for the chain: ||dL/d(value)|| is absent where the backward pass did not compute
+// it (nothing trainable upstream, or the loss does not depend on the value), never 0; a
+// parameter the loss does not reach has a gradient of zeros, and reports 0.
+TEST(GraphService, DiagnosticsLeaveOutGradientNormsThatWereNotComputed) {
+  eg::testing::SpecBuilder b;
+  b.Input("x").Input("targets").Param("w", {4, 2}).Param("u", {4});
+  b.Node("Tanh", {"x"}, {"h"});
+  b.Node("MatMul", {"h", "w"}, {"y"});
+  b.Node("Mul", {"x", "u"}, {"side"});
+  eg::GraphSpec spec = b.WithLoss("y", engine::LossKind::kMse, "targets");
+  spec.outputs.push_back("side");
+  v1::ComputeGradientsRequest request = GraphRequest<double>(spec, {{8, 4}, {8, 2}});
+  for (bool dx : {false, true}) {
+    SCOPED_TRACE(dx ? "with dL/dx" : "without dL/dx");
+    if (dx) request.mutable_options()->add_input_gradient_names("x");
+    v1::ComputeGradientsResponse response;
+    const absl::Status status = service::ComputeGradients(request, Limits(), Context(), &response);
+    ASSERT_TRUE(status.ok()) << status;
+    EXPECT_EQ(ValueNamed(response, "h").has_grad_norm(), dx);
+    if (dx) {
+      EXPECT_GT(ValueNamed(response, "h").grad_norm(), 0);
+    }
+    EXPECT_GT(ValueNamed(response, "h").value_norm(), 0);
+    ASSERT_TRUE(ValueNamed(response, "y").has_grad_norm());
+    EXPECT_GT(ValueNamed(response, "y").grad_norm(), 0);
+    EXPECT_FALSE(ValueNamed(response, "side").has_grad_norm());
+    ASSERT_EQ(response.parameter_diagnostics_size(), 2);
+    EXPECT_GT(response.parameter_diagnostics(0).grad_norm(), 0);
+    EXPECT_EQ(response.parameter_diagnostics(1).name(), "u");
+    EXPECT_EQ(response.parameter_diagnostics(1).grad_norm(), 0);
+  }
+}
+
 // Issue 11: a correct float64 chain gradient reported 3.5e-5 relative error from entries near
 // zero; with the floor it reports what the numerical gradient's rounding allows.
 TEST(CheckGradientsFloor, CorrectChainGradientReportsSmallRelativeError) {
@@ -552,6 +595,16 @@ TEST(GraphStream, AccumulatedMicroBatchesEqualOneCallOnTheWholeBatch) {
                 expected.parameter_diagnostics(p).grad_norm(),
                 1e-12 * (1 + expected.parameter_diagnostics(p).grad_norm()));
   }
+  // Combining micro-batches keeps which norms are present: the causal mask's, say, stays absent.
+  ASSERT_EQ(summed.value_diagnostics_size(), expected.value_diagnostics_size());
+  int absent = 0;
+  for (int i = 0; i < expected.value_diagnostics_size(); ++i) {
+    EXPECT_EQ(summed.value_diagnostics(i).has_grad_norm(),
+              expected.value_diagnostics(i).has_grad_norm())
+        << expected.value_diagnostics(i).value();
+    absent += !expected.value_diagnostics(i).has_grad_norm();
+  }
+  EXPECT_GT(absent, 0);
   // The logits of both micro-batches, in order, as the whole batch's.
   const v1::Tensor& logits = Named(summed.outputs(), "logits");
   EXPECT_EQ(logits.shape(0), config.batch);

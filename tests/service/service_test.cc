@@ -542,6 +542,75 @@ TEST_F(ServiceTest, NonFiniteInputIsComputedWhenAllowedAndCounted) {
   EXPECT_GT(response.diagnostics(0).non_finite_count(), 0);
 }
 
+// Issue 14: a Tanh reported ||dL/d(out)|| = 3.356 alone and 0.0 with a Linear after it, which
+// reads as a vanished gradient; the backward pass had merely not reached it (nothing to train
+// below the first Linear). A gradient norm not computed is now absent, never 0.
+TEST_F(ServiceTest, DiagnosticsLeaveOutGradientNormsThatWereNotComputed) {
+  std::mt19937 rng(14);
+  const std::vector<double> x = testing::RandomValues<double>(32, rng);
+  const std::vector<double> t = testing::RandomValues<double>(32, rng);
+
+  // Tanh -> MSE: the loss gradient is always computed; ||2 (tanh(x) - t) / 32|| by hand.
+  Request alone;
+  alone.mutable_model()->add_layers()->mutable_tanh();
+  alone.mutable_model()->mutable_loss()->mutable_mse();
+  SetTensor<double>(alone.mutable_inputs(), x, {8, 4});
+  SetTensor<double>(alone.mutable_targets(), t, {8, 4});
+  v1::ComputeGradientsResponse response;
+  ASSERT_TRUE(Compute(alone, &response).ok());
+  double expected = 0;
+  for (int i = 0; i < 32; ++i) expected += std::pow(2 * (std::tanh(x[i]) - t[i]) / 32, 2);
+  ASSERT_EQ(response.diagnostics_size(), 1);
+  ASSERT_TRUE(response.diagnostics(0).has_output_grad_norm());
+  EXPECT_NEAR(response.diagnostics(0).output_grad_norm(), std::sqrt(expected), 1e-14);
+  EXPECT_FALSE(response.diagnostics(0).has_weight_grad_norm());
+  EXPECT_FALSE(response.diagnostics(0).has_bias_grad_norm());
+
+  // Tanh -> Linear(4 -> 3) -> ReLU -> Linear(3 -> 2, no bias) -> MSE: the Tanh's output gradient
+  // is dL/d(input of the first Linear), which only dx needs.
+  Request chain;
+  v1::Model* model = chain.mutable_model();
+  model->add_layers()->mutable_tanh();
+  v1::Linear* fc1 = model->add_layers()->mutable_linear();
+  fc1->set_in_features(4);
+  fc1->set_out_features(3);
+  model->add_layers()->mutable_relu();
+  v1::Linear* fc2 = model->add_layers()->mutable_linear();
+  fc2->set_in_features(3);
+  fc2->set_out_features(2);
+  fc2->set_bias(false);
+  model->mutable_loss()->mutable_mse();
+  SetTensor<double>(chain.add_parameters()->mutable_weight(),
+                    testing::RandomValues<double>(12, rng), {3, 4});
+  SetTensor<double>(chain.mutable_parameters(0)->mutable_bias(),
+                    testing::RandomValues<double>(3, rng), {3});
+  SetTensor<double>(chain.add_parameters()->mutable_weight(), testing::RandomValues<double>(6, rng),
+                    {2, 3});
+  SetTensor<double>(chain.mutable_inputs(), x, {8, 4});
+  SetTensor<double>(chain.mutable_targets(), std::vector<double>(t.begin(), t.begin() + 16),
+                    {8, 2});
+  for (bool dx : {false, true}) {
+    SCOPED_TRACE(dx ? "with dx" : "without dx");
+    chain.mutable_options()->set_return_input_gradient(dx);
+    ASSERT_TRUE(Compute(chain, &response).ok());
+    ASSERT_EQ(response.diagnostics_size(), 4);
+    const v1::LayerDiagnostics& tanh = response.diagnostics(0);
+    EXPECT_EQ(tanh.has_output_grad_norm(), dx);
+    if (dx) {
+      EXPECT_GT(tanh.output_grad_norm(), 0);
+    }
+    EXPECT_FALSE(tanh.has_weight_grad_norm());
+    EXPECT_GT(tanh.activation_norm(), 0);
+    for (int i = 1; i < 4; ++i) {
+      const v1::LayerDiagnostics& d = response.diagnostics(i);
+      EXPECT_TRUE(d.has_output_grad_norm()) << i;
+      EXPECT_EQ(d.has_weight_grad_norm(), i != 2) << i;
+      EXPECT_EQ(d.has_bias_grad_norm(), i == 1) << i;
+    }
+    EXPECT_GT(response.diagnostics(3).weight_grad_norm(), 0);
+  }
+}
+
 TEST_F(ServiceTest, CheckGradientsNamesNestedFieldsAndSampleLimit) {
   v1::CheckGradientsRequest request;
   *request.mutable_request() = SeedRequest<float>();

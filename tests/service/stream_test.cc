@@ -285,6 +285,10 @@ TEST_F(StreamTest, AccumulatedMicroBatchesEqualOneCallOnTheWholeBatch) {
       expect_close(got.output(), expected.output(), "output");
       for (int i = 0; i < got.diagnostics_size(); ++i) {
         const v1::LayerDiagnostics &a = got.diagnostics(i), &b = expected.diagnostics(i);
+        // Combining micro-batches keeps which norms are present (Note [Diagnostics rule]).
+        EXPECT_EQ(a.has_weight_grad_norm(), b.has_weight_grad_norm()) << i;
+        EXPECT_EQ(a.has_bias_grad_norm(), b.has_bias_grad_norm()) << i;
+        EXPECT_EQ(a.has_output_grad_norm(), b.has_output_grad_norm()) << i;
         EXPECT_NEAR(a.weight_grad_norm(), b.weight_grad_norm(), 1e-10 * (1 + b.weight_grad_norm()));
         EXPECT_NEAR(a.output_grad_norm(), b.output_grad_norm(), 1e-10 * (1 + b.output_grad_norm()));
         EXPECT_NEAR(a.activation_norm(), b.activation_norm(), 1e-10 * (1 + b.activation_norm()));

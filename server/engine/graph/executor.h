@@ -11,6 +11,7 @@
 #define GRADSERVE_ENGINE_GRAPH_EXECUTOR_H_
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "server/engine/backprop.h"
@@ -43,8 +44,11 @@ struct GraphRunOptions : RunOptions {
 };
 
 struct ValueDiagnostics {
-  double value_norm = 0;         // ||value||
-  double grad_norm = 0;          // ||dL/d(value)||; 0 where no gradient was computed.
+  double value_norm = 0;  // ||value||
+  // ||dL/d(value)||; unset where the backward pass computed no gradient for it (the value is
+  // not floating, the loss does not depend on it, it depends on no parameter or requested
+  // input, or a fusion made it unnecessary).
+  std::optional<double> grad_norm;
   int64_t non_finite_count = 0;  // NaN/Inf in the value and in its gradient.
 };
 

@@ -184,8 +184,9 @@ constexpr int64_t kFoldElements = int64_t{1} << 22;
 //  * Softmax over the last axis of Where(constant mask, Mul(x, constant scalar) or x, constant
 //    scalar) -- attention's scale and causal mask -- is one kernel (MakeMaskedSoftmax) giving
 //    the same bits, storing neither the scores' scaled nor their masked copy.
-// Values a fusion makes unnecessary are marked !materialized (diagnostics 0). The kept order of
-// the remaining steps is unchanged. Each pattern is matched once per node: O(nodes).
+// Values a fusion makes unnecessary are marked !materialized (diagnostics: value_norm 0, no
+// grad_norm). The kept order of the remaining steps is unchanged. Each pattern is matched once
+// per node: O(nodes).
 void Graph::Fuse(const std::unordered_map<std::string_view, int>& by_name, Graph* g) {
   std::vector<ValueInfo>& values = g->values_;
   std::vector<Step>& steps = g->steps_;

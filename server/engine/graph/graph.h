@@ -76,7 +76,7 @@ struct ValueInfo {
   int node = -1;   // kNode: the GraphSpec node that defines it (diagnostics are by node).
   int slot = 0;    // kNode: which output of that node.
   // False for a node output a fusion made unnecessary (Note [Fusions] in graph.cc): it is never
-  // computed, and its diagnostics stay 0.
+  // computed: its value_norm stays 0 and it has no grad_norm.
   bool materialized = true;
   bool needs_grad = false;      // dL/d(value) is computed in the backward pass.
   bool kept = false;            // A node output kept from the forward pass for some backward.
