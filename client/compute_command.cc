@@ -919,16 +919,19 @@ int RunCompute(GradientClient& client, const ComputeOptions& options, std::ostre
   if (response.diagnostics_size() > 0) out << "per-layer diagnostics:\n";
   for (const v1::LayerDiagnostics& d : response.diagnostics()) {
     std::snprintf(line, sizeof(line),
-                  "  [%d] %-10s |dW|=%.4g |db|=%.4g |dL/dout|=%.4g |out|=%.4g non-finite=%lld\n",
-                  d.layer_index(), d.kind().c_str(), d.weight_grad_norm(), d.bias_grad_norm(),
-                  d.output_grad_norm(), d.activation_norm(),
-                  static_cast<long long>(d.non_finite_count()));
+                  "  [%d] %-10s |dW|=%s |db|=%s |dL/dout|=%s |out|=%.4g non-finite=%lld\n",
+                  d.layer_index(), d.kind().c_str(),
+                  FormatNorm(d.has_weight_grad_norm(), d.weight_grad_norm()).c_str(),
+                  FormatNorm(d.has_bias_grad_norm(), d.bias_grad_norm()).c_str(),
+                  FormatNorm(d.has_output_grad_norm(), d.output_grad_norm()).c_str(),
+                  d.activation_norm(), static_cast<long long>(d.non_finite_count()));
     out << line;
   }
   if (response.value_diagnostics_size() > 0) out << "per-value diagnostics:\n";
   for (const v1::ValueDiagnostics& d : response.value_diagnostics()) {
-    std::snprintf(line, sizeof(line), "|dL/dv|=%.4g |v|=%.4g non-finite=%lld", d.grad_norm(),
-                  d.value_norm(), static_cast<long long>(d.non_finite_count()));
+    std::snprintf(line, sizeof(line), "|dL/dv|=%s |v|=%.4g non-finite=%lld",
+                  FormatNorm(d.has_grad_norm(), d.grad_norm()).c_str(), d.value_norm(),
+                  static_cast<long long>(d.non_finite_count()));
     out << "  " << d.value() << " (" << d.op_type() << ")  " << line << "\n";
   }
 

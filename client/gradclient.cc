@@ -25,6 +25,7 @@
 namespace {
 
 namespace v1 = ::gradserve::v1;
+using gradserve::client::FormatNorm;
 using gradserve::client::GradientClient;
 using gradserve::client::RowMajorMatrix;
 
@@ -82,19 +83,13 @@ int RunDemo(GradientClient& client) {
   PrintMatrix<T>("dL/db", response.gradients(0).bias());
   PrintMatrix<T>("dL/dx", response.input_gradient());
   std::printf("per-layer diagnostics:\n");
-  // A norm the server did not compute is absent: "-", not a 0 that reads as a vanished gradient.
-  auto norm = [](bool present, double value) {
-    char text[32] = "-";
-    if (present) std::snprintf(text, sizeof(text), "%.4g", value);
-    return std::string(text);
-  };
   for (const v1::LayerDiagnostics& d : response.diagnostics()) {
     std::printf("  [%d] %-8s |dW|=%s |db|=%s |dL/dout|=%s |out|=%.4g non-finite=%lld\n",
                 d.layer_index(), d.kind().c_str(),
-                norm(d.has_weight_grad_norm(), d.weight_grad_norm()).c_str(),
-                norm(d.has_bias_grad_norm(), d.bias_grad_norm()).c_str(),
-                norm(d.has_output_grad_norm(), d.output_grad_norm()).c_str(), d.activation_norm(),
-                static_cast<long long>(d.non_finite_count()));
+                FormatNorm(d.has_weight_grad_norm(), d.weight_grad_norm()).c_str(),
+                FormatNorm(d.has_bias_grad_norm(), d.bias_grad_norm()).c_str(),
+                FormatNorm(d.has_output_grad_norm(), d.output_grad_norm()).c_str(),
+                d.activation_norm(), static_cast<long long>(d.non_finite_count()));
   }
   std::printf("forward %.1f us, backward %.1f us, %lld examples\n",
               response.stats().forward_micros(), response.stats().backward_micros(),

@@ -110,9 +110,10 @@ export interface LayerDiagnostics {
   layer_index: number;
   kind: string;
   name: string;
-  weight_grad_norm: number;
-  bias_grad_norm: number;
-  output_grad_norm: number;
+  /** Absent when that gradient was not computed (Note [Diagnostics rule] in gradserve.proto). */
+  weight_grad_norm?: number;
+  bias_grad_norm?: number;
+  output_grad_norm?: number;
   activation_norm: number;
   non_finite_count: Int64;
 }

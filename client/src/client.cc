@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <climits>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <iterator>
@@ -196,6 +197,13 @@ const char* StatusCodeName(grpc::StatusCode code) {
 std::string FormatStatus(const grpc::Status& status) {
   std::string text = StatusCodeName(status.error_code());
   if (!status.error_message().empty()) text += ": " + status.error_message();
+  return text;
+}
+
+std::string FormatNorm(bool present, double value) {
+  if (!present) return "-";
+  char text[32];
+  std::snprintf(text, sizeof(text), "%.4g", value);
   return text;
 }
 

@@ -180,6 +180,11 @@ const char* StatusCodeName(grpc::StatusCode code);
 // "CODE_NAME: message" (just the name if the message is empty).
 std::string FormatStatus(const grpc::Status& status);
 
+// A diagnostics norm for people: "%.4g", or "-" when the field is absent because the server did
+// not compute that gradient (Note [Diagnostics rule] in gradserve.proto) — never a 0 that would
+// read as a vanished gradient.
+std::string FormatNorm(bool present, double value);
+
 // What a grpc.health.v1 Check answered for one service name.
 enum class ServingStatus { kUnknown, kServing, kNotServing, kServiceUnknown };
 // "UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN": the names grpc.health.v1 uses.

@@ -66,11 +66,14 @@ async function main() {
     console.log(`layer ${k}: dW [${weight.shape}] norm ${norm(weight.data).toExponential(4)}, ` +
                 `db [${bias.shape}] norm ${norm(bias.data).toExponential(4)}`);
   });
-  console.log('diagnostics (per layer: |dW|, |db|, |dL/d out|, |out|, non-finite)');
+  // The gradient norms are proto3 `optional`: absent (undefined here) when the server did not
+  // compute that gradient, e.g. |dW| of a ReLU (Note [Diagnostics rule] in gradserve.proto).
+  console.log('diagnostics (per layer: |dW|, |db|, |dL/d out|, |out|, non-finite; - not computed)');
   for (const d of response.diagnostics) {
     console.log(`  ${String(d.layer_index).padStart(2)} ${d.kind.padEnd(7)} ${d.name.padEnd(5)} ` +
                 [d.weight_grad_norm, d.bias_grad_norm, d.output_grad_norm, d.activation_norm]
-                    .map((v) => v.toExponential(3).padStart(10)).join(' ') +
+                    .map((v) => (v === undefined ? '-' : v.toExponential(3)).padStart(10))
+                    .join(' ') +
                 ` ${d.non_finite_count}`);
   }
   console.log(`forward ${response.stats.forward_micros.toFixed(0)} us, backward ` +
