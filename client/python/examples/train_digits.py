@@ -154,15 +154,7 @@ def plot_loss(path, curves, title):
         # Dashes keep curves that sit on top of each other (two stuck models) both visible.
         ax.plot(np.arange(window - 1, len(losses)), smooth, color=line.get_color(), label=label,
                 linestyle=("-", "--", "-.")[i % 3])
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (cross-entropy, log scale)")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_log_plot(plt, fig, ax, path, "training loss (cross-entropy, log scale)", title)
 
 
 def plot_norms(path, norms, title):
@@ -173,9 +165,14 @@ def plot_norms(path, norms, title):
     fig, ax = plt.subplots(figsize=(6, 4))
     for prefix, values in norms.items():
         ax.plot(values, linewidth=0.8, label=f"{prefix}.weight")
+    _save_log_plot(plt, fig, ax, path, "||dL/dW|| (server diagnostics, log scale)", title)
+
+
+def _save_log_plot(plt, fig, ax, path, ylabel, title):
+    """Both plots' shared finish: log y over steps, legend, grid, a small PNG."""
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("||dL/dW|| (server diagnostics, log scale)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
