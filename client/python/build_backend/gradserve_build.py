@@ -45,8 +45,10 @@ from typing import Dict, List, Optional
 PROJECT_DIR = Path(__file__).resolve().parent.parent  # client/python
 PACKAGE = "gradserve"
 PROTOS = ("gradserve/v1/gradserve.proto", "gradserve/optimizer/v1/optimizer.proto")
-# Subpackages that hold only generated modules: created with an __init__.py when missing.
-STUB_PACKAGES = ("v1", "optimizer", "optimizer/v1")
+# What generate() writes into the package; never taken from the tree, where a generate in place
+# may have left stale copies.
+GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+GENERATED_NAMES = ("service_config.json",)
 
 
 def _metadata_fields() -> Dict[str, object]:
@@ -102,12 +104,6 @@ def generate(package_dir: Path) -> List[Path]:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
             written.append(target)
-    for sub in STUB_PACKAGES:
-        init = package_dir / sub / "__init__.py"
-        if not init.exists():
-            init.write_text(f'"""Generated protobuf and gRPC stubs ({PACKAGE}.'
-                            f'{sub.replace("/", ".")})."""\n')
-            written.append(init)
     config = package_dir / "service_config.json"
     shutil.copyfile(_service_config(), config)
     written.append(config)
@@ -119,7 +115,8 @@ def _package_sources() -> List[Path]:
     root = PROJECT_DIR / PACKAGE
     files = []
     for path in sorted(root.rglob("*")):
-        if path.is_dir() or "__pycache__" in path.parts or path.suffix == ".pyc":
+        if path.is_dir() or "__pycache__" in path.parts or path.suffix == ".pyc" or \
+                path.name.endswith(GENERATED_SUFFIXES) or path.name in GENERATED_NAMES:
             continue
         files.append(path.relative_to(PROJECT_DIR))
     return files
@@ -195,7 +192,6 @@ def build_wheel(wheel_directory: str, config_settings: Optional[dict] = None,
         files: Dict[str, bytes] = {}
         for relative in _package_sources():
             files[relative.as_posix()] = (PROJECT_DIR / relative).read_bytes()
-        # Generated files replace any stale copies a `generate` in place left in the tree.
         for path in generate(staged):
             files[(Path(PACKAGE) / path.relative_to(staged)).as_posix()] = path.read_bytes()
         return _write_wheel(wheel_directory, files)
@@ -221,10 +217,7 @@ def build_sdist(sdist_directory: str, config_settings: Optional[dict] = None) ->
             with open(path_on_disk, "rb") as f:
                 sdist.addfile(info, f)
 
-        for member in members:
-            if member.name.endswith("_pb2.py") or member.name.endswith("_pb2_grpc.py") or \
-                    member.name == "service_config.json":
-                continue  # Generated: rebuilt from _sources/ by build_wheel.
+        for member in members:  # The generated files are rebuilt from _sources/ by build_wheel.
             add(PROJECT_DIR / member, member.as_posix())
         for proto in PROTOS:
             add(_proto_root() / proto, f"_sources/proto/{proto}")
@@ -248,9 +241,6 @@ def _generate_command(argv: List[str]) -> int:
     # A complete package, not stubs alone: a stubs-only "gradserve" directory earlier on
     # sys.path would hide the package's own modules (a regular package is never merged).
     for relative in _package_sources():
-        if relative.name.endswith(("_pb2.py", "_pb2_grpc.py")) or \
-                relative.name == "service_config.json":
-            continue
         target = out.parent / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(PROJECT_DIR / relative, target)
