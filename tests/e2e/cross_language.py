@@ -2,12 +2,13 @@
 """The Python, Node and C++ clients get bit-identical gradients for the same request.
 
     cross_language.py --gradserve BIN --cpp-client BIN --source DIR --work DIR
+                      --node-modules DIR
 
 Each client builds one fixed ComputeGradients request on its own (float64, then float32; the
 model and the data formula are specified in client/node/bin/gradients-hex.js), sends it to the
 same server and prints the answer's bytes as hex lines: the Python package (here), the Node
-package (client/node/bin/gradients-hex.js, its npm dependencies installed from the lockfile
-into WORK) and the C++ client library (tests/e2e/gradients_hex.cc). The three texts must be
+package (client/node/bin/gradients-hex.js, on the npm dependencies tests/e2e/node_install.sh
+installed from the lockfile) and the C++ client library (tests/e2e/gradients_hex.cc). The three texts must be
 equal byte for byte: same tensors on the wire both ways, whatever the language.
 """
 
@@ -78,23 +79,12 @@ def main():
     parser.add_argument("--cpp-client", required=True)
     parser.add_argument("--source", required=True, type=Path)
     parser.add_argument("--work", required=True, type=Path)
+    parser.add_argument("--node-modules", required=True, type=Path)
     args = parser.parse_args()
     source, work = args.source.resolve(), args.work.resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
 
-    for tool in ("node", "npm"):
-        if shutil.which(tool) is None:
-            print(f"cross_language: '{tool}' not found (deploy/install-deps.sh test installs it)",
-                  file=sys.stderr)
-            return 1
-    node_dir = work / "node"
-    node_dir.mkdir()
-    for name in ("package.json", "package-lock.json"):
-        shutil.copy(source / "client" / "node" / name, node_dir)
-    # As tests/e2e/node_client.sh does: the lockfile's packages, outside the source tree.
-    subprocess.run(["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund",
-                    "--prefer-offline"], cwd=node_dir, check=True, stdout=subprocess.DEVNULL)
     subprocess.run([str(source / "client" / "python" / "generate.sh"), str(work / "py")],
                    check=True, stdout=subprocess.DEVNULL)
     sys.path[:0] = [str(work / "py"), str(source / "tests" / "e2e")]
@@ -106,7 +96,7 @@ def main():
         texts["node"] = subprocess.run(
             ["node", str(source / "client" / "node" / "bin" / "gradients-hex.js"),
              "--target", server.target], check=True, capture_output=True, text=True,
-            env=dict(os.environ, NODE_PATH=str(node_dir / "node_modules"))).stdout
+            env=dict(os.environ, NODE_PATH=str(args.node_modules.resolve()))).stdout
         texts["c++"] = subprocess.run([args.cpp_client, "--target", server.target], check=True,
                                       capture_output=True, text=True).stdout
         exit_code = server.stop()
