@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end: one Python check script against the real gradserve binary, with stubs freshly
 # generated from the current .proto. Used by e2e_python_stream (python_stream.py: StreamGradients
-# through client/python's TrainingStream) and e2e_python_onnx (python_onnx.py: the committed
-# ONNX test models sent as-is by a client generated from the .proto).
+# through client/python's TrainingStream), e2e_python_onnx (python_onnx.py: the committed
+# ONNX test models sent as-is by a client generated from the .proto) and python_examples
+# (python_examples.py: the README's example scripts at a small size).
 #
 #   tests/e2e/python_checks.sh SERVER_BINARY SOURCE_DIR CHECK_SCRIPT [ARG...]
 #
